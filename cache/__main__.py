@@ -1,0 +1,45 @@
+"""`python -m cache CONFIG [--set section.key=value ...]` builds (or resumes) a cache;
+`python -m cache --verify DIR` checks every shard's checksum."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sae.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cache", description=__doc__)
+    parser.add_argument("config", nargs="?", help="run config TOML (its [model], [data] and [cache] sections)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--verify", metavar="DIR", help="check the manifest and every shard checksum of a cache")
+    args = parser.parse_args(argv)
+    if (args.config is None) == (args.verify is None):
+        parser.error("give either CONFIG or --verify DIR")
+
+    from cache import CacheError, build_cache, verify_cache
+    from sae.run_config import load_run_config
+
+    try:
+        if args.verify:
+            manifest = verify_cache(args.verify)
+            print(f"{args.verify}: OK, {len(manifest['shards'])} shards, {manifest['tokens']} tokens, "
+                  f"complete={manifest['complete']}")
+            return 0
+        run = load_run_config(args.config, args.set)
+        cache_dir = build_cache(run)
+        from cache import read_manifest
+
+        manifest = read_manifest(cache_dir)
+        print(f"{cache_dir}: {manifest['tokens']} tokens in {len(manifest['shards'])} shards")
+        print(json.dumps(manifest["norm_stats"], indent=2))
+        return 0
+    except (CacheError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

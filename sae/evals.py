@@ -1,0 +1,216 @@
+"""Evaluate an SAE with the model in the loop, on held-out tokens.
+
+Three forwards per batch: clean; with the SAE's reconstruction spliced in at its hookpoint; and with
+the hookpoint zero-ablated. From them: CE loss of each, CE loss recovered
+(CE_zero - CE_sae) / (CE_zero - CE_clean), delta LM loss (CE_sae - CE_clean) and KL(clean || spliced)
+of the next-token distributions; from the clean activations: FVU, L0 and the latent densities
+(dead: never fired on these tokens; dense: fired on more than `dense_threshold` of them).
+
+With `exclude_bos` (default, as in training) the BOS position is neither spliced nor ablated nor
+counted: the SAE never saw it (its residual norm in Gemma is ~5e4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sae.io import atomic_write_bytes, atomic_write_json
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    ce_loss_clean: float
+    ce_loss_spliced: float
+    ce_loss_zero_ablation: float
+    ce_loss_recovered: float
+    delta_lm_loss: float
+    kl_clean_spliced: float
+    fvu: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class _Totals:
+    """Running sums over evaluated tokens (float64: millions of tokens)."""
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device):
+        self.tokens = self.predictions = 0
+        self.ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+        self.kl = self.l0 = self.squared_error = 0.0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sum_x2 = 0.0
+        self.fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
+
+    def fvu(self) -> float:
+        """Squared error over total variance (variance around the mean activation of these tokens)."""
+        variance = self.sum_x2 - (self.sum_x**2).sum().item() / self.tokens
+        return self.squared_error / variance
+
+
+def _site(sae, acts: torch.Tensor) -> torch.Tensor:
+    """The SAE's input from a hook activation: [b, t, d] or [b, t, heads, d_head] -> [b, t, d_in]."""
+    if sae.cfg.hook_layout != "heads":
+        return acts
+    if sae.cfg.hook_head_index is not None:
+        return acts[:, :, sae.cfg.hook_head_index]
+    return acts.flatten(2)
+
+
+def _put_site(sae, acts: torch.Tensor, new: torch.Tensor, first: int) -> torch.Tensor:
+    """`acts` with the SAE's site replaced by `new` [b, t, d_in] from position `first` on."""
+    out = acts.clone()
+    if sae.cfg.hook_layout == "heads" and sae.cfg.hook_head_index is not None:
+        out[:, first:, sae.cfg.hook_head_index] = new[:, first:].to(acts.dtype)
+    else:
+        out[:, first:] = new[:, first:].reshape(out[:, first:].shape).to(acts.dtype)
+    return out
+
+
+def _next_token_log_probs(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """[b, t, vocab] logits -> float32 log-probs of the predictions made at positions first .. t-2."""
+    return F.log_softmax(logits[:, first:-1].float(), dim=-1)
+
+
+def evaluate(
+    model,
+    sae,
+    token_batches: Iterable[torch.Tensor],
+    exclude_bos: bool = True,
+    dense_threshold: float = 0.1,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    total_batches: int | None = None,
+) -> EvalResult:
+    """Evaluate `sae` (at `sae.cfg.hookpoint`) in `model` on `token_batches` [batch, seq] of held-out tokens.
+
+    With `out_dir`, writes eval.json and feature_density.png there.
+    """
+    hookpoint = sae.cfg.hookpoint
+    if hookpoint not in model.hook_dict:
+        raise ValueError(f"SAE hookpoint {hookpoint!r} is not a hook of model {sae.cfg.model_name!r}")
+    if hookpoint.endswith("hook_result"):
+        model.set_use_attn_result(True)
+    first = 1 if exclude_bos else 0
+    device = next(sae.parameters()).device
+    totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae, device)
+
+    with torch.inference_mode():
+        for tokens in tqdm(token_batches, desc="eval (clean, spliced, ablated)", unit="batch",
+                           total=total_batches, disable=not progress):
+            captured = {}
+
+            def keep(acts, hook):
+                captured["acts"] = acts
+                return acts
+
+            clean_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, keep)])
+            acts = captured["acts"]
+            x = _site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
+            f = sae.encode(x)  # [b, t', d_sae]
+            x_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
+            padded = torch.cat([_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)  # [b, t, d_in]
+
+            spliced_logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, padded.to(a.device), first))]
+            )
+            zero_logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, torch.zeros_like(padded, device=a.device), first))]
+            )
+
+            targets = tokens[:, first + 1 :].to(clean_logits.device)
+            clean_lp = _next_token_log_probs(clean_logits, first)
+            spliced_lp = _next_token_log_probs(spliced_logits, first)
+            for name, lp in (("clean", clean_lp), ("spliced", spliced_lp), ("zero", _next_token_log_probs(zero_logits, first))):
+                totals.ce[name] -= lp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            totals.kl += (clean_lp.exp() * (clean_lp - spliced_lp)).sum().item()
+            totals.predictions += targets.numel()
+
+            x, f, x_hat = x.flatten(0, 1).double(), f.flatten(0, 1), x_hat.flatten(0, 1).double()
+            totals.tokens += len(x)
+            totals.squared_error += ((x - x_hat) ** 2).sum().item()
+            totals.sum_x += x.sum(0)
+            totals.sum_x2 += (x**2).sum().item()
+            fired = f != 0
+            totals.l0 += fired.sum().item()
+            totals.fires += fired.sum(0)
+
+    if totals.tokens == 0:
+        raise ValueError("evaluate: no tokens were given")
+    n = totals.predictions
+    ce_clean, ce_spliced, ce_zero = (totals.ce[k] / n for k in ("clean", "spliced", "zero"))
+    density = (totals.fires / totals.tokens).cpu()
+    result = EvalResult(
+        tokens=totals.tokens,
+        ce_loss_clean=ce_clean,
+        ce_loss_spliced=ce_spliced,
+        ce_loss_zero_ablation=ce_zero,
+        ce_loss_recovered=(ce_zero - ce_spliced) / (ce_zero - ce_clean),
+        delta_lm_loss=ce_spliced - ce_clean,
+        kl_clean_spliced=totals.kl / n,
+        fvu=totals.fvu(),
+        l0=totals.l0 / totals.tokens,
+        dead_fraction=(density == 0).double().mean().item(),
+        dense_fraction=(density > dense_threshold).double().mean().item(),
+    )
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        atomic_write_json(out_dir / "eval.json", {**result.to_dict(), "hookpoint": hookpoint, "exclude_bos": exclude_bos})
+        save_density_histogram(density, out_dir / "feature_density.png", title=f"{hookpoint}, {totals.tokens} tokens")
+    return result
+
+
+def save_density_histogram(density: torch.Tensor, path: str | Path, title: str = "") -> None:
+    """PNG histogram of log10(firing frequency) per latent; dead latents counted in the legend."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    alive = density[density > 0]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    if len(alive):
+        axes.hist(torch.log10(alive).numpy(), bins=60, color="#3a6ea5")
+    axes.set_xlabel("log10(firing frequency)")
+    axes.set_ylabel("latents")
+    axes.set_title(f"Feature density: {title}", fontsize=9)
+    dead = len(density) - len(alive)
+    axes.legend([f"{len(alive)} alive, {dead} dead ({dead / len(density):.1%})"], loc="upper left", fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def format_report(result: EvalResult) -> str:
+    """The eval figures as an aligned text table."""
+    rows = [
+        ("held-out tokens", f"{result.tokens}"),
+        ("CE loss clean", f"{result.ce_loss_clean:.4f}"),
+        ("CE loss with SAE", f"{result.ce_loss_spliced:.4f}"),
+        ("CE loss zero-ablated", f"{result.ce_loss_zero_ablation:.4f}"),
+        ("CE loss recovered", f"{result.ce_loss_recovered:.2%}"),
+        ("delta LM loss", f"{result.delta_lm_loss:+.4f}"),
+        ("KL(clean || SAE)", f"{result.kl_clean_spliced:.4f}"),
+        ("FVU", f"{result.fvu:.4f}"),
+        ("L0", f"{result.l0:.1f}"),
+        ("dead latents", f"{result.dead_fraction:.2%}"),
+        ("dense latents", f"{result.dense_fraction:.2%}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+

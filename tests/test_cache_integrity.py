@@ -1,0 +1,105 @@
+"""A corrupt, truncated or missing shard, or a manifest that disagrees with the shards, is named."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cache import ActivationReader, CacheError, read_manifest, verify_cache
+from cache.writer import build_cache
+from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARD = "shard_000001.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pristine(tiny_lm, tiny_lm_dir, tmp_path_factory):
+    config = tiny_run_config(tiny_lm_dir, tmp_path_factory.mktemp("pristine"), cache={"tokens": 1500})
+    return build_cache(config, tiny_lm, progress=False)
+
+
+@pytest.fixture
+def cache_dir(pristine, tmp_path):
+    return Path(shutil.copytree(pristine, tmp_path / "cache"))
+
+
+def _verify_cli(cache_dir):
+    return subprocess.run([sys.executable, "-m", "cache", "--verify", str(cache_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_intact_cache_verifies(cache_dir):
+    assert verify_cache(cache_dir, progress=False)["complete"]
+    result = _verify_cli(cache_dir)
+    assert result.returncode == 0 and "OK" in result.stdout
+
+
+def test_corrupt_shard(cache_dir):
+    path = cache_dir / SHARD
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte inside the activations: same size, wrong checksum
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=f"{SHARD}.*corrupt"):
+        verify_cache(cache_dir, progress=False)
+    reader = ActivationReader(cache_dir, batch_size=64)  # sizes are fine, so the reader opens ...
+    with pytest.raises(CacheError, match=f"{SHARD}.*corrupt"):
+        list(reader.batches())  # ... and refuses the shard when it reads it
+    result = _verify_cli(cache_dir)
+    assert result.returncode == 1 and SHARD in result.stderr
+
+
+def test_truncated_shard(cache_dir):
+    path = cache_dir / SHARD
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CacheError, match=f"{SHARD}.*truncated"):
+        ActivationReader(cache_dir, batch_size=64)
+    with pytest.raises(CacheError, match=f"{SHARD}.*truncated"):
+        verify_cache(cache_dir, progress=False)
+
+
+def test_missing_shard(cache_dir):
+    (cache_dir / SHARD).unlink()
+    with pytest.raises(CacheError, match=f"{SHARD} is missing"):
+        ActivationReader(cache_dir, batch_size=64)
+
+
+def _edit_manifest(cache_dir, edit):
+    path = cache_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_totals_disagreeing_with_shards(cache_dir):
+    _edit_manifest(cache_dir, lambda m: m.update(tokens=m["tokens"] + 1))
+    with pytest.raises(CacheError, match="manifest.json: says .* tokens .* but its shards hold"):
+        read_manifest(cache_dir)
+
+
+def test_manifest_shard_entry_disagreeing_with_file(cache_dir):
+    def claim_more_tokens(manifest):
+        manifest["shards"][1]["tokens"] += 1
+        manifest["tokens"] += 1
+
+    _edit_manifest(cache_dir, claim_more_tokens)
+    reader = ActivationReader(cache_dir, batch_size=64)
+    with pytest.raises(CacheError, match=f"{SHARD}: .* has shape .* manifest.json says"):
+        reader.read_shard(1)
+
+
+def test_manifest_listing_shards_out_of_order(cache_dir):
+    _edit_manifest(cache_dir, lambda m: m["shards"].reverse())
+    with pytest.raises(CacheError, match=r"shards\[0\] is shard_\d+"):
+        read_manifest(cache_dir)
+
+
+def test_manifest_not_json_or_absent(cache_dir, tmp_path):
+    (cache_dir / "manifest.json").write_text("{ not json")
+    with pytest.raises(CacheError, match="manifest.json: not valid JSON"):
+        read_manifest(cache_dir)
+    with pytest.raises(CacheError, match="no manifest"):
+        read_manifest(tmp_path / "empty")
