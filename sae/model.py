@@ -1,0 +1,251 @@
+"""The SAE as an inference module: one class for every architecture we train or load.
+
+Weights use one layout whatever their origin (converters in `sae.formats` map foreign files onto it):
+
+    W_enc [d_sae, d_in]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
+    threshold [d_sae]     jumprelu (also BatchTopK SAEs, which encode with a threshold at inference)
+    b_mag, r_mag [d_sae]  gated (b_enc is the gate bias)
+    W_skip [d_in, d_in]   with `skip_connection`
+
+dtype policy: the weights live in `cfg.dtype`; inputs are cast to it and outputs cast back to the
+input's dtype. Training keeps float32 weights and chooses its matmul dtype itself (`sae.trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from .config import ConfigError, SAEConfig, from_dict, to_dict
+from .io import atomic_save_file, atomic_write_json
+from .kernels import SparseCode, sparse_decode
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+FORMAT_NAME = "sae-toolkit"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InputStats(NamedTuple):
+    """Per-token statistics of a LayerNorm-ed input, needed to undo the normalisation after decoding."""
+
+    mean: Tensor  # [..., 1]
+    std: Tensor  # [..., 1]
+
+
+def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an SAE of this config holds, with its shape."""
+    d_in, d_sae = cfg.d_in, cfg.d_sae
+    shapes = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if cfg.architecture == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    if cfg.architecture == "gated":
+        shapes |= {"b_mag": (d_sae,), "r_mag": (d_sae,)}
+    if cfg.skip_connection:
+        shapes["W_skip"] = (d_in, d_in)
+    return shapes
+
+
+class SparseAutoencoder(nn.Module):
+    """encode: [..., d_in] -> [..., d_sae]; decode: [..., d_sae] -> [..., d_in]; forward = both."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        dtype = DTYPES[cfg.dtype]
+        for name, shape in param_shapes(cfg).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)))
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, seed: int | None = None) -> SparseAutoencoder:
+        """A freshly initialised SAE: random decoder directions, encoder tied to the decoder.
+
+        TopK and codebook decoder rows have unit norm (Gao et al.); ReLU rows have norm 0.1 and are
+        left free during training (Anthropic, April 2024). The trainer then sets b_dec from the data.
+        """
+        model = cls(cfg)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        W = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True) * (0.1 if cfg.architecture == "relu" else 1.0)
+        with torch.no_grad():
+            model.W_dec.copy_(W)
+            model.W_enc.copy_(W)
+        return model
+
+    # --- encoding -------------------------------------------------------------------------------
+
+    def input_stats(self, x: Tensor) -> InputStats | None:
+        """Statistics of the per-token LayerNorm that OpenAI's TopK SAEs apply to their input."""
+        if self.cfg.input_norm == "none":
+            return None
+        mean = x.mean(dim=-1, keepdim=True)
+        return InputStats(mean, (x - mean).std(dim=-1, keepdim=True))
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Raw activations -> what the encoder matmul sees (normalised, b_dec removed)."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE expects inputs [..., {self.cfg.d_in}], got {tuple(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        stats = self.input_stats(x)
+        if stats is not None:
+            x = (x - stats.mean) / (stats.std + 1e-5)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_sae]: encoder pre-activations (similarities for a codebook SAE)."""
+        x = self._prepare(x)
+        if self.cfg.similarity == "cosine" and self.cfg.architecture == "codebook":
+            return F.normalize(x, dim=-1) @ F.normalize(self.W_enc, dim=-1).T + self.b_enc
+        return x @ self.W_enc.T + self.b_enc
+
+    def encode_sparse(self, x: Tensor) -> SparseCode:
+        """[..., d_in] -> values, indices [..., k] for fixed-k architectures (topk, codebook, groupmax)."""
+        arch, k = self.cfg.architecture, self.cfg.k
+        pre = self.pre_activations(x)
+        if arch == "topk":
+            values, indices = pre.topk(k, dim=-1)
+            return SparseCode(values.relu().to(x.dtype), indices)
+        if arch == "codebook":
+            _, indices = pre.topk(k, dim=-1)
+            return SparseCode(torch.ones(indices.shape, dtype=x.dtype, device=x.device), indices)
+        if arch == "groupmax":
+            # k contiguous groups of d_sae / k latents; the largest of each group is its active latent
+            values, within = pre.relu().unflatten(-1, (k, -1)).max(dim=-1)
+            offsets = torch.arange(k, device=pre.device) * (self.cfg.d_sae // k)
+            return SparseCode(values.to(x.dtype), within + offsets)
+        raise ValueError(f"{arch} SAEs have no fixed number of active latents; use encode()")
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_sae] dense activations, zero where a latent is inactive."""
+        arch = self.cfg.architecture
+        if arch in ("topk", "codebook", "groupmax"):
+            values, indices = self.encode_sparse(x)
+            dense = torch.zeros(*values.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device)
+            return dense.scatter(-1, indices, values)
+        pre = self.pre_activations(x)
+        if arch == "relu":
+            f = pre.relu()
+        elif arch == "jumprelu":
+            f = pre.relu() * (pre > self.threshold)
+        elif arch == "gated":
+            x_c = self._prepare(x)
+            magnitude = x_c @ (self.W_enc * self.r_mag.exp()[:, None]).T + self.b_mag
+            f = (pre > 0) * magnitude.relu()
+        else:
+            raise AssertionError(f"unhandled architecture {arch}")
+        return f.to(x.dtype)
+
+    def codes(self, x: Tensor, k: int | None = None) -> Tensor:
+        """[..., d_in] -> LongTensor [..., k]: active latents/codes by decreasing activation, -1 where fewer fire.
+
+        `k` defaults to the config's; for architectures without a fixed k (relu, jumprelu, gated) pass it.
+        """
+        k = k or self.cfg.k
+        if k is None:
+            raise ValueError(f"{self.cfg.architecture} SAE has no k in its config: pass codes(x, k=...)")
+        if self.cfg.architecture in ("topk", "codebook", "groupmax") and k == self.cfg.k:
+            values, indices = self.encode_sparse(x)
+        else:
+            values, indices = self.encode(x).topk(k, dim=-1)
+        order = values.argsort(dim=-1, descending=True, stable=True)
+        values, indices = values.gather(-1, order), indices.gather(-1, order)
+        return indices.masked_fill(values <= 0, -1)
+
+    # --- decoding -------------------------------------------------------------------------------
+
+    def decode(self, f: Tensor, stats: InputStats | None = None) -> Tensor:
+        """[..., d_sae] -> [..., d_in]. For LayerNorm-input SAEs pass `stats=input_stats(x)` to get
+        raw units back; the skip connection, which needs x itself, is added by `forward`."""
+        x_hat = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+        return self._restore(x_hat, stats).to(f.dtype)
+
+    def decode_sparse(self, code: SparseCode, stats: InputStats | None = None) -> Tensor:
+        """values, indices [..., k] -> [..., d_in], touching only the k active decoder rows."""
+        values, indices = code
+        lead = values.shape[:-1]
+        x_hat = sparse_decode(
+            values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype), indices.reshape(-1, indices.shape[-1]),
+            self.W_dec,
+        ).view(*lead, self.cfg.d_in) + self.b_dec
+        return self._restore(x_hat, stats).to(values.dtype)
+
+    def _restore(self, x_hat: Tensor, stats: InputStats | None) -> Tensor:
+        return x_hat if stats is None else x_hat * (stats.std + 1e-5) + stats.mean
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_in]: the reconstruction in the units of x."""
+        stats = self.input_stats(x.to(self.W_enc.dtype))
+        if self.cfg.architecture in ("topk", "codebook", "groupmax"):
+            x_hat = self.decode_sparse(self.encode_sparse(x), stats)
+        else:
+            x_hat = self.decode(self.encode(x), stats)
+        if self.cfg.skip_connection:
+            x_hat = x_hat + (x.to(self.W_skip.dtype) @ self.W_skip.T).to(x_hat.dtype)
+        return x_hat
+
+    # --- persistence ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        atomic_save_file(tensors, path / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
+        atomic_write_json(path / CFG_FILE, {"format": FORMAT_NAME, **to_dict(self.cfg)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+        """Read a directory written by `save`; check every tensor's presence, shape and finiteness."""
+        path = Path(path)
+        cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
+        try:
+            cfg_data = json.loads(cfg_path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}")
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
+        cfg_data.pop("format", None)
+        cfg = from_dict(SAEConfig, cfg_data, where=str(cfg_path))
+        try:
+            tensors = load_file(weights_path, device=str(device))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{weights_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}")
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+        return cls.from_tensors(cfg, tensors, source=str(weights_path)).to(device)
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "tensors") -> SparseAutoencoder:
+        """Build an SAE from tensors in our layout, naming any missing, extra, misshapen or non-finite one."""
+        expected = param_shapes(cfg)
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"{source}: tensors do not match a {cfg.architecture} SAE"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unexpected {', '.join(extra)}" if extra else "")
+            )
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+            if not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{source}: tensor {name} contains NaN or inf")
+        model = cls(cfg)
+        dtype = DTYPES[cfg.dtype]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(tensors[name].to(dtype))
+        return model
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k is not None else ""
+        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hookpoint={c.hookpoint}"

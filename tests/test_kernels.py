@@ -1,0 +1,71 @@
+"""The sparse kernels agree with the dense reference, forward and backward."""
+
+import pytest
+import torch
+
+from sae.kernels import dense_decode, dense_topk_encode, sparse_decode, topk_encode
+
+TOKENS, D_IN, D_SAE, K = 96, 24, 160, 6
+
+
+def run(encode, decode, relu: bool, with_aux: bool, dtype=torch.float32):
+    """Encode, decode (plus an AuxK-style second decode) and backprop a loss; return outputs and grads."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(TOKENS, D_IN, generator=g, dtype=dtype).requires_grad_()
+    W_enc = torch.randn(D_SAE, D_IN, generator=g, dtype=dtype).requires_grad_()
+    b_enc = torch.randn(D_SAE, generator=g, dtype=dtype).requires_grad_()
+    W_dec = torch.randn(D_SAE, D_IN, generator=g, dtype=dtype).requires_grad_()
+    b_dec = torch.randn(D_IN, generator=g, dtype=dtype).requires_grad_()
+    aux_latents = torch.tensor([1, 5, 9, 40, 41, 150, 151]) if with_aux else None
+    code, aux = encode(x, W_enc, b_enc, K, pre_bias=b_dec, relu=relu, aux_latents=aux_latents, k_aux=4)
+    x_hat = decode(code.values, code.indices, W_dec) + b_dec
+    loss = (x - x_hat).pow(2).sum()
+    if with_aux:
+        loss = loss + (decode(aux.values, aux.indices, W_dec) - x).pow(2).sum() / 3
+    loss.backward()
+    return [x_hat.detach(), code.values.detach(), x.grad, W_enc.grad, b_enc.grad, W_dec.grad, b_dec.grad]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("with_aux", [True, False])
+def test_sparse_kernels_match_dense_reference(relu, with_aux):
+    sparse = run(topk_encode, sparse_decode, relu, with_aux)
+    dense = run(dense_topk_encode, dense_decode, relu, with_aux)
+    names = ["x_hat", "values", "dx", "dW_enc", "db_enc", "dW_dec", "db_dec"]
+    for name, s, d in zip(names, sparse, dense):
+        assert rel_err(s, d) < 1e-5, name
+
+
+def test_gradients_are_sparse_where_they_should_be():
+    """dW_enc has non-zero rows only for latents that were selected somewhere in the batch."""
+    x = torch.randn(8, D_IN)
+    W_enc = torch.randn(D_SAE, D_IN, requires_grad=True)
+    code, _ = topk_encode(x, W_enc, torch.zeros(D_SAE), K)
+    code.values.sum().backward()
+    touched = torch.zeros(D_SAE, dtype=torch.bool)
+    touched[code.indices[code.values > 0]] = True
+    assert torch.equal(W_enc.grad.abs().sum(1) > 0, touched)
+
+
+def test_bf16_encoder_selects_nearly_the_same_latents():
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(256, 64, generator=g), torch.randn(512, 64, generator=g)
+    fp32, _ = topk_encode(x, W, torch.zeros(512), 16)
+    bf16, _ = topk_encode(x, W, torch.zeros(512), 16, compute_dtype=torch.bfloat16)
+    assert bf16.values.dtype == torch.float32
+    same = torch.tensor([len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fp32.indices, bf16.indices)])
+    assert same.float().mean() / 16 > 0.95
+
+
+def test_fewer_aux_candidates_than_k_aux():
+    x = torch.randn(4, D_IN)
+    code, aux = topk_encode(x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K,
+                            aux_latents=torch.tensor([3, 4]), k_aux=10)
+    assert aux.indices.shape == (4, 2) and set(aux.indices.flatten().tolist()) <= {3, 4}
+    _, none = topk_encode(x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K,
+                          aux_latents=torch.tensor([], dtype=torch.long), k_aux=10)
+    assert none is None
