@@ -77,9 +77,13 @@ def _put_site(sae, acts: torch.Tensor, new: torch.Tensor, first: int) -> torch.T
     return out
 
 
+def _predictions(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """[b, t, vocab] -> float32 [b * (t - first - 1), vocab]: the logits predicting tokens first+1 .. t-1."""
+    return logits[:, first:-1].flatten(0, 1).float()
+
+
 def _next_token_log_probs(logits: torch.Tensor, first: int) -> torch.Tensor:
-    """[b, t, vocab] logits -> float32 log-probs of the predictions made at positions first .. t-2."""
-    return F.log_softmax(logits[:, first:-1].float(), dim=-1)
+    return F.log_softmax(_predictions(logits, first), dim=-1)
 
 
 def evaluate(
@@ -128,13 +132,14 @@ def evaluate(
                 tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, torch.zeros_like(padded, device=a.device), first))]
             )
 
-            targets = tokens[:, first + 1 :].to(clean_logits.device)
+            targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
             clean_lp = _next_token_log_probs(clean_logits, first)
             spliced_lp = _next_token_log_probs(spliced_logits, first)
-            for name, lp in (("clean", clean_lp), ("spliced", spliced_lp), ("zero", _next_token_log_probs(zero_logits, first))):
-                totals.ce[name] -= lp.gather(-1, targets.unsqueeze(-1)).sum().item()
-            totals.kl += (clean_lp.exp() * (clean_lp - spliced_lp)).sum().item()
-            totals.predictions += targets.numel()
+            totals.ce["clean"] += F.nll_loss(clean_lp, targets, reduction="sum").item()
+            totals.ce["spliced"] += F.nll_loss(spliced_lp, targets, reduction="sum").item()
+            totals.ce["zero"] += F.cross_entropy(_predictions(zero_logits, first), targets, reduction="sum").item()
+            totals.kl += F.kl_div(spliced_lp, clean_lp, log_target=True, reduction="sum").item()
+            totals.predictions += len(targets)
 
             x, f, x_hat = x.flatten(0, 1).double(), f.flatten(0, 1), x_hat.flatten(0, 1).double()
             totals.tokens += len(x)

@@ -14,7 +14,7 @@ from cache import build_cache, read_manifest, verify_cache
 from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = {"tokens": 20_000, "batch_contexts": 4, "shard_contexts": 8}
+SETTINGS = {"tokens": 20_000, "batch_contexts": 16, "shard_contexts": 32}
 
 
 def _write_config(path: Path, model_dir: Path, cache_dir: Path) -> None:

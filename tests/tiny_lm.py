@@ -50,7 +50,7 @@ def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> "RunConfig":
         "model": {"name": str(model_dir)},
         "data": {"context_size": 32},
         "cache": {"dir": str(tmp / "cache"), "hookpoints": ["blocks.1.hook_resid_post"], "tokens": 3000,
-                  "batch_contexts": 4, "shard_contexts": 16},
+                  "batch_contexts": 8, "shard_contexts": 16},
         "sae": {"architecture": "topk", "d_sae": 64, "k": 4},
         "train": {"batch_size": 256, "out_dir": str(tmp / "out"), "log_every": 5},
         "eval": {"tokens": 600, "batch_contexts": 4},

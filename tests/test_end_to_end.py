@@ -1,0 +1,97 @@
+"""`python train.py`: cache -> train -> eval -> report, as a user runs it (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sae
+from cache import read_manifest
+from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_config(tmp_path: Path, model_dir: Path) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(f"""
+[model]
+name = "{model_dir}"
+[data]
+context_size = 32
+[cache]
+dir = "{tmp_path / 'cache'}"
+hookpoints = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
+tokens = 4000
+batch_contexts = 8
+shard_contexts = 32
+[sae]
+architecture = "topk"
+d_sae = 64
+k = 4
+[train]
+batch_size = 256
+out_dir = "{tmp_path / 'out'}"
+[eval]
+tokens = 500
+""")
+    return path
+
+
+def test_train_py_runs_the_whole_job_and_reruns_from_its_artifacts(tmp_path, tiny_lm_dir):
+    config = _tiny_config(tmp_path, tiny_lm_dir)
+    result = _train(str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CE loss recovered" in result.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert {"ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_recovered", "delta_lm_loss",
+            "kl_clean_spliced", "fvu", "l0", "dead_fraction", "dense_fraction"} <= set(report["eval"])
+    assert report["eval"]["l0"] == pytest.approx(4, abs=0.01) and report["eval"]["tokens"] >= 500
+    sae_dir = Path(report["sae"]["dir"])
+    model = sae.load(sae_dir)
+    assert (model.cfg.hookpoint, model.cfg.model_name, model.cfg.d_in) == ("blocks.1.hook_resid_post", str(tiny_lm_dir), 32)
+    assert (sae_dir / "feature_density.png").is_file() and (sae_dir / "eval.json").is_file()
+
+    manifest = read_manifest(tmp_path / "cache")
+    again = _train(str(config))  # the cache is complete and the trainer's checkpoint is final: reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_manifest(tmp_path / "cache") == manifest
+
+
+def test_attention_heads_sae_from_hook_z(tmp_path, tiny_lm_dir):
+    config = _tiny_config(tmp_path, tiny_lm_dir)
+    result = _train(str(config), "--set", "sae.hookpoint=blocks.1.attn.hook_z", "--set", "eval.tokens=200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["sae"]["cfg"]["hook_layout"] == "heads" and report["sae"]["cfg"]["d_in"] == 4 * 8
+
+
+def test_config_errors_name_the_key(tmp_path, tiny_lm_dir):
+    result = _train(str(_tiny_config(tmp_path, tiny_lm_dir)), "--set", "cache.tokenz=5")
+    assert result.returncode == 1 and "tokenz" in result.stderr and "valid keys" in result.stderr
+    result = _train(str(tmp_path / "missing.toml"))
+    assert result.returncode == 1 and "missing.toml" in result.stderr
+
+
+@pytest.mark.slow
+def test_gemma_end_to_end(tmp_path):
+    """The real Gemma 3 270M: cache ~16k tokens, train briefly, evaluate with the model in the loop."""
+    result = _train(
+        "--set", f"cache.dir={tmp_path / 'cache'}", "--set", "cache.tokens=16000",
+        "--set", f"train.out_dir={tmp_path / 'out'}", "--set", "train.batch_size=1024",
+        "--set", "sae.d_sae=2048", "--set", "eval.tokens=2000", timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    ev = report["eval"]
+    assert 0.5 < ev["ce_loss_clean"] < 4.0  # Python source is predictable for a 270M model
+    assert ev["ce_loss_clean"] < ev["ce_loss_spliced"] < ev["ce_loss_zero_ablation"]
+    assert ev["ce_loss_recovered"] > 0.3 and ev["fvu"] < 0.9 and ev["l0"] == pytest.approx(32, abs=0.01)
+    norms = read_manifest(tmp_path / "cache")["norm_stats"]["blocks.6.hook_resid_post"]
+    assert norms["max"] < 5_000  # BOS (~5e4) is left out of the cache
