@@ -13,8 +13,11 @@ from .trainer import BatchSource, TensorBatches, Trainer, TrainingError, train
 
 
 def load(path: str, device: str = "cpu") -> SparseAutoencoder:
-    """Load an SAE saved by this toolkit."""
-    return SparseAutoencoder.load(path, device=device)
+    """Load an SAE from a local path or `hf://org/repo[/subpath]`: ours, SAELens, sparsify, Gemma Scope,
+    OpenAI or dictionary_learning, detected from the files (see `sae.formats`)."""
+    from . import formats
+
+    return formats.load(path, device=device)
 
 
 __all__ = [

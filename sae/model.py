@@ -177,7 +177,8 @@ class SparseAutoencoder(nn.Module):
         return self._restore(x_hat, stats).to(values.dtype)
 
     def _restore(self, x_hat: Tensor, stats: InputStats | None) -> Tensor:
-        return x_hat if stats is None else x_hat * (stats.std + 1e-5) + stats.mean
+        # OpenAI and SAELens undo their LayerNorm with std alone (x_hat * std + mean): eps only guards the division
+        return x_hat if stats is None else x_hat * stats.std + stats.mean
 
     def forward(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_in]: the reconstruction in the units of x."""
@@ -192,8 +193,15 @@ class SparseAutoencoder(nn.Module):
 
     # --- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically."""
+    def save(self, path: str | Path, format: str = "sae") -> Path:
+        """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically.
+
+        `format="saelens"` or `"sparsify"` writes that library's layout instead (`sae.formats.export`).
+        """
+        if format != "sae":
+            from .formats import export  # formats imports this module
+
+            return export(self, path, format)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
