@@ -323,6 +323,7 @@ def test_sparsify_run_folder_points_at_its_hookpoints(tmp_path):
         sae.load(str(tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore:sparsify hookpoint")
 def test_truncated_corrupt_and_nan_files_name_file_and_tensor(tmp_path):
     coder = randomized(SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K)), seed=1)
     coder.save_to_disk(tmp_path / "cut")
@@ -370,3 +371,45 @@ def test_check_width_against_the_models_hook():
     check_width(D_IN, model)
     with pytest.raises(ValueError, match="SAE reads d_in=16 .*blocks.2.hook_resid_post has width 768"):
         check_width(768, model)
+
+
+def test_saelens_expected_average_scaling_is_folded_when_given(tmp_path):
+    """`expected_average_only_in`: trained on s * x. SAELens folds s as W_enc * s, W_dec / s, b_dec / s."""
+    cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
+    raw = randomized(sae.SparseAutoencoder(cfg), seed=14)
+    raw.save(tmp_path, format="saelens")
+    data = json.loads((tmp_path / "cfg.json").read_text()) | {"normalize_activations": "expected_average_only_in"}
+    (tmp_path / "cfg.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="no norm_scaling_factor was given; the SAE reads raw activations"):
+        unscaled = sae.load(str(tmp_path))
+    assert all(torch.equal(p, getattr(unscaled, n)) for n, p in raw.named_parameters())
+    s = 3.5
+    folded = sae.formats.load_saelens(tmp_path, norm_scaling_factor=s)
+    x = random_inputs(15)
+    with torch.no_grad():
+        assert rel_err(folded.encode(x), raw.encode(x * s)) < TOLERANCE
+        assert rel_err(folded(x), raw(x * s) / s) < TOLERANCE
+
+
+def test_hub_reference_downloads_only_the_subpath(tmp_path, monkeypatch):
+    """hf://org/repo/subpath goes through huggingface_hub.snapshot_download (a local copy stands in for the hub)."""
+    import shutil
+
+    import huggingface_hub
+
+    SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K)).save_to_disk(tmp_path / "hub" / "layers.5")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-160m"}))
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        local = tmp_path / "cache" / repo_id.replace("/", "--")
+        shutil.copytree(tmp_path / "hub", local, dirs_exist_ok=True)
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = sae.load("hf://EleutherAI/sae-pythia-160m-32k/layers.5")
+    assert calls == [("EleutherAI/sae-pythia-160m-32k", ["layers.5", "layers.5/*", "config.json"])]
+    assert (model.cfg.hookpoint, model.cfg.model_name) == ("blocks.5.hook_resid_post", "EleutherAI/pythia-160m")
+    with pytest.raises(ValueError, match="expected hf://org/repo"):
+        sae.load("hf://just-a-name")

@@ -62,8 +62,9 @@ def load_gemma_scope(path: str | Path) -> SparseAutoencoder:
         hookpoint = hook.format(sae_match["layer"])
         model_name = f"gemma-2-{release_match['size']}" + ("-it" if release_match["variant"] == "it" else "")
     else:
+        unknown = "model and hookpoint are" if sae_match else "model, hookpoint, width and L0 are"
         warnings.warn(f"{params_path}: path is not .../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/"
-                      "average_l0_N/, so the model, hookpoint and L0 are unknown")
+                      f"average_l0_N/params.npz, so the {unknown} unknown")
 
     cfg = SAEConfig(
         architecture="jumprelu",
