@@ -413,3 +413,15 @@ def test_hub_reference_downloads_only_the_subpath(tmp_path, monkeypatch):
     assert (model.cfg.hookpoint, model.cfg.model_name) == ("blocks.5.hook_resid_post", "EleutherAI/pythia-160m")
     with pytest.raises(ValueError, match="expected hf://org/repo"):
         sae.load("hf://just-a-name")
+
+
+def test_sparsify_transcoder_reads_without_b_dec_and_says_what_it_predicts(tmp_path):
+    coder = randomized(SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, transcode=True)), seed=16)
+    coder.save_to_disk(tmp_path / "layers.2.mlp")
+    with pytest.warns(UserWarning, match="a transcoder; .* output of module 'layers.2.mlp'"):
+        model = sae.load(str(tmp_path / "layers.2.mlp"))
+    assert not model.cfg.apply_b_dec_to_input and model.cfg.hookpoint == "blocks.2.ln2.hook_normalized"
+    x = random_inputs(17)
+    with torch.no_grad():
+        dense, recon = sparsify_dense(coder, x)
+        assert rel_err(model.encode(x), dense) < TOLERANCE and rel_err(model(x), recon) < TOLERANCE

@@ -73,6 +73,9 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
         raise FormatError(f"{cfg_path}: skip_connection is {skip} but {weights_path} "
                           f"{'lacks' if skip else 'has'} W_skip")
     transcode = bool(cfg.get("transcode", False))
+    if transcode:  # our config names one hook; a transcoder reads one module's input and predicts its output
+        warnings.warn(f"{cfg_path}: a transcoder; its hookpoint is where it reads, but it reconstructs the "
+                      f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful")
 
     # Metadata: sparsify keeps the model in the run's config.json and the hookpoint as the folder name;
     # our own exports (a lone folder) carry both in the safetensors header instead.
