@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..model import CFG_FILE, WEIGHTS_FILE, SparseAutoencoder
 from .dictionary_learning import load_dictionary_learning
-from .files import FormatError, read_json, safetensors_keys, zip_member_names
+from .files import FormatError, safetensors_keys, zip_member_names
 from .gemma_scope import load_gemma_scope
 from .openai import load_openai
 from .saelens import export_saelens, load_saelens

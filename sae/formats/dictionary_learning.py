@@ -28,9 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SAEConfig
 from ..model import SparseAutoencoder
-from .files import FormatError, dtype_name, read_json, read_torch_state_dict, require_key, require_tensors
+from .files import (
+    FormatError, dtype_name, read_json, read_torch_state_dict, require_key, require_tensors,
+    sae_config,
+)
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
@@ -141,7 +143,8 @@ def load_dictionary_learning(path: str | Path) -> SparseAutoencoder:
     if submodule is None:
         warnings.warn(f"{config_path}: submodule_name {trainer.get('submodule_name')!r} has no transformer-lens "
                       "equivalent we know; hookpoint left unset")
-    cfg = SAEConfig(
+    cfg = sae_config(
+        config_path,
         d_in=d_in,
         d_sae=d_sae,
         dtype=dtype_name(ours["W_enc"], "W_enc", weights_path),

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import ConfigError, SAEConfig
 
 
 class FormatError(ValueError):
@@ -119,7 +119,13 @@ def dtype_name(tensor: Tensor, name: str, source: Path | str) -> str:
     return DTYPE_NAMES[tensor.dtype]
 
 
-__all__ = ["ConfigError", "FormatError"]
+def sae_config(source: Path | str, **fields: Any) -> SAEConfig:
+    """SAEConfig(**fields), with any inconsistency reported against the file it came from."""
+    try:
+        return SAEConfig(**fields)
+    except ConfigError as e:
+        raise FormatError(f"{source}: {e}") from None
+
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -14,9 +14,8 @@ import re
 import warnings
 from pathlib import Path
 
-from ..config import SAEConfig
 from ..model import SparseAutoencoder
-from .files import FormatError, dtype_name, read_npz, require_shape, require_tensors
+from .files import FormatError, dtype_name, read_npz, require_shape, require_tensors, sae_config
 
 PARAMS_FILE = "params.npz"
 TENSORS = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]
@@ -66,7 +65,8 @@ def load_gemma_scope(path: str | Path) -> SparseAutoencoder:
         warnings.warn(f"{params_path}: path is not .../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/"
                       f"average_l0_N/params.npz, so the {unknown} unknown")
 
-    cfg = SAEConfig(
+    cfg = sae_config(
+        params_path,
         architecture="jumprelu",
         d_in=d_in,
         d_sae=d_sae,

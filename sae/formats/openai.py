@@ -17,9 +17,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..config import SAEConfig
 from ..model import SparseAutoencoder
-from .files import FormatError, dtype_name, read_torch_state_dict, require_shape, require_tensors
+from .files import FormatError, dtype_name, read_torch_state_dict, require_shape, require_tensors, sae_config
 
 TENSORS = ["pre_bias", "encoder.weight", "latent_bias", "decoder.weight"]
 TRAINING_STATS = {"stats_last_nonzero", "latents_activation_frequency", "latents_mean_square"}
@@ -65,7 +64,8 @@ def load_openai(path: str | Path) -> SparseAutoencoder:
     release = RELEASE_PATH.search(path.as_posix())
     if release is None:
         warnings.warn(f"{path}: not a release path <location>/autoencoders/<layer>.pt; hookpoint unknown")
-    cfg = SAEConfig(
+    cfg = sae_config(
+        path,
         architecture="topk" if activation == "TopK" else "relu",
         d_in=d_in,
         d_sae=n_latents,

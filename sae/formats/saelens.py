@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import SAEConfig
 from ..io import atomic_save_file, atomic_write_json
 from ..model import SparseAutoencoder
-from .files import FormatError, read_json, read_safetensors, require_key, require_shape, require_tensors
+from .files import (
+    FormatError, read_json, read_safetensors, require_key, require_shape, require_tensors, sae_config,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -159,7 +160,8 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
         ours |= {"b_mag": tensors["b_mag"], "r_mag": tensors["r_mag"]}
 
     metadata = cfg.get("metadata") or {}
-    sae_cfg = SAEConfig(
+    sae_cfg = sae_config(
+        cfg_path,
         architecture={"standard": "relu"}.get(architecture, architecture),
         d_in=d_in,
         d_sae=d_sae,

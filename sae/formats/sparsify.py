@@ -15,10 +15,12 @@ import re
 import warnings
 from pathlib import Path
 
-from ..config import SAEConfig
 from ..io import atomic_save_file, atomic_write_json
 from ..model import SparseAutoencoder
-from .files import FormatError, dtype_name, read_json, read_safetensors, require_key, safetensors_metadata, require_shape, require_tensors
+from .files import (
+    FormatError, dtype_name, read_json, read_safetensors, require_key, require_shape, require_tensors,
+    sae_config, safetensors_metadata,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -86,7 +88,8 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
         model_name, hookpoint = header.get("model_name") or None, header["hookpoint"]
     else:
         model_name, hookpoint = run.get("model"), map_hookpoint(path.name, transcode)
-    sae_cfg = SAEConfig(
+    sae_cfg = sae_config(
+        cfg_path,
         architecture=activation,
         d_in=d_in,
         d_sae=d_sae,
