@@ -55,20 +55,24 @@ def upgrade_pre_6_config(cfg: dict[str, Any]) -> dict[str, Any]:
     normalize = cfg.get("normalize_activations")
     if isinstance(normalize, bool) or normalize is None:
         normalize = "expected_average_only_in" if normalize else "none"
-    hook_name = cfg.get("hook_point", cfg.get("hook_name"))
+    metadata = cfg.get("metadata") or {}  # a v6-shaped file without a version is read as pre-6.0 too
+    hook_name = cfg.get("hook_point", cfg.get("hook_name", metadata.get("hook_name")))
+    head_index = cfg.get("hook_point_head_index", cfg.get("hook_head_index", metadata.get("hook_head_index")))
     return {
         "architecture": architecture,
         "d_in": cfg.get("d_in"),
         "d_sae": cfg.get("d_sae"),
         "k": k,
+        "rescale_acts_by_decoder_norm": cfg.get("rescale_acts_by_decoder_norm", False),
         "dtype": cfg.get("dtype", "float32"),
         "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
         "normalize_activations": normalize,
-        "reshape_activations": "hook_z" if hook_name and hook_name.endswith("hook_z") else "none",
+        "reshape_activations": cfg.get("reshape_activations",
+                                       "hook_z" if hook_name and hook_name.endswith("hook_z") else "none"),
         "metadata": {
-            "model_name": cfg.get("model_name"),
+            "model_name": cfg.get("model_name", metadata.get("model_name")),
             "hook_name": hook_name,
-            "hook_head_index": cfg.get("hook_point_head_index", cfg.get("hook_head_index")),
+            "hook_head_index": head_index,
         },
     }
 
