@@ -42,6 +42,7 @@ SAELENS_CASES = {  # fixture -> (our architecture, apply_b_dec_to_input, input_n
     "gated": ("gated", True, "none", "flat"),
     "hook_z": ("relu", True, "none", "heads"),
     "batchtopk": ("jumprelu", True, "none", "flat"),  # SAELens saves BatchTopK as JumpReLU
+    "matryoshka": ("jumprelu", True, "none", "flat"),  # and Matryoshka BatchTopK too
     "pre6_topk": ("topk", True, "none", "flat"),  # old activation_fn_str="topk": TopK, not ReLU (SAELens #553)
 }
 
@@ -59,9 +60,10 @@ def test_saelens_files_match_saelens_forward(name):
     assert_same_forward(model, folder)
 
 
-def test_saelens_batchtopk_threshold_is_kept():
-    """SAELens #608: BatchTopK thresholds silently dropped. Ours must be the trained 0.2 on every latent."""
-    model = sae.load(str(FIXTURES / "saelens" / "batchtopk"))
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+def test_saelens_batchtopk_threshold_is_kept(name):
+    """SAELens #608: BatchTopK thresholds silently dropped. Ours must be the learnt one on every latent."""
+    model = sae.load(str(FIXTURES / "saelens" / name))
     assert model.threshold.min() > 0.0 and torch.allclose(model.threshold, model.threshold[0].expand_as(model.threshold))
 
 
