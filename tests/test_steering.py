@@ -1,0 +1,112 @@
+"""Steering on the real tiny transformer: every position is steered under the KV cache, clamping keeps
+the error term, codebook codes are forced and suppressed, KL grows with alpha and calibrates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae import SAEConfig, SparseAutoencoder
+from sae.analysis.steering import (
+    Intervention, calibrate_to_kl, compare, generate, mean_kl, steered_site, steering,
+)
+from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def make_sae(architecture: str = "topk", k: int = 4, seed: int = 0) -> SparseAutoencoder:
+    cfg = SAEConfig(architecture=architecture, d_in=32, d_sae=64, k=k, hookpoint=HOOK)
+    sae = SparseAutoencoder.from_config(cfg, seed=seed)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+    return sae
+
+
+def test_every_generated_position_is_steered_with_the_kv_cache(tiny_lm):
+    sae = make_sae()
+    strength = 3.0
+    recorded = []  # what the hookpoint holds after steering, call by call (prompt, then one token each)
+    hooks = [(HOOK, lambda a, hook: recorded.append(a.detach().clone()))]
+    intervention = Intervention(latent=5, mode="add", strength=strength)
+    with steering(tiny_lm, sae, intervention), tiny_lm.hooks(fwd_hooks=hooks):  # recorder runs after steering
+        tokens = tiny_lm.generate(tiny_lm.to_tokens("def f(x):"), max_new_tokens=6, do_sample=False,
+                                  use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+    assert [a.shape[1] for a in recorded[1:]] == [1] * 5, "the KV cache feeds one new position per step"
+    steered = torch.cat(recorded, dim=1)[0]  # [t - 1, d]: the last token is never fed back
+    _, clean = tiny_lm.run_with_cache(tokens[:, :-1], names_filter=[HOOK])
+    difference = steered - clean[HOOK][0]
+    assert torch.allclose(difference[0], torch.zeros(32), atol=1e-5), "BOS is left alone"
+    expected = (strength * sae.W_dec[5]).expand_as(difference[1:])
+    assert torch.allclose(difference[1:], expected, atol=1e-4), "every later position, generated ones included"
+
+
+def test_steered_generation_matches_a_full_steered_forward(tiny_lm):
+    sae = make_sae()
+    intervention = Intervention(latent=7, mode="add", strength=8.0)
+    tokens = generate(tiny_lm, sae, "import os\n", intervention, max_new_tokens=8)
+    plain = generate(tiny_lm, sae, "import os\n", None, max_new_tokens=8)
+    assert not torch.equal(tokens, plain), "a strong intervention changes the greedy completion"
+    with steering(tiny_lm, sae, intervention):
+        logits = tiny_lm(tokens)
+    n_prompt = tiny_lm.to_tokens("import os\n").shape[1]
+    assert torch.equal(logits[0, n_prompt - 1 : -1].argmax(-1), tokens[0, n_prompt:])
+
+
+def test_clamp_keeps_the_error_term_and_other_latents():
+    sae = make_sae("relu", k=None)
+    x = torch.randn(3, 5, 32) * 2
+    f = sae.encode(x)
+    latent = int(f[0, 0].argmax())
+    clamped_to_zero = steered_site(sae, x, Intervention(latent, "clamp", 0.0))
+    target = 4.0
+    clamped = steered_site(sae, x, Intervention(latent, "clamp", target))
+    expected_shift = (target - f[..., latent : latent + 1]) * sae.W_dec[latent]
+    assert torch.allclose(clamped - x, expected_shift, atol=1e-5)
+    # the error term x - sae(x) is unchanged: the reconstruction moved by exactly the same amount
+    x_hat_clamped = sae.decode(f.clone().index_fill_(-1, torch.tensor([latent]), target))
+    assert torch.allclose(clamped - x_hat_clamped, x - sae.decode(f), atol=1e-4)
+    ablated = steered_site(sae, x, Intervention(latent, "ablate"))
+    assert torch.allclose(ablated - x, -f[..., latent : latent + 1] * sae.W_dec[latent], atol=1e-5)
+    assert torch.allclose(clamped_to_zero - x, -f[..., latent : latent + 1] * sae.W_dec[latent], atol=1e-5)
+
+
+def test_codebook_codes_are_forced_and_suppressed():
+    sae = make_sae("codebook", k=3)
+    x = torch.randn(6, 32)
+    codes = sae.codes(x)  # [6, 3]
+    absent = next(i for i in range(64) if not (codes == i).any())
+    forced = steered_site(sae, x, Intervention(absent, "force"))
+    assert (sae.pre_activations(forced)[:, absent] > sae.pre_activations(x)[:, absent]).all(), "moved towards code"
+    weakest = codes[:, -1]
+    assert torch.allclose(forced - x, sae.W_dec[absent] - sae.W_dec[weakest], atol=1e-5)
+    present = int(codes[0, 0])
+    suppressed = steered_site(sae, x[:1], Intervention(present, "suppress"))
+    pre = sae.pre_activations(x[:1])
+    runner_up = pre.topk(4).indices[0, 3]
+    assert torch.allclose(suppressed - x[:1], sae.W_dec[runner_up] - sae.W_dec[present], atol=1e-5)
+    with pytest.raises(ValueError, match="codebook"):
+        Intervention(present, "clamp", 1.0).check(sae)
+    with pytest.raises(ValueError, match="non-codebook|codebook"):
+        Intervention(1, "force").check(make_sae())
+
+
+def test_kl_grows_with_alpha_and_calibrates_to_a_target(tiny_lm):
+    sae = make_sae()
+    prompts = [tiny_lm.to_tokens(p) for p in ("def main():", "class A:\n", "x = [1, 2")]
+    kls = [mean_kl(tiny_lm, sae, prompts, Intervention(3, "add", a)) for a in (0.0, 0.5, 1, 2, 4)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)
+    assert all(a < b for a, b in zip(kls, kls[1:])), kls
+    alpha, kl = calibrate_to_kl(tiny_lm, sae, 3, target_kl=kls[3], prompts=("def main():", "class A:\n", "x = [1, 2"),
+                                max_activation=1.0, iterations=14)
+    assert kl == pytest.approx(kls[3], rel=0.02)
+    assert alpha == pytest.approx(2.0, rel=0.02)
+
+
+def test_compare_reports_both_completions_and_effects(tiny_lm):
+    sae = make_sae()
+    result = compare(tiny_lm, sae, "for i in range(", Intervention(9, "add", 20.0), alpha=None, max_new_tokens=6)
+    assert result.steered.text != result.unsteered.text
+    assert result.next_token_kl > 0
+    assert result.top_logit_prob_steered > result.top_logit_prob_clean
+    assert result.steered.perplexity > 0 and result.unsteered.concept_score is None
