@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import SAEConfig, TrainConfig, to_dict
+from .distributed import Distributed
 from .io import atomic_save_file, atomic_write_json
 from .kernels import SparseCode, dense_decode, dense_topk_encode, sparse_decode, topk_encode
 from .model import SparseAutoencoder
@@ -67,13 +68,19 @@ class BatchSource(Protocol):
 
 
 class TensorBatches:
-    """An in-memory [N, d_in] tensor as shuffled batches, reshuffled every epoch from a fixed seed."""
+    """An in-memory [N, d_in] tensor as shuffled batches, reshuffled every epoch from a fixed seed.
 
-    def __init__(self, data: Tensor, batch_size: int, seed: int = 0):
+    With `world_size` ranks, global step i covers rows [i * B * W, (i + 1) * B * W) of the epoch's
+    permutation and rank r takes the r-th B of them: together the ranks see what one process with
+    batch size B * W would see.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if data.ndim != 2:
             raise ValueError(f"activations must be [tokens, d_in], got shape {tuple(data.shape)}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.per_epoch = max(1, len(data) // batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = max(1, len(data) // (batch_size * world_size))
 
     def __len__(self) -> int:
         return self.per_epoch
@@ -83,7 +90,8 @@ class TensorBatches:
         for epoch in itertools.count(epoch):
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + epoch))
             for pos in range(pos, self.per_epoch):
-                yield self.data[order[pos * self.batch_size : (pos + 1) * self.batch_size]]
+                first = (pos * self.world_size + self.rank) * self.batch_size
+                yield self.data[order[first : first + self.batch_size]]
             pos = 0
 
 
@@ -100,9 +108,12 @@ class _IterableBatches:
         return itertools.islice(iter(self.iterable), start, None)
 
 
-def as_batch_source(data: Tensor | BatchSource | Iterable[Tensor], cfg: TrainConfig) -> BatchSource:
+def as_batch_source(
+    data: Tensor | BatchSource | Iterable[Tensor], cfg: TrainConfig, dist: Distributed
+) -> BatchSource:
+    """A tensor is sharded by rank here; any other source must already be this rank's share."""
     if isinstance(data, Tensor):
-        return TensorBatches(data, cfg.batch_size, cfg.seed)
+        return TensorBatches(data, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
     if isinstance(data, BatchSource):
         return data
     return _IterableBatches(data)
@@ -287,7 +298,13 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, sae_cfgs: list[SAEConfig] | SAEConfig, cfg: TrainConfig):
+    """Trains SAEs on batches of activations; under torchrun, data-parallel across ranks.
+
+    Data parallelism touches four places, each marked `dist`: ranks agree on stopping before a step,
+    average gradients after backward, sum firing counts, and only rank 0 writes files.
+    """
+
+    def __init__(self, sae_cfgs: list[SAEConfig] | SAEConfig, cfg: TrainConfig, dist: Distributed | None = None):
         sae_cfgs = [sae_cfgs] if isinstance(sae_cfgs, SAEConfig) else list(sae_cfgs)
         if not sae_cfgs:
             raise ValueError("Trainer needs at least one SAEConfig")
@@ -300,7 +317,9 @@ class Trainer:
             raise ValueError(f"SAEs trained from one read must share d_in; got {sorted(widths)}")
         self.cfg = cfg
         self.d_in = widths.pop()
-        self.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        self.dist = dist or Distributed.from_env(device.type)
+        self.device = self.dist.device(device)
         self.out_dir = Path(cfg.out_dir)
         self.objective = Objective(cfg)
         self.members: list[Member] = []
@@ -323,44 +342,69 @@ class Trainer:
 
     def fit(self, data: Tensor | BatchSource | Iterable[Tensor]) -> list[SparseAutoencoder]:
         """Train every SAE on `data`; returns them folded to raw units (also saved under out_dir)."""
-        source = as_batch_source(data, self.cfg)
+        source = as_batch_source(data, self.cfg, self.dist)
         total = self._total_tokens(source)
         resumed = self.load_checkpoint()
         batches = source.batches(self.step)
         if not resumed:
             batches = self._init_from_first_batches(batches)
-        log = self._open_log()
-        wandb_run = self._start_wandb() if self.cfg.wandb else None
+        main = self.dist.is_main
+        log = self._open_log() if main else None
+        wandb_run = self._start_wandb() if self.cfg.wandb and main else None
         started, tokens_at_start = time.perf_counter(), self.tokens
-        bar = tqdm(total=total, initial=self.tokens, unit="tok", unit_scale=True, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.tokens, unit="tok", unit_scale=True, desc="train",
+                   dynamic_ncols=True, disable=not main)
         with _stop_requests(self):
             for batch in batches:
                 if self.tokens >= total:
                     break
-                x = self._check_batch(batch, self.step, self.tokens) * self.input_scale
+                try:
+                    x, error = self._check_batch(batch, self.step, self.tokens), None
+                except TrainingError as e:
+                    x, error = None, e
+                if self._ranks_agree_to_stop(error):
+                    self.save_checkpoint()
+                    bar.close()
+                    self._raise_stop()
+                x = x * self.input_scale
                 for m in self.members:
                     self._train_step(m, x, total)
                 self.step += 1
-                self.tokens += len(x)
-                bar.update(len(x))
-                if self.step % self.cfg.log_every == 0:
+                self.tokens += len(x) * self.dist.world_size
+                bar.update(len(x) * self.dist.world_size)
+                if self.step % self.cfg.log_every == 0 and main:
                     self._log(log, wandb_run, bar, total)
-                if self.step % self.cfg.checkpoint_every == 0 or self._stop_signal:
+                if self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop_signal:
-                    bar.close()
-                    self._raise_stop()
         bar.close()
         if self.tokens < total:
             print(f"data ran out after {self.tokens:,} of {total:,} tokens")
         seconds = time.perf_counter() - started
-        self._log(log, wandb_run, None, total)
-        log.close()
+        if main:
+            self._log(log, wandb_run, None, total)
+            log.close()
         models = self._save_final(seconds, self.tokens - tokens_at_start)
         self.save_checkpoint()
         if wandb_run is not None:
             wandb_run.finish()
         return models
+
+    def _ranks_agree_to_stop(self, error: TrainingError | None) -> bool:
+        """Before a step's collectives, every rank learns whether any rank met bad data or was asked
+        to stop, so all ranks stop together instead of waiting forever on a missing peer (dist)."""
+        flags = torch.zeros(2, self.dist.world_size, device=self.device)
+        flags[0, self.dist.rank] = error is not None
+        flags[1, self.dist.rank] = self._stop_signal is not None
+        self.dist.sum_(flags)
+        if error is not None:
+            raise error
+        failed = flags[0].nonzero().flatten().tolist()
+        if failed:
+            raise TrainingError(f"step {self.step}: rank {failed} met bad data (see its error); all ranks stop; "
+                                f"the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
+        if flags[1].any() and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # a peer was asked to stop: stop with it
+        return self._stop_signal is not None
 
     def _train_step(self, m: Member, x: Tensor, total: int) -> None:
         progress = self.tokens / total
@@ -372,6 +416,7 @@ class Trainer:
                                 f"updated and the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_([p.grad for p in m.model.parameters()])  # dist: data-parallel gradient
         if m.cfg.architecture == "topk":
             _project_out_radial_grad(m.model.W_dec)
         m.optimizer.step()
@@ -379,7 +424,8 @@ class Trainer:
             with torch.no_grad():
                 m.model.W_dec.div_(m.model.W_dec.norm(dim=1, keepdim=True))
         with torch.no_grad():
-            m.tokens_since_fired += len(x)
+            fires = self.dist.sum_(fires.float())  # dist: every rank tracks the same dead latents
+            m.tokens_since_fired += len(x) * self.dist.world_size
             m.tokens_since_fired[fires > 0] = 0
             m.window_fires = fires if m.window_fires is None else m.window_fires + fires
             for key, value in terms.items():
@@ -409,7 +455,7 @@ class Trainer:
         if isinstance(source, TensorBatches):
             return len(source.data)
         try:
-            return len(source) * self.cfg.batch_size  # type: ignore[arg-type]
+            return len(source) * self.cfg.batch_size * self.dist.world_size  # type: ignore[arg-type]
         except TypeError:
             raise ValueError("TrainConfig.total_tokens is needed for data of unknown length "
                              "(it sets the learning-rate schedule)") from None
@@ -428,10 +474,14 @@ class Trainer:
         if not first:
             raise ValueError("no activations: the data yielded no batch")
         x = torch.cat([b.to(self.device, torch.float32) for b in first])
-        self.input_scale = (math.sqrt(self.d_in) / x.norm(dim=1).mean().item()) if self.cfg.normalize_inputs else 1.0
+        mean_norm = x.norm(dim=1).mean()
+        self.dist.average_([mean_norm])  # dist: statistics over every rank's first batches
+        self.input_scale = math.sqrt(self.d_in) / mean_norm.item() if self.cfg.normalize_inputs else 1.0
         generator = torch.Generator().manual_seed(self.cfg.seed)
         for m in self.members:
             init_from_data(m, x * self.input_scale, self.cfg, generator)
+            self.dist.average_([m.model.b_dec.data])
+            self.dist.broadcast_([p.data for p in m.model.parameters()])  # and rank 0's codebooks
         return itertools.chain(first, batches)
 
     # -- logging --
@@ -481,6 +531,9 @@ class Trainer:
         models = []
         for m in self.members:
             model = fold_input_scale(m.model, self.input_scale)
+            models.append(model)
+            if not self.dist.is_main:
+                continue
             model.save(self.out_dir / m.name)
             summary = {
                 **m.last_metrics,
@@ -489,14 +542,21 @@ class Trainer:
                 "tokens_per_second_this_run": tokens_this_run / seconds if seconds else None,
             }
             atomic_write_json(self.out_dir / m.name / "metrics.json", summary)
-            models.append(model)
         return models
 
     # -- checkpoints --
 
     def save_checkpoint(self) -> Path:
-        """Write the whole training state to out_dir/checkpoint, replacing the previous one atomically."""
+        """Write the whole training state to out_dir/checkpoint, replacing the previous one atomically.
+
+        Ranks hold identical state, so rank 0 writes and the others wait for it (dist)."""
         final = self.out_dir / CHECKPOINT_DIR
+        if self.dist.is_main:
+            self._write_checkpoint(final)
+        self.dist.barrier()
+        return final
+
+    def _write_checkpoint(self, final: Path) -> None:
         tmp, old = final.with_name(CHECKPOINT_DIR + ".tmp"), final.with_name(CHECKPOINT_DIR + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -517,7 +577,6 @@ class Trainer:
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def load_checkpoint(self) -> bool:
         """Restore from out_dir/checkpoint if there is one; False when starting fresh."""

@@ -155,7 +155,7 @@ def test_nan_weights_and_truncated_files_are_refused(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="sae.safetensors: not a readable safetensors file"):
         sae.load(str(tmp_path / "cut"))
-    with pytest.raises(FileNotFoundError, match="cfg.json: missing"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
         sae.load(str(tmp_path / "nowhere"))
 
 
