@@ -1,0 +1,140 @@
+"""Latent statistics stream exactly (checked against the whole activation matrix), and the static
+dashboard built from the real tiny transformer loads in a real headless Chromium without JavaScript
+errors, with highlighted tokens on its screenshot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae import SAEConfig, SparseAutoencoder
+from sae.analysis.dashboard import read_explanations, write_dashboard
+from sae.analysis.features import LatentStatistics, collect_statistics, model_batches
+from sae.data import context_batches, pack_contexts, stdlib_source_files
+from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
+
+CHROMIUM = Path("/usr/bin/chromium")
+HOOK = "blocks.1.hook_resid_post"
+
+
+def test_streamed_top_examples_and_counts_match_the_full_matrix():
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (12, 10), generator=generator)
+    acts = torch.randn(12, 10, 5, generator=generator).relu() * torch.rand(5, generator=generator)  # [b, t, L]
+    stats = LatentStatistics(5, k_top=6, k_sample=8, window_before=2, window_after=1, seed=0)
+    for b in range(0, 12, 3):  # four batches
+        stats.update(tokens[b : b + 3], acts[b : b + 3])
+    flat = acts.reshape(-1, 5)
+    for latent in range(5):
+        expected = flat[:, latent].topk(6).values
+        got = torch.tensor([v for v, _, _ in stats.examples(latent)])
+        assert torch.allclose(got, expected[expected > 0]), latent
+        value, window_tokens, window_acts = stats.examples(latent)[0]
+        row = int(flat[:, latent].argmax())
+        context, position = divmod(row, 10)
+        assert window_tokens[2] == tokens[context, position] and window_acts[2] == pytest.approx(value)
+        if position == 0:
+            assert window_tokens[:2] == [-1, -1], "positions before the context are padding"
+        assert len(stats.examples(latent, "sample")) == min(8, int((flat[:, latent] > 0).sum()))
+    assert torch.equal(stats.fire_count, (flat > 0).sum(0))
+    assert torch.equal(stats.histogram.sum(1), stats.fire_count)
+    assert stats.tokens_seen == 120
+
+
+def test_explanations_file_is_read_strictly(tmp_path):
+    good = tmp_path / "explanations.jsonl"
+    good.write_text('{"latent": 3, "explanation": "commas", "scores": {"detection": 0.8}}\n\n{"latent": 4}\n')
+    explanations = read_explanations(good)
+    assert explanations[3].explanation == "commas" and explanations[3].scores == {"detection": 0.8}
+    assert explanations[4].explanation is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"latent": 3, "explantion": "typo"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: unknown key\(s\) explantion"):
+        read_explanations(bad)
+
+
+@pytest.fixture(scope="module")
+def dashboard_dir(tiny_lm, tmp_path_factory):
+    cfg = SAEConfig(architecture="topk", d_in=32, d_sae=96, k=4, hookpoint=HOOK)
+    sae = SparseAutoencoder.from_config(cfg, seed=1)
+    documents = (p.read_text(errors="replace") for p in stdlib_source_files()[:4])
+    batches = context_batches(pack_contexts(documents, tiny_lm.tokenizer, 32), 8)
+    token_batches = [b for _, b in zip(range(4), batches)]
+    stats = collect_statistics(sae, model_batches(tiny_lm, sae, token_batches), latents=torch.arange(0, 96, 2))
+    explanations = tmp_path_factory.mktemp("explain") / "explanations.jsonl"
+    explanations.write_text(json.dumps({"latent": 4, "explanation": "a <b>bold</b> </script> test", "scores": {"detection": 0.5}}) + "\n")
+    steering = tmp_path_factory.mktemp("steer") / "steer.json"
+    steering.write_text(json.dumps({"comparisons": [{
+        "prompt": "def f(", "latent": 4, "mode": "add", "alpha": 2.0, "strength": 3.0, "next_token_kl": 0.1,
+        "unsteered": {"text": " x)", "latent_activation_mean": 0.1, "perplexity": 9.0},
+        "steered": {"text": " y)", "latent_activation_mean": 0.9, "perplexity": 11.0}}]}))
+    from sae.analysis.dashboard import read_steering_examples
+
+    out = tmp_path_factory.mktemp("dashboard")
+    write_dashboard(out, sae, stats, tiny_lm.tokenizer, W_U=tiny_lm.W_U.detach(), explanations=read_explanations(explanations),
+                    steering=read_steering_examples([steering]), source="python-stdlib", model_name="tiny", chunk_size=16)
+    return out
+
+
+def test_dashboard_is_split_into_chunks(dashboard_dir):
+    chunks = sorted((dashboard_dir / "data").glob("chunk_*.js"))
+    assert len(chunks) == 3  # 48 latents, 16 per chunk
+    assert (dashboard_dir / "index_data.js").read_text().startswith("SAE_DASHBOARD.index(")
+    assert "</script>" not in (dashboard_dir / "data" / "chunk_00000.js").read_text()
+
+
+def run_chromium(url: str, *flags: str) -> subprocess.CompletedProcess:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        return subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+             *flags, url],
+            capture_output=True, text=True, timeout=90,
+        )
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def console_messages(result: subprocess.CompletedProcess) -> list[str]:
+    """Every console message and uncaught exception the page produced (our pages log nothing)."""
+    return [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+def test_pages_load_in_chromium_without_errors_and_show_highlighted_tokens(dashboard_dir, tmp_path):
+    index = run_chromium(f"file://{dashboard_dir}/index.html#sort=latent&asc=1", "--dump-dom")
+    assert console_messages(index) == [], console_messages(index)
+    assert index.stdout.count('href="latent.html#') == 48
+    assert index.stdout.index('latent.html#0"') < index.stdout.index('latent.html#2"') < index.stdout.index('latent.html#94"')
+
+    searched = run_chromium(f"file://{dashboard_dir}/index.html#q=bold", "--dump-dom")
+    assert console_messages(searched) == [] and searched.stdout.count('href="latent.html#') == 1
+    assert "&lt;b&gt;bold&lt;/b&gt;" in searched.stdout, "explanations are text, never HTML"
+
+    page = run_chromium(f"file://{dashboard_dir}/latent.html#4", "--dump-dom")
+    assert console_messages(page) == [], console_messages(page)
+    assert "Top activations" in page.stdout and "Top logits" in page.stdout and "Steering" in page.stdout
+    assert page.stdout.count('class="tok center"') >= 5 and "<svg" in page.stdout
+    assert 'data-tip="' in page.stdout, "hovering a token shows it with its activation"
+
+    missing = run_chromium(f"file://{dashboard_dir}/latent.html#5", "--dump-dom")  # odd latents were not tracked
+    assert "is not in this dashboard" in missing.stdout
+
+    screenshot = tmp_path / "latent.png"
+    shot = run_chromium(f"file://{dashboard_dir}/latent.html#4", f"--screenshot={screenshot}", "--window-size=1200,1400")
+    assert console_messages(shot) == [] and screenshot.is_file()
+    from PIL import Image
+
+    pixels = torch.from_numpy(np.array(Image.open(screenshot).convert("RGB"))).reshape(-1, 3).int()  # [h*w, 3]
+    r, g, b = pixels.T
+    highlighted = (r > 230) & (g > 120) & (g < 225) & (b < 190) & (r - b > 60)  # orange token backgrounds
+    assert highlighted.sum() > 500, f"only {int(highlighted.sum())} highlight pixels on the screenshot"
