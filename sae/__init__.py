@@ -6,10 +6,11 @@
     model.save("out/my_sae"); model = sae.load("out/my_sae")
 """
 
+from .batches import BatchSource, TensorBatches
 from .config import ConfigError, SAEConfig, TrainConfig
 from .kernels import SparseCode
 from .model import SparseAutoencoder
-from .trainer import BatchSource, TensorBatches, Trainer, TrainingError, train
+from .trainer import Trainer, TrainingError, train
 
 
 def load(path: str, device: str = "cpu") -> SparseAutoencoder:

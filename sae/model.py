@@ -14,7 +14,6 @@ input's dtype. Training keeps float32 weights and chooses its matmul dtype itsel
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 

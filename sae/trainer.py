@@ -14,26 +14,25 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import shutil
 import secrets
+import shutil
 import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .batches import BatchSource, TensorBatches, as_batch_source
 from .config import SAEConfig, TrainConfig, to_dict
 from .distributed import Distributed
 from .io import atomic_save_file, atomic_write_json
-from .kernels import SparseCode, dense_decode, dense_topk_encode, sparse_decode, topk_encode
 from .model import SparseAutoencoder
+from .objectives import Objective, fold_input_scale, init_from_data
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_LOG = "metrics.jsonl"
@@ -50,73 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"TrainConfig.device is {name!r} but CUDA is not available on this machine")
     return device
-
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class BatchSource(Protocol):
-    """Batches that can be replayed from any position: what exact resumption needs."""
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        """Batch `start`, `start + 1`, ...: [batch, d_in] each, the same sequence for the same source."""
-        ...
-
-
-class TensorBatches:
-    """An in-memory [N, d_in] tensor as shuffled batches, reshuffled every epoch from a fixed seed.
-
-    With `world_size` ranks, global step i covers rows [i * B * W, (i + 1) * B * W) of the epoch's
-    permutation and rank r takes the r-th B of them: together the ranks see what one process with
-    batch size B * W would see.
-    """
-
-    def __init__(self, data: Tensor, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if data.ndim != 2:
-            raise ValueError(f"activations must be [tokens, d_in], got shape {tuple(data.shape)}")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = max(1, len(data) // (batch_size * world_size))
-
-    def __len__(self) -> int:
-        return self.per_epoch
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        epoch, pos = divmod(start, self.per_epoch)
-        for epoch in itertools.count(epoch):
-            order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + epoch))
-            for pos in range(pos, self.per_epoch):
-                first = (pos * self.world_size + self.rank) * self.batch_size
-                yield self.data[order[first : first + self.batch_size]]
-            pos = 0
-
-
-class _IterableBatches:
-    """Any iterable of batches; resuming skips the batches already trained on."""
-
-    def __init__(self, iterable: Iterable[Tensor]):
-        self.iterable = iterable
-
-    def __len__(self) -> int:
-        return len(self.iterable)  # type: ignore[arg-type]  (TypeError when it has none)
-
-    def batches(self, start: int = 0) -> Iterator[Tensor]:
-        return itertools.islice(iter(self.iterable), start, None)
-
-
-def as_batch_source(
-    data: Tensor | BatchSource | Iterable[Tensor], cfg: TrainConfig, dist: Distributed
-) -> BatchSource:
-    """A tensor is sharded by rank here; any other source must already be this rank's share."""
-    if isinstance(data, Tensor):
-        return TensorBatches(data, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
-    if isinstance(data, BatchSource):
-        return data
-    return _IterableBatches(data)
 
 
 # --- one SAE under training ------------------------------------------------------------------------
@@ -142,9 +74,6 @@ class Member:
         return self.model.cfg
 
 
-StepTerms = dict[str, Tensor]  # scalar loss terms of one step, for logging
-
-
 def default_lr(d_sae: int) -> float:
     """Gao et al. 2024: lr proportional to 1 / sqrt(d_sae / 2^14), 2e-4 at 16k latents."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
@@ -163,131 +92,6 @@ def lr_factor(tokens: int, total: int, cfg: TrainConfig) -> float:
 def sae_name(cfg: SAEConfig) -> str:
     parts = [cfg.hookpoint, cfg.architecture, f"k{cfg.k}" if cfg.k else None, str(cfg.d_sae)]
     return "_".join(p for p in parts if p)
-
-
-# --- objectives -----------------------------------------------------------------------------------
-
-
-class Objective:
-    """Forward pass and loss of one architecture on a batch x: [batch, d_in] (scaled inputs)."""
-
-    def __init__(self, train_cfg: TrainConfig):
-        self.cfg = train_cfg
-        self.compute_dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
-        sparse = train_cfg.sparse_kernels
-        self.encode = topk_encode if sparse else dense_topk_encode
-        self.decode = sparse_decode if sparse else dense_decode
-
-    def __call__(self, m: Member, x: Tensor, progress: float) -> tuple[Tensor, StepTerms, Tensor]:
-        """-> (loss, terms, fires: [d_sae] how often each latent fired in this batch)."""
-        return getattr(self, m.cfg.architecture)(m, x, progress)
-
-    def topk(self, m: Member, x: Tensor, progress: float):
-        sae, cfg = m.model, m.cfg
-        dead = (m.tokens_since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
-        k_aux = self.cfg.k_aux or cfg.d_in // 2
-        code, aux = self.encode(x, sae.W_enc, sae.b_enc, cfg.k, pre_bias=sae.b_dec, relu=True,
-                                compute_dtype=self.compute_dtype, aux_latents=dead, k_aux=k_aux)
-        x_hat = self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec
-        residual = x - x_hat
-        fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        terms, loss = {"fvu": fvu}, fvu
-        if aux is not None:
-            # AuxK (Gao et al.): dead latents learn to explain what the live ones miss. The residual
-            # already contains b_dec, so the auxiliary reconstruction must not add it again.
-            target = residual.detach()
-            aux_hat = self.decode(aux.values, aux.indices, sae.W_dec)
-            terms["auxk"] = (aux_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
-            loss = loss + self.cfg.auxk_coefficient * terms["auxk"]
-        return loss, terms, self._fires(code, cfg.d_sae)
-
-    def codebook(self, m: Member, x: Tensor, progress: float):
-        sae, cfg = m.model, m.cfg
-        x_c, keys = x - sae.b_dec, sae.W_enc
-        if cfg.similarity == "cosine":
-            x_c, keys = F.normalize(x_c, dim=-1), F.normalize(keys, dim=-1)
-        code, _ = self.encode(x_c, keys, sae.b_enc, cfg.k, relu=False, compute_dtype=self.compute_dtype)
-        # Binary activations forward; straight-through backward, so the keys learn which code to pick.
-        ones = 1 + code.values - code.values.detach()
-        x_hat = self.decode(ones, code.indices, sae.W_dec) + sae.b_dec
-        fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-        fires = torch.bincount(code.indices.flatten(), minlength=cfg.d_sae)
-        return fvu, {"fvu": fvu}, fires
-
-    def relu(self, m: Member, x: Tensor, progress: float):
-        sae, cd = m.model, self.compute_dtype
-        f = F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()  # [batch, d_sae]
-        # The decoder stays in float32 (bf16 here cut feature recovery on synthetic data from 0.96 to 0.62).
-        x_hat = f @ sae.W_dec + sae.b_dec
-        residual = x - x_hat
-        mse = residual.pow(2).sum(-1).mean()
-        # Anthropic's April 2024 penalty: activations weighted by decoder norms, so that shrinking
-        # the decoder cannot buy sparsity; its coefficient warms up linearly.
-        l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        l1_coefficient = self.cfg.l1_coefficient * min(1.0, progress / max(self.cfg.l1_warmup_fraction, 1e-12))
-        fvu = residual.pow(2).sum().detach() / (x - x.mean(0)).pow(2).sum()
-        return mse + l1_coefficient * l1, {"fvu": fvu, "mse": mse, "l1": l1}, (f > 0).sum(0)
-
-    @staticmethod
-    def _fires(code: SparseCode, d_sae: int) -> Tensor:
-        return torch.bincount(code.indices.flatten(), weights=(code.values > 0).flatten().float(),
-                              minlength=d_sae)
-
-
-# --- initialisation from data ---------------------------------------------------------------------
-
-
-def kmeans(x: Tensor, n: int, iters: int, generator: torch.Generator) -> Tensor:
-    """Lloyd's k-means on x: [rows, d] -> centroids [n, d], started from random rows.
-
-    An empty cluster keeps its previous centroid. Distances run in x's dtype on x's device.
-    """
-    centroids = x[torch.randint(len(x), (n,), generator=generator).to(x.device)].clone()
-    for _ in range(iters):
-        # argmin ||x - c||^2 = argmax (x.c - ||c||^2 / 2)
-        nearest = (x @ centroids.T - centroids.pow(2).sum(-1) / 2).argmax(dim=-1)
-        sums = torch.zeros_like(centroids).index_add_(0, nearest, x)
-        counts = torch.bincount(nearest, minlength=n)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
-    return centroids
-
-
-@torch.no_grad()
-def init_from_data(m: Member, x: Tensor, train_cfg: TrainConfig, generator: torch.Generator) -> None:
-    """b_dec = mean of the (scaled) data; a codebook SAE also gets its codes from the data."""
-    sae = m.model
-    sae.b_dec.copy_(x.mean(0))
-    if m.cfg.architecture != "codebook":
-        return
-    centered = x - sae.b_dec
-    if train_cfg.codebook_init == "kmeans":
-        centroids = kmeans(centered, m.cfg.d_sae, iters=10, generator=generator)
-    else:
-        centroids = centered[torch.randint(len(x), (m.cfg.d_sae,), generator=generator).to(x.device)]
-    # Each input is rebuilt from k codes, so each code starts as 1/k of a typical input.
-    sae.W_dec.copy_(centroids / m.cfg.k)
-    sae.W_enc.copy_(centroids)
-    if m.cfg.similarity == "inner":
-        sae.b_enc.copy_(-centroids.pow(2).sum(-1) / 2)  # inner-product ranking = nearest centroid
-    else:
-        sae.b_enc.zero_()
-
-
-@torch.no_grad()
-def fold_input_scale(model: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    """A copy of `model`, trained on x * scale, that works on raw x with activations in raw units.
-
-    pre(scale * x) = scale * pre'(x) with b_enc' = b_enc / scale and b_dec' = b_dec / scale, so the
-    activations of raw x are f / scale and decoder directions are unchanged. A codebook SAE's
-    activations are binary, so its decoder vectors take the factor instead.
-    """
-    folded = SparseAutoencoder.from_tensors(model.cfg, {n: p.detach().clone() for n, p in model.named_parameters()})
-    folded.b_enc.div_(scale)
-    folded.b_dec.div_(scale)
-    if model.cfg.architecture == "codebook":
-        folded.W_dec.div_(scale)
-    return folded.to(model.W_enc.device)
 
 
 # --- the trainer ----------------------------------------------------------------------------------
@@ -410,7 +214,8 @@ class Trainer:
         progress = self.tokens / total
         for group in m.optimizer.param_groups:
             group["lr"] = m.lr * lr_factor(self.tokens, total, self.cfg)
-        loss, terms, fires = self.objective(m, x, progress)
+        dead = (m.tokens_since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
+        loss, terms, fires = self.objective(m.model, x, progress, dead)
         if not torch.isfinite(loss):
             raise TrainingError(f"step {self.step}: loss of {m.name} is {loss.item()}; no weights were "
                                 f"updated and the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
@@ -479,7 +284,7 @@ class Trainer:
         self.input_scale = math.sqrt(self.d_in) / mean_norm.item() if self.cfg.normalize_inputs else 1.0
         generator = torch.Generator().manual_seed(self.cfg.seed)
         for m in self.members:
-            init_from_data(m, x * self.input_scale, self.cfg, generator)
+            init_from_data(m.model, x * self.input_scale, self.cfg, generator)
             self.dist.average_([m.model.b_dec.data])
             self.dist.broadcast_([p.data for p in m.model.parameters()])  # and rank 0's codebooks
         return itertools.chain(first, batches)
