@@ -110,3 +110,34 @@ def test_compare_reports_both_completions_and_effects(tiny_lm):
     assert result.next_token_kl > 0
     assert result.top_logit_prob_steered > result.top_logit_prob_clean
     assert result.steered.perplexity > 0 and result.unsteered.concept_score is None
+
+
+def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_path, capsys):
+    import json
+
+    from analyze import main
+
+    sae = make_sae()
+    sae.cfg.model_name = str(tiny_lm_dir)
+    sae.save(tmp_path / "sae")
+    _, acts = tiny_lm.run_with_cache(tiny_lm.to_tokens("import os\nfor i in range(10):\n    print(i)"), names_filter=[HOOK])
+    latent = int(sae.encode(acts[HOOK][0, 1:]).gt(0).sum(0).argmax())  # one that fires on code
+    out = tmp_path / "steer.json"
+    code = main(["steer", str(tmp_path / "sae"), "--latent", str(latent), "--prompt", "def f(x):", "--alpha", "1",
+                 "--alpha", "4", "--max-new-tokens", "5", "--stat-tokens", "512", "--context-size", "32", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [c["alpha"] for c in report["comparisons"]] == [1.0, 4.0]
+    kls = [c["next_token_kl"] for c in report["comparisons"]]
+    assert kls[0] < kls[1] and report["max_activation"] > 0
+    assert "unsteered:" in capsys.readouterr().out
+
+    assert main(["dashboard", str(tmp_path / "sae"), "--out", str(tmp_path / "dash"), "--latents", f"0-7,{latent}",
+                 "--tokens", "512", "--context-size", "32", "--steering", str(out)]) == 0
+    chunk = (tmp_path / "dash" / "data" / "chunk_00000.js").read_text()
+    assert '"steering":[{"prompt":"def f(x):"' in chunk
+
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "999", "--alpha", "1"]) == 1
+    assert "latent 999 is out of range" in capsys.readouterr().err
+    assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--mode", "force"]) == 1
+    assert "codebook" in capsys.readouterr().err

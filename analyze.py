@@ -1,0 +1,287 @@
+"""python analyze.py SUBCOMMAND SAE_DIR [options]: analyses of a trained (or loaded) SAE.
+
+    steer      steered and unsteered completions side by side, with measured effects
+    dashboard  a static HTML site of latents (open DIR/index.html in a browser; no server)
+
+Each subcommand is a pair of functions registered in SUBCOMMANDS: `add_<name>_arguments(parser)` and
+`run_<name>(args) -> int`; a new analysis (eval, circuits, autointerp) adds its own pair. Options are
+checked strictly by a dataclass (`sae.config.from_dict`) and the resolved options are written into
+the output, so every report says how it was made.
+
+Examples:
+
+    python analyze.py steer out/default/<sae> --latent 123 --prompt "The weather today" --alpha 2 --alpha 4
+    python analyze.py steer out/default/<sae> --latent 123 --target-kl 0.5 --explanation "Python imports"
+    python analyze.py dashboard out/default/<sae> --cache out/cache/<dir> --latents 0-999 --out out/dashboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# --- shared ---------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """Options that do not fit together."""
+
+
+def load_sae_and_model(sae_path: str, model_name: str | None, device: str):
+    """The SAE, and the model it reads from (its cfg.model_name unless `model_name` is given)."""
+    import sae as sae_lib
+    from sae.models import load_model
+
+    loaded = sae_lib.load(sae_path, device=device).eval()
+    name = model_name or loaded.cfg.model_name
+    if name is None:
+        raise UsageError(f"{sae_path}: the SAE's config names no model; pass --model")
+    if loaded.cfg.hookpoint is None:
+        raise UsageError(f"{sae_path}: the SAE's config names no hookpoint; it cannot be hooked into a model")
+    print(f"model {name}, SAE {sae_path} ({loaded.cfg.architecture}, d_sae {loaded.cfg.d_sae}, {loaded.cfg.hookpoint})")
+    return loaded, load_model(name, "float32", device)
+
+
+def parse_latents(spec: str) -> list[int]:
+    """'3,7,10-12' -> [3, 7, 10, 11, 12] (each latent once, in order of first mention)."""
+    latents = []
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        try:
+            latents.extend(range(int(low), int(high) + 1) if high else [int(low)])
+        except ValueError:
+            raise UsageError(f"--latents {spec!r}: expected numbers and ranges such as 3,7,10-12") from None
+    return list(dict.fromkeys(latents))
+
+
+def text_token_batches(model, dataset: str, tokens: int, context_size: int, batch_contexts: int = 8):
+    """Packed contexts [b, context_size] of `dataset` (sae.data sources), about `tokens` tokens in all."""
+    from sae.data import context_batches, iter_documents, pack_contexts
+
+    contexts = pack_contexts(iter_documents(dataset), model.tokenizer, context_size)
+    n_batches = -(-tokens // (context_size * batch_contexts))
+    return [batch for _, batch in zip(range(n_batches), context_batches(contexts, batch_contexts))]
+
+
+def options(cls, args: argparse.Namespace):
+    """The subcommand's dataclass from the parsed arguments, strictly (names its bad key)."""
+    from sae.config import from_dict
+
+    fields = cls.__dataclass_fields__
+    return from_dict(cls, {k: v for k, v in vars(args).items() if k in fields}, f"analyze.py {args.command}")
+
+
+# --- steer ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SteerOptions:
+    sae: str
+    latent: int
+    prompt: list[str] = field(default_factory=list)
+    mode: str = "add"
+    alpha: list[float] = field(default_factory=list)
+    """Strengths in units of the latent's maximum activation."""
+    strength: float | None = None
+    """A strength in activation units (instead of alpha)."""
+    target_kl: float | None = None
+    max_activation: float | None = None
+    """The latent's maximum activation; measured on `stat_tokens` tokens of `dataset` when not given."""
+    dataset: str = "python-stdlib"
+    stat_tokens: int = 16384
+    context_size: int = 128
+    explanation: str | None = None
+    explanations: str | None = None
+    max_new_tokens: int = 30
+    temperature: float = 0.0
+    seed: int = 0
+    model: str | None = None
+    device: str = "cpu"
+    out: str | None = None
+
+
+def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sae", help="SAE directory (ours or a supported foreign format)")
+    parser.add_argument("--latent", type=int, required=True)
+    parser.add_argument("--prompt", action="append", default=[], help="repeatable; default: built-in neutral prompts")
+    parser.add_argument("--mode", default="add", choices=["add", "clamp", "ablate", "force", "suppress"])
+    strength = parser.add_mutually_exclusive_group()
+    strength.add_argument("--alpha", type=float, action="append", default=[],
+                          help="strength in units of the latent's max activation (repeatable; default 2)")
+    strength.add_argument("--strength", type=float, help="strength in activation units")
+    strength.add_argument("--target-kl", type=float, help="calibrate alpha to this mean next-token KL on neutral prompts")
+    parser.add_argument("--max-activation", type=float, help="the latent's max activation (default: measured)")
+    parser.add_argument("--dataset", default="python-stdlib", help="text for measuring the max activation")
+    parser.add_argument("--stat-tokens", type=int, default=16384)
+    parser.add_argument("--context-size", type=int, default=128)
+    explain = parser.add_mutually_exclusive_group()
+    explain.add_argument("--explanation", help="the latent's explanation, for the concept score")
+    explain.add_argument("--explanations", help="JSON-lines explanations file (see sae.analysis.dashboard)")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="model name or directory (default: the SAE's cfg.model_name)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="write the comparisons as JSON here (the dashboard shows them)")
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sae.analysis import steering
+    from sae.analysis.dashboard import read_explanations
+    from sae.analysis.features import collect_statistics, model_batches
+    from sae.config import to_dict
+    from sae.io import atomic_write_json
+
+    opts = options(SteerOptions, args)
+    sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
+    steering.Intervention(opts.latent, opts.mode).check(sae)  # fail before any slow step
+    explanation = opts.explanation
+    if opts.explanations:
+        explained = read_explanations(opts.explanations).get(opts.latent)
+        if explained is None or explained.explanation is None:
+            raise UsageError(f"{opts.explanations}: no explanation for latent {opts.latent}")
+        explanation = explained.explanation
+    embed = steering.sentence_embedder() if explanation else None
+
+    needs_units = opts.mode in ("add", "clamp") and opts.strength is None
+    max_activation = opts.max_activation
+    if needs_units and max_activation is None:
+        batches = text_token_batches(model, opts.dataset, opts.stat_tokens, opts.context_size)
+        stats = collect_statistics(sae, model_batches(model, sae, batches), latents=[opts.latent],
+                                   total_batches=len(batches), k_top=1, k_sample=1)
+        max_activation = stats.max_activation[0].item()
+        print(f"latent {opts.latent}: max activation {max_activation:.4g} on {stats.tokens_seen} tokens of {opts.dataset}")
+        if max_activation <= 0:
+            raise UsageError(f"latent {opts.latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
+
+    if opts.mode in ("ablate", "force", "suppress"):
+        settings = [(None, 0.0)]
+    elif opts.strength is not None:
+        settings = [(None, opts.strength)]
+    elif opts.target_kl is not None:
+        alpha, kl = steering.calibrate_to_kl(model, sae, opts.latent, opts.target_kl, mode=opts.mode,
+                                             max_activation=max_activation)
+        print(f"calibrated alpha {alpha:.4g} (mean next-token KL {kl:.4g} on {len(steering.NEUTRAL_PROMPTS)} neutral prompts)")
+        settings = [(alpha, steering.strength_in_units(alpha, max_activation))]
+    else:
+        settings = [(a, steering.strength_in_units(a, max_activation)) for a in opts.alpha or [2.0]]
+
+    comparisons = []
+    for prompt in opts.prompt or list(steering.NEUTRAL_PROMPTS[:3]):
+        for alpha, strength in settings:
+            result = steering.compare(
+                model, sae, prompt, steering.Intervention(opts.latent, opts.mode, strength), alpha=alpha,
+                max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=opts.seed,
+                explanation=explanation, embed=embed,
+            )
+            print(steering.format_comparison(result) + "\n")
+            comparisons.append(result.to_dict())
+    if opts.out:
+        atomic_write_json(opts.out, {"options": asdict(opts), "max_activation": max_activation,
+                                     "explanation": explanation, "sae_cfg": to_dict(sae.cfg), "comparisons": comparisons})
+        print(f"wrote {opts.out}")
+    return 0
+
+
+# --- dashboard ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DashboardOptions:
+    sae: str
+    out: str
+    latents: str | None = None
+    """'0-999' or '3,7,10-12'; default: all latents."""
+    cache: str | None = None
+    dataset: str = "python-stdlib"
+    tokens: int = 65536
+    context_size: int = 128
+    explanations: str | None = None
+    steering: list[str] = field(default_factory=list)
+    top_examples: int = 20
+    quantile_sample: int = 40
+    chunk_size: int = 64
+    title: str | None = None
+    model: str | None = None
+    device: str = "cpu"
+
+
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sae", help="SAE directory (ours or a supported foreign format)")
+    parser.add_argument("--out", required=True, help="output directory; open OUT/index.html")
+    parser.add_argument("--latents", help="e.g. 0-999 or 3,7,10-12 (default: all)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--cache", help="activation cache to read examples from (no model forward needed)")
+    source.add_argument("--dataset", default="python-stdlib", help="text to run the model over (default)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens to run the model over (with --dataset)")
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--explanations", help="JSON-lines explanations and scores (format: sae.analysis.dashboard)")
+    parser.add_argument("--steering", action="append", default=[], help="JSON written by analyze.py steer (repeatable)")
+    parser.add_argument("--top-examples", type=int, default=20)
+    parser.add_argument("--quantile-sample", type=int, default=40, help="random firings kept per latent for quantiles")
+    parser.add_argument("--chunk-size", type=int, default=64, help="latents per data file")
+    parser.add_argument("--title")
+    parser.add_argument("--model", help="model name or directory (default: the SAE's cfg.model_name)")
+    parser.add_argument("--device", default="cpu")
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    import torch
+
+    from sae.analysis.dashboard import read_explanations, read_steering_examples, write_dashboard
+    from sae.analysis.features import cache_batches, collect_statistics, model_batches
+
+    opts = options(DashboardOptions, args)
+    explanations = read_explanations(opts.explanations) if opts.explanations else {}
+    steering = read_steering_examples(opts.steering)
+    sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
+    latents = torch.tensor(parse_latents(opts.latents)) if opts.latents else None
+    if opts.cache:
+        batches, total, source = cache_batches(opts.cache, sae), None, f"cache {opts.cache}"
+    else:
+        token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
+        batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset
+    stats = collect_statistics(sae, batches, latents, total_batches=total, k_top=opts.top_examples,
+                               k_sample=opts.quantile_sample)
+    in_residual_stream = "resid" in (sae.cfg.hookpoint or "") and sae.cfg.d_in == model.W_U.shape[0]
+    index = write_dashboard(
+        opts.out, sae, stats, model.tokenizer, W_U=model.W_U.detach() if in_residual_stream else None,
+        explanations=explanations, steering=steering, source=source, model_name=opts.model or sae.cfg.model_name,
+        chunk_size=opts.chunk_size, title=opts.title,
+    )
+    print(f"dashboard of {len(stats.latents)} latents on {stats.tokens_seen} tokens: {index}")
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+SUBCOMMANDS = {
+    "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
+    "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python analyze.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
+        add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+
+    from cache import CacheError
+    from sae.config import ConfigError
+
+    try:
+        return SUBCOMMANDS[args.command][1](args)
+    except (UsageError, ConfigError, CacheError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
