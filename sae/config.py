@@ -99,6 +99,8 @@ class TrainConfig:
     auxk_coefficient: float = 1 / 32
     k_aux: int | None = None
     """Dead latents used by the AuxK loss; None: d_in // 2."""
+    multi_topk: bool = False
+    """TopK SAEs: add the FVU at 4k, weighted 1/8 (Gao et al.), so the SAE also reconstructs at larger k."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead (and feeds AuxK)."""
     dense_threshold: float = 0.1

@@ -37,12 +37,23 @@ class Objective:
     def topk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor):
         cfg = sae.cfg
         k_aux = self.cfg.k_aux or cfg.d_in // 2
-        code, aux = self.encode(x, sae.W_enc, sae.b_enc, cfg.k, pre_bias=sae.b_dec, relu=True,
+        k_encode = 4 * cfg.k if self.cfg.multi_topk else cfg.k
+        code, aux = self.encode(x, sae.W_enc, sae.b_enc, k_encode, pre_bias=sae.b_dec, relu=True,
                                 compute_dtype=self.compute_dtype, aux_latents=dead, k_aux=k_aux)
+        wide = code
+        if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
+            values, pos = wide.values.topk(cfg.k, dim=-1, sorted=False)
+            code = SparseCode(values, wide.indices.gather(-1, pos))
+        variance = (x - x.mean(0)).pow(2).sum()
         x_hat = self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec
         residual = x - x_hat
-        fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        fvu = residual.pow(2).sum() / variance
         terms, loss = {"fvu": fvu}, fvu
+        if self.cfg.multi_topk:
+            # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
+            wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + sae.b_dec
+            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / variance
+            loss = loss + terms["multi_topk_fvu"] / 8
         if aux is not None:
             # AuxK (Gao et al.): dead latents learn to explain what the live ones miss. The residual
             # already contains b_dec, so the auxiliary reconstruction must not add it again.

@@ -83,6 +83,24 @@ def test_sparse_and_dense_training_paths_agree(data, tmp_path):
         assert err < 1e-5, (name, err)
 
 
+def test_multi_topk_trains_an_sae_that_also_works_at_4k(data, tmp_path):
+    from sae.kernels import sparse_decode, topk_encode
+
+    x, _, held_out = data
+    cfg = sae.SAEConfig(architecture="topk", d_in=64, d_sae=512, k=2)
+    kw = {"total_tokens": 100_000, "compute_dtype": "float32"}
+    plain = fit(x, tmp_path / "plain", cfg, **kw)[0]
+    multi = fit(x, tmp_path / "multi", cfg, multi_topk=True, **kw)[0]
+
+    def fvu_at(model, k):
+        code, _ = topk_encode(held_out, model.W_enc, model.b_enc, k, pre_bias=model.b_dec)
+        x_hat = sparse_decode(code.values, code.indices, model.W_dec) + model.b_dec
+        return ((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum()).item()
+
+    assert fvu_at(multi, 8) < fvu_at(plain, 8)
+    assert "multi_topk_fvu" in (tmp_path / "multi" / "metrics.jsonl").read_text()
+
+
 def test_inputs_at_any_scale_give_an_sae_for_raw_activations(data, tmp_path):
     """Training sees inputs scaled to E||x|| = sqrt(d_in), so the scale of the data changes nothing,
     and the saved SAE works on raw activations, its activations in raw units."""
