@@ -217,7 +217,7 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cache", help="activation cache to read examples from (no model forward needed)")
     source.add_argument("--dataset", default="python-stdlib", help="text to run the model over (default)")
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens to run the model over (with --dataset)")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens to read (first ones of the cache) or run the model over")
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--explanations", help="JSON-lines explanations and scores (format: sae.analysis.dashboard)")
     parser.add_argument("--steering", action="append", default=[], help="JSON written by analyze.py steer (repeatable)")
@@ -241,7 +241,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     latents = torch.tensor(parse_latents(opts.latents)) if opts.latents else None
     if opts.cache:
-        batches, total, source = cache_batches(opts.cache, sae), None, f"cache {opts.cache}"
+        batches, total, source = cache_batches(opts.cache, sae, max_tokens=opts.tokens), None, f"cache {opts.cache}"
     else:
         token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
         batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset

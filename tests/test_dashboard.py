@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from itertools import islice
 import subprocess
 import tempfile
 from pathlib import Path
@@ -138,3 +139,25 @@ def test_pages_load_in_chromium_without_errors_and_show_highlighted_tokens(dashb
     r, g, b = pixels.T
     highlighted = (r > 230) & (g > 120) & (g < 225) & (b < 190) & (r - b > 60)  # orange token backgrounds
     assert highlighted.sum() > 500, f"only {int(highlighted.sum())} highlight pixels on the screenshot"
+
+
+def test_examples_from_a_cache_match_examples_from_the_model(tiny_lm, tiny_lm_dir, tmp_path):
+    from cache import build_cache, read_manifest
+    from sae.analysis.features import cache_batches
+    from sae.data import token_contexts
+    from tiny_lm import tiny_run_config
+
+    run = tiny_run_config(tiny_lm_dir, tmp_path, cache={"tokens": 1000, "dtype": "float32"})
+    cache_dir = build_cache(run, tiny_lm)
+    contexts = read_manifest(cache_dir)["contexts"]
+    sae = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=48, k=4, hookpoint=HOOK), seed=2)
+    from_cache = collect_statistics(sae, cache_batches(cache_dir, sae, contexts_per_batch=5), k_top=5)
+    token_batches = list(context_batches(islice(token_contexts(run.data, tiny_lm.tokenizer), contexts), 8))
+    from_model = collect_statistics(sae, model_batches(tiny_lm, sae, token_batches), k_top=5)
+    assert from_cache.tokens_seen == from_model.tokens_seen == contexts * 31
+    assert torch.equal(from_cache.fire_count, from_model.fire_count)
+    for latent in range(0, 48, 7):
+        cached, direct = from_cache.examples(latent), from_model.examples(latent)
+        assert [round(v, 4) for v, _, _ in cached] == [round(v, 4) for v, _, _ in direct]
+        # the cache has no BOS position, so its windows are the model's windows without BOS
+        assert [t[from_cache.center] for _, t, _ in cached] == [t[from_model.center] for _, t, _ in direct]

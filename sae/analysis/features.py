@@ -182,8 +182,10 @@ def model_batches(
         yield tokens, sae_site(sae, hook_acts).float().to(device), valid
 
 
-def cache_batches(cache_dir: str | Path, sae, contexts_per_batch: int = 16) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Contexts of an activation cache in order: tokens [b, t], SAE inputs [b, t, d_in], valid [b, t].
+def cache_batches(
+    cache_dir: str | Path, sae, contexts_per_batch: int = 16, max_tokens: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Contexts of an activation cache in order (the first `max_tokens` or so): tokens [b, t], SAE inputs [b, t, d_in], valid [b, t].
 
     The cache stores, per shard, the token ids beside the activations; every context has the same number
     of stored positions, so a shard reshapes into [contexts, positions].
@@ -195,14 +197,20 @@ def cache_batches(cache_dir: str | Path, sae, contexts_per_batch: int = 16) -> I
     reader = ActivationReader(cache_dir, sae.cfg.hookpoint, batch_size=1, head_index=sae.cfg.hook_head_index)
     if reader.d_in != sae.cfg.d_in:
         raise CacheError(f"{cache_dir}: {sae.cfg.hookpoint} has d_in {reader.d_in}, the SAE expects {sae.cfg.d_in}")
+    served = 0
     for index, shard in enumerate(reader.shards):
+        if max_tokens is not None and served >= max_tokens:
+            return
         acts = reader.read_shard(index)  # [tokens, d_in], checked against the manifest
         with safe_open(str(reader.cache_dir / shard["file"]), framework="pt") as f:
             tokens = f.get_tensor(TOKENS_KEY).long()
         per_context = shard["tokens"] // shard["contexts"]
         tokens, acts = tokens.view(shard["contexts"], per_context), acts.view(shard["contexts"], per_context, -1)
         for start in range(0, shard["contexts"], contexts_per_batch):
+            if max_tokens is not None and served >= max_tokens:
+                return
             batch_tokens = tokens[start : start + contexts_per_batch]
+            served += batch_tokens.numel()
             yield batch_tokens, acts[start : start + contexts_per_batch].float(), torch.ones(batch_tokens.shape, dtype=torch.bool)
 
 
