@@ -1,0 +1,23 @@
+"""Automated interpretation of SAE latents (after Paulo et al. 2024, EleutherAI delphi; Bills et al. 2023).
+
+Stages, each usable alone from Python:
+    records.collect_records     stream a cache once -> per latent: top, quantile and negative examples
+    explainer.explain           few-shot prompt with <<marked>> tokens -> a short explanation (or a counted failure)
+    scorers.*                   detection, fuzzing (LLM) and embedding (MiniLM) scores with failure counts
+    pipeline.interpret          explain all, pair shuffled controls, score all, summarise
+LLM access goes through `clients.Client` (async `complete` and `chat`): `OpenAIClient` for any
+OpenAI-compatible server, `LlamaCppClient` for a GGUF in process.
+"""
+
+from sae.analysis.autointerp.clients import Client, Completion, LlamaCppClient, OpenAIClient, RequestFailed, TokenLogprob
+from sae.analysis.autointerp.explainer import ExplainerConfig, Explanation, explain
+from sae.analysis.autointerp.pipeline import AutointerpConfig, LatentResult, interpret, summary_table
+from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
+from sae.analysis.autointerp.scorers import EmbeddingScorer, Score, ScorerConfig, detection_score, fuzzing_score
+
+__all__ = [
+    "AutointerpConfig", "Client", "Completion", "EmbeddingScorer", "Example", "ExplainerConfig", "Explanation",
+    "LatentRecord", "LatentResult", "LlamaCppClient", "OpenAIClient", "RecordConfig", "RequestFailed", "Score",
+    "ScorerConfig", "TokenLogprob", "collect_records", "detection_score", "explain", "fuzzing_score", "interpret",
+    "summary_table",
+]

@@ -1,0 +1,118 @@
+"""Explainer: a few-shot prompt of a latent's examples (activating tokens marked `<<…>>`, optionally with
+activation values 0–10) -> a short natural-language explanation.
+
+Parsing is strict about what it accepts and explicit about what it rejects: an empty answer, an answer that
+only echoes the prompt's format, or a request error gives an `Explanation` with `text=None` and `failure`
+set ("parse" or "error"); the pipeline counts it and reports the latent, it never scores a made-up string.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from sae.analysis.autointerp.clients import Client, RequestFailed
+from sae.analysis.autointerp.prompts import TokenStrings, render_example, split_few_shot
+from sae.analysis.autointerp.records import LatentRecord
+
+INSTRUCTIONS = (
+    "We study features of a language model. Each example is a short text; the tokens where the feature is "
+    "active are marked <<like this>>. Explain in a few words what the feature responds to."
+)
+
+# Demonstrations fix the answer format for small base models; topics far from typical latents.
+DEMONSTRATIONS = (
+    (["I bought three <<apples>> and two <<pears>> at the market",
+      "She put a <<banana>> in her lunch box",
+      "The <<orange>> tree in the garden grew tall"],
+     "names of fruits"),
+    (["He said <<that>> he would come",
+      "It is clear <<that>> the plan failed",
+      "They hoped <<that>> it would rain"],
+     'the word "that" introducing a clause'),
+)
+
+EXPLANATION_PREFIX = "Explanation:"
+_ECHO = re.compile(r"^(examples?|features?|explanations?|text|answer)\b|^\d+\.", re.IGNORECASE)
+
+
+@dataclass
+class Explanation:
+    latent: int
+    text: str | None
+    failure: str | None = None  # None | "parse" | "error" | "too_few_activations"
+    detail: str = ""  # the raw answer (parse failure) or the error message
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ExplainerConfig:
+    n_examples: int = 20  # examples shown, drawn from the top and from every quantile interval
+    show_values: bool = False
+    max_tokens: int = 24
+    use_chat: bool = False  # base models (the local default) continue a few-shot prompt; chat models get turns
+    seed: int = 0
+
+
+def choose_examples(record: LatentRecord, n: int, rng: random.Random) -> list:
+    """A few top examples plus an even share from each quantile interval, so explanations cover the whole
+    range of activations rather than only the peak (Paulo et al.: more general explanations)."""
+    groups = [g for g in record.quantiles if g]
+    n_top = max(1, n // (len(groups) + 1)) if groups else n
+    chosen = record.top[:n_top]
+    for group in groups:
+        chosen += rng.sample(group, min(len(group), (n - n_top) // len(groups)))
+    seen, unique = set(), []
+    for example in chosen:
+        if tuple(example.tokens) not in seen:
+            seen.add(tuple(example.tokens))
+            unique.append(example)
+    rng.shuffle(unique)
+    return unique
+
+
+def explainer_prompt(record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> str:
+    rng = random.Random(config.seed * 1_000_003 + record.latent)
+    blocks = [INSTRUCTIONS]
+    for examples, explanation in DEMONSTRATIONS:
+        lines = [f"{i + 1}. {text}" for i, text in enumerate(examples)]
+        blocks.append("Examples:\n" + "\n".join(lines) + f"\n{EXPLANATION_PREFIX} {explanation}")
+    examples = choose_examples(record, config.n_examples, rng)
+    lines = [f"{i + 1}. {render_example(e, token_strings, record.max_activation, config.show_values)}"
+             for i, e in enumerate(examples)]
+    blocks.append("Examples:\n" + "\n".join(lines) + f"\n{EXPLANATION_PREFIX}")
+    return "\n\n".join(blocks)
+
+
+def parse_explanation(answer: str) -> str | None:
+    """The first line of the answer, without quotes or a repeated 'Explanation:'; None if nothing usable."""
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    text = lines[0]
+    if text.lower().startswith(EXPLANATION_PREFIX.lower()):
+        text = text[len(EXPLANATION_PREFIX):].strip()
+    text = text.strip().rstrip(".").strip("\"'` ").rstrip(".").strip()
+    if not text or _ECHO.match(text) or "<<" in text:
+        return None
+    return text
+
+
+async def explain(client: Client, record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> Explanation:
+    if record.too_few_activations:
+        return Explanation(record.latent, None, "too_few_activations", f"{record.fire_count} firings")
+    prompt = explainer_prompt(record, token_strings, config)
+    try:
+        if config.use_chat:
+            completion = await client.chat(split_few_shot(prompt), config.max_tokens)
+        else:
+            completion = await client.complete(prompt, config.max_tokens, stop=["\n"])
+    except RequestFailed as e:
+        return Explanation(record.latent, None, "error", str(e))
+    text = parse_explanation(completion.text)
+    return Explanation(
+        record.latent, text, None if text else "parse", "" if text else completion.text,
+        completion.prompt_tokens, completion.completion_tokens,
+    )
