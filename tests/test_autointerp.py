@@ -20,6 +20,7 @@ from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, pair_c
 from sae.analysis.autointerp.prompts import mark_tokens
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import ScorerConfig, auroc, binary_metrics, detection_score
+from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "in", "park", "apple", "pear", "red", "a", "and", "it", "was"]
 
@@ -292,3 +293,45 @@ def test_request_errors_are_counted_not_dropped():
     with ScriptedServer(lambda n, p, b: (500, {}, 0) if n % 2 else (200, completion_payload(" 1", {" 1": -0.1, " 0": -3.0}), 0)) as server:
         score = run(go(server.url))
     assert score.errors == 2 and score.n_scored == 2 and score.n_examples == 4 and score.n_with_probability == 2
+
+
+# --- the command, end to end on a tiny model's cache, against the scripted server ----------------------------
+
+
+def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, tmp_path):
+    """analyze.py autointerp's functions on a real (tiny) cache: every requested latent gets a line, including
+    latents that never fire; the dashboard can read explanations.jsonl."""
+    import argparse
+
+    from cache import build_cache
+    from sae import SAEConfig, SparseAutoencoder
+    from sae.analysis.autointerp.cli import add_autointerp_arguments, run_autointerp
+    from sae.analysis.dashboard import read_explanations
+    from tiny_lm import tiny_run_config
+
+    run_config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"tokens": 1000, "dtype": "float32"})
+    cache_dir = build_cache(run_config, tiny_lm)
+    sae_config = SAEConfig(architecture="topk", d_in=32, d_sae=48, k=4, hookpoint="blocks.1.hook_resid_post",
+                           model_name=str(tiny_lm_dir))
+    sae_dir = SparseAutoencoder.from_config(sae_config, seed=2).save(tmp_path / "sae")
+
+    def reply(n, path, body):
+        if body["prompt"].endswith("Explanation:"):
+            return 200, completion_payload(" code tokens"), 0
+        return 200, completion_payload(" 1" if n % 2 else " 0", {" 1": -0.7, " 0": -0.7}), 0
+
+    parser = argparse.ArgumentParser()
+    add_autointerp_arguments(parser)
+    out = tmp_path / "autointerp"
+    with ScriptedServer(reply) as server:
+        args = parser.parse_args([str(sae_dir), "--cache", str(cache_dir), "--out", str(out), "--latents", "0:6,40-41",
+                                  "--scorers", "detection", "--backend", "http", "--base-url", server.url,
+                                  "--n-score", "3", "--min-examples", "2"])
+        assert run_autointerp(args) == 0
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(line["latent"] for line in lines) == [0, 1, 2, 3, 4, 5, 40, 41]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["latents"] == 8 and summary["explained"] + sum(summary["explanation_failures"].values()) == 8
+    explained = [line for line in lines if line["explanation"] is not None]
+    assert explained and all(line["scores"]["detection"]["n_examples"] > 0 for line in explained)
+    assert set(read_explanations(out / "explanations.jsonl")) == {0, 1, 2, 3, 4, 5, 40, 41}
