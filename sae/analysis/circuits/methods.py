@@ -1,0 +1,127 @@
+"""The SAE-code methods end to end, and a registry of every method by name.
+
+Steps (each usable alone, on plain tensors):
+    collect_head_results(model, tokens)            activations.py  -> [prompts, (pos,) layers, heads, d_model]
+    train_*_sae(training_rows(...))                codes.py        -> SparseAutoencoder
+    argmax_codes / topk_code_sets(sae, vectors)    codes.py        -> codes [prompts, (pos,) layers, heads, k]
+    *_head_scores(positive_codes, negative_codes)  scoring.py      -> [layers, heads]
+    evaluate(scores, truth)                        evaluation.py
+
+Positives are the clean prompts the model solves; negatives are the corrupted prompts (O'Neill & Bui).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import patching
+from .activations import ForwardCounter, collect_head_results
+from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
+from .patching import MethodScores
+from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores
+from .tasks import Task
+
+
+@dataclass
+class CodeMethod:
+    """One variant of the SAE-code method."""
+
+    name: str
+    sae: str  # "oneill_relu" (argmax codes) | "codebook" (top-k code sets)
+    positions: str  # "mean" | "all"
+    scorer: str  # "oneill" | "oneill_edge" | "overlap"
+    n_train_prompts: int = 10
+    d_sae: int = 200
+    k: int = 1  # codes per vector (codebook)
+    l1_coefficient: float = 0.02
+    epochs: int = 500
+
+
+CODE_METHODS = {
+    m.name: m for m in [
+        CodeMethod("oneill", "oneill_relu", "mean", "oneill"),
+        CodeMethod("oneill_edge", "oneill_relu", "mean", "oneill_edge"),
+        CodeMethod("codebook_overlap", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200),
+        CodeMethod("codebook_overlap_positions", "codebook", "all", "overlap", d_sae=64, k=4, epochs=200),
+        CodeMethod("oneill_overlap", "oneill_relu", "mean", "overlap"),
+    ]
+}
+
+
+def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_vectors: Tensor,
+                       seed: int) -> tuple[Tensor, dict]:
+    """vectors [prompts, (pos,) layers, heads, d_model] -> scores [layers, heads] and diagnostics.
+
+    The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives.
+    """
+    pooled = torch.cat([positive_vectors, negative_vectors])
+    rows, _ = training_rows(pooled, method.n_train_prompts, seed)
+    if method.sae == "oneill_relu":
+        model = train_oneill_relu_sae(rows, method.d_sae, method.l1_coefficient, epochs=method.epochs, seed=seed)
+        pos, neg = argmax_codes(model, positive_vectors), argmax_codes(model, negative_vectors)
+    elif method.sae == "codebook":
+        model = train_codebook_sae(rows, method.d_sae, method.k, epochs=method.epochs, seed=seed)
+        pos, neg = topk_code_sets(model, positive_vectors), topk_code_sets(model, negative_vectors)
+    else:
+        raise ValueError(f"unknown SAE kind {method.sae!r}")
+    scorer = {"oneill": oneill_head_scores, "oneill_edge": oneill_edge_head_scores,
+              "overlap": overlap_head_scores}[method.scorer]
+    scores = scorer(pos.codes, neg.codes, method.d_sae)
+    total = pos.codes.shape[:-1].numel() + neg.codes.shape[:-1].numel()
+    details = {"silent_vectors": pos.silent_rows + neg.silent_rows, "vectors": total,
+               "distinct_codes_used": int(torch.cat([pos.codes.flatten(), neg.codes.flatten()]).unique().numel())}
+    return scores, details
+
+
+def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Task, dict]:
+    """The clean prompts the model solves (the method needs them), and how many there were."""
+    from .activations import last_logits_with_ablation
+    from .tasks import task_solved
+
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    solved = task_solved(task, last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter))
+    if not solved.any():
+        raise ValueError(f"the model solves none of the {len(task)} clean {task.name} prompts: "
+                         "no positives to find a circuit with")
+    return task.select(solved), {"clean_prompts": len(task), "solved": int(solved.sum())}
+
+
+def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0) -> MethodScores:
+    started, counter = time.perf_counter(), ForwardCounter()
+    positives, solved = positive_prompts(model, task, counter)
+    pos = collect_head_results(model, positives.clean_tokens, method.positions, counter=counter)
+    neg = collect_head_results(model, task.corrupted_tokens, method.positions, counter=counter)
+    scores, details = code_method_scores(method, pos, neg, seed)
+    return MethodScores(method.name, scores, time.perf_counter() - started, counter.forward_prompts, 0,
+                        {**details, **solved})
+
+
+def random_scores(model, seed: int) -> MethodScores:
+    """The random-scorer control: uniform scores, no forward pass."""
+    scores = torch.rand(model.cfg.n_layers, model.cfg.n_heads, generator=torch.Generator().manual_seed(seed))
+    return MethodScores("random", scores, 0.0, 0, 0)
+
+
+BASELINES = {
+    "patching_resample": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "resample"),
+    "patching_mean": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "mean"),
+    "patching_zero": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "zero"),
+    "attribution_patching": lambda model, task, seed: patching.attribution_patching(model, task),
+    "eap_ig": lambda model, task, seed: patching.eap_ig_nodes(model, task),
+    "random": lambda model, task, seed: random_scores(model, seed),
+}
+ALL_METHODS = [*CODE_METHODS, *BASELINES]
+
+
+def run_method(name: str, model, task: Task, seed: int = 0) -> MethodScores:
+    """Any method by name: a code method (CODE_METHODS) or a baseline (BASELINES)."""
+    if name in CODE_METHODS:
+        return run_code_method(model, task, CODE_METHODS[name], seed)
+    if name in BASELINES:
+        return BASELINES[name](model, task, seed)
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")

@@ -1,0 +1,150 @@
+"""Patching baselines and ground truth: exhaustive node (head) patching, attribution patching, EAP-IG,
+and the faithfulness of a circuit. Every function returns scores [layers, heads] plus its cost.
+
+Sign convention: an *effect* is mean metric(clean) - mean metric(clean with the head ablated), so a head
+the task needs has a positive effect; importance scores are |effect| (negative heads are part of the
+circuit too: ACDC's IOI list includes negative name movers).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .activations import (ForwardCounter, ablation_values, collect_z, last_logits_with_ablation, model_shape,
+                          z_hook_name)
+from .tasks import Task, task_metric
+
+
+@dataclass
+class MethodScores:
+    """What every scoring method returns: head scores and what they cost."""
+
+    method: str
+    scores: Tensor  # [layers, heads], higher = more likely in the circuit
+    seconds: float
+    forward_prompts: int
+    backward_prompts: int
+    details: dict = field(default_factory=dict)
+
+
+def metric_of(model, task: Task, tokens: Tensor, ablated: Tensor, replacement: Tensor | None,
+              counter: ForwardCounter) -> Tensor:
+    """Mean task metric on `tokens` with heads `ablated` [layers, heads] replaced."""
+    logits = last_logits_with_ablation(model, tokens, ablated, replacement, counter=counter)
+    return task_metric(task, logits).mean()
+
+
+def exhaustive_head_patching(model, task: Task, ablation: str = "resample") -> MethodScores:
+    """Ablate each head alone on the clean prompts: 1 + layers·heads forward passes of the task."""
+    started, counter = time.perf_counter(), ForwardCounter()
+    n_layers, n_heads = model_shape(model)
+    replacement = ablation_values(collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task))
+    none = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    clean = metric_of(model, task, task.clean_tokens, none, None, counter)
+    effects = torch.zeros(n_layers, n_heads)
+    for L in range(n_layers):
+        for h in range(n_heads):
+            one = none.clone()
+            one[L, h] = True
+            effects[L, h] = clean - metric_of(model, task, task.clean_tokens, one, replacement, counter)
+    return MethodScores(f"patching_{ablation}", effects.abs(), time.perf_counter() - started,
+                        counter.forward_prompts, 0, {"effects": effects, "clean_metric": float(clean)})
+
+
+def ground_truth_from_effects(effects: Tensor, clean_metric: float, corrupted_metric: float,
+                              fraction: float = 0.1) -> Tensor:
+    """Heads whose |effect| is at least `fraction` of the clean-corrupted metric gap: [layers, heads] bool.
+
+    The fraction is fixed before looking at any method's scores (default 10%).
+    """
+    gap = abs(clean_metric - corrupted_metric)
+    if gap == 0:
+        raise ValueError("clean and corrupted prompts give the same metric: no circuit to find")
+    return effects.abs() >= fraction * gap
+
+
+def circuit_faithfulness(model, task: Task, circuit: Tensor, ablation: str = "resample") -> dict[str, float]:
+    """Faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with every head outside `circuit` ablated, and
+    completeness: the same for the complement M∖C (near 0 when the circuit holds everything)."""
+    counter = ForwardCounter()
+    replacement = ablation_values(collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task))
+    everything = torch.ones_like(circuit, dtype=torch.bool)
+
+    def m(ablated: Tensor) -> float:
+        return float(metric_of(model, task, task.clean_tokens, ablated, replacement, counter))
+
+    full, empty = m(~everything), m(everything)
+    in_circuit, complement = m(~circuit), m(circuit)
+    return {"metric_model": full, "metric_empty": empty, "metric_circuit": in_circuit,
+            "faithfulness": (in_circuit - empty) / (full - empty),
+            "completeness_gap": (complement - empty) / (full - empty), "forward_prompts": counter.forward_prompts}
+
+
+# --- gradient-based baselines -----------------------------------------------------------------------
+
+
+def _metric_and_z_grads(model, task: Task, resid_pre_override=None) -> tuple[Tensor, list[Tensor]]:
+    """Sum of the task metric on the clean prompts and d(metric)/dz per layer: [prompts, pos, heads, d_head]."""
+    n_layers, _ = model_shape(model)
+    zs: dict[int, Tensor] = {}
+
+    def keep(z: Tensor, hook) -> Tensor:
+        z.retain_grad()
+        zs[hook.layer()] = z
+        return z
+
+    hooks = [(z_hook_name(L), keep) for L in range(n_layers)]
+    if resid_pre_override is not None:
+        hooks.append(("blocks.0.hook_resid_pre", resid_pre_override))
+    with torch.enable_grad():
+        logits = model.run_with_hooks(task.clean_tokens.to(model.cfg.device), fwd_hooks=hooks)
+        metric = task_metric(task, logits[:, -1]).sum()
+        metric.backward()
+    return metric.detach(), [zs[L].grad.detach().float().cpu() for L in range(n_layers)]
+
+
+def attribution_patching(model, task: Task) -> MethodScores:
+    """Node attribution patching (Syed et al.): |sum over positions of (z_corrupt - z_clean)·dm/dz|,
+    averaged over prompts. 2 forwards + 1 backward per prompt."""
+    started, counter = time.perf_counter(), ForwardCounter()
+    z_clean = collect_z(model, task.clean_tokens, counter=counter)  # [prompts, pos, layers, heads, d_head]
+    z_corrupt = collect_z(model, task.corrupted_tokens, counter=counter)
+    _, grads = _metric_and_z_grads(model, task)
+    counter.backward_prompts += len(task)
+    grad = torch.stack(grads, dim=2)  # [prompts, pos, layers, heads, d_head]
+    estimate = ((z_corrupt - z_clean) * grad).sum(dim=(1, 4)).mean(0)  # [layers, heads]: metric change
+    return MethodScores("attribution_patching", estimate.abs(), time.perf_counter() - started,
+                        counter.forward_prompts + len(task), counter.backward_prompts,
+                        {"estimated_effects": -estimate})
+
+
+def eap_ig_nodes(model, task: Task, steps: int = 5) -> MethodScores:
+    """EAP-IG at head level (Hanna et al. 2024): the gradient averaged over `steps` interpolations of the
+    block-0 input between corrupted and clean, times (z_corrupt - z_clean)."""
+    started, counter = time.perf_counter(), ForwardCounter()
+    z_clean = collect_z(model, task.clean_tokens, counter=counter)
+    z_corrupt = collect_z(model, task.corrupted_tokens, counter=counter)
+    resid: dict[str, Tensor] = {}
+    for name, tokens in (("clean", task.clean_tokens), ("corrupt", task.corrupted_tokens)):
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter="blocks.0.hook_resid_pre")
+        resid[name] = cache["blocks.0.hook_resid_pre"].detach()
+    total = None
+    for step in range(1, steps + 1):
+        alpha = step / steps
+
+        def interpolate(x: Tensor, hook, alpha=alpha) -> Tensor:
+            return resid["corrupt"] + alpha * (resid["clean"] - resid["corrupt"])
+
+        _, grads = _metric_and_z_grads(model, task, interpolate)
+        grad = torch.stack(grads, dim=2)
+        total = grad if total is None else total + grad
+        counter.forward_prompts += len(task)
+        counter.backward_prompts += len(task)
+    estimate = ((z_corrupt - z_clean) * total / steps).sum(dim=(1, 4)).mean(0)
+    return MethodScores(f"eap_ig_{steps}", estimate.abs(), time.perf_counter() - started,
+                        counter.forward_prompts + 2 * len(task), counter.backward_prompts,
+                        {"estimated_effects": -estimate})

@@ -1,0 +1,209 @@
+"""Circuit discovery, fast parts: metrics, tasks, codes, scorers, hooks (tiny random models, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.analysis.circuits import evaluation, ground_truth, scoring, tasks
+from sae.analysis.circuits.activations import (collect_head_results, collect_z, head_results_from_z,
+                                               last_logits_with_ablation)
+from sae.analysis.circuits.codes import NO_CODE, argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae
+from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def test_roc_auc_known_values():
+    truth = torch.tensor([True, True, False, False])
+    assert evaluation.roc_auc(torch.tensor([4.0, 3.0, 2.0, 1.0]), truth) == 1.0
+    assert evaluation.roc_auc(torch.tensor([1.0, 2.0, 3.0, 4.0]), truth) == 0.0
+    assert evaluation.roc_auc(torch.tensor([4.0, 1.0, 3.0, 2.0]), truth) == 0.5  # pairs: 1,1 | 0,0
+    assert evaluation.roc_auc(torch.ones(4), truth) == 0.5  # all ties count half
+    with pytest.raises(ValueError, match="both classes"):
+        evaluation.roc_auc(torch.ones(4), torch.ones(4, dtype=torch.bool))
+
+
+def test_precision_recall_at_k_threshold_and_oracle():
+    scores = torch.tensor([[0.9, 0.8], [0.1, 0.7]])
+    truth = torch.tensor([[True, False], [False, True]])
+    report = evaluation.evaluate(scores, truth)
+    assert report["at_k"] == {"k": 2, "precision": 0.5, "recall": 0.5, "f1": 0.5, "predicted": 2}
+    # normalised scores 1, .875, 0, .75: threshold .5 predicts three heads, two of them right
+    assert report["at_threshold"]["precision"] == pytest.approx(2 / 3)
+    assert report["at_threshold"]["recall"] == 1.0
+    assert report["oracle_best_f1"] == pytest.approx(0.8)  # the same three heads: the best any threshold does
+
+
+def test_controls_are_near_chance_for_a_perfect_ranking():
+    truth = torch.zeros(4, 8, dtype=torch.bool)
+    truth[0, :3] = True
+    scores = truth.float() + 0.01 * torch.arange(32).view(4, 8)
+    assert evaluation.roc_auc(scores, truth) == 1.0
+    controls = evaluation.controls(scores, truth)
+    assert abs(controls["shuffled_labels_auc"] - 0.5) < 0.06
+    assert abs(controls["random_scorer_auc"] - 0.5) < 0.06
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+def test_oneill_scores_count_positive_only_codes():
+    # 1 layer, 2 heads, 1 code each; head 0 uses codes {1, 2} in positives and {3} in negatives,
+    # head 1 uses code 5 in both.
+    pos = torch.tensor([[[[1], [5]]], [[[2], [5]]]])  # [prompts=2, layers=1, heads=2, k=1]
+    neg = torch.tensor([[[[3], [5]]], [[[3], [5]]]])
+    counts = torch.tensor([[2.0, 0.0]])
+    assert torch.allclose(scoring.oneill_head_scores(pos, neg, d_sae=8), counts.flatten().softmax(0).view(1, 2))
+    overlap = scoring.overlap_head_scores(pos, neg, d_sae=8)
+    assert torch.allclose(overlap, torch.tensor([[1.0, 0.0]]))
+
+
+def test_overlap_counts_no_code_as_its_own_symbol():
+    # head 0 is silent in negatives and fires code 0 in positives: fully different, not "equal"
+    pos = torch.tensor([[[[0]]], [[[0]]]])
+    neg = torch.tensor([[[[NO_CODE]]], [[[NO_CODE]]]])
+    assert scoring.overlap_head_scores(pos, neg, d_sae=4).item() == 1.0
+    assert scoring.oneill_head_scores(pos, neg, d_sae=4).item() == 1.0  # softmax of one head
+
+
+def test_per_position_symbols_distinguish_positions():
+    # the same code at different positions in positives and negatives: different symbols
+    pos = torch.tensor([[[[[1]]], [[[2]]]]])  # [prompts=1, pos=2, layers=1, heads=1, k=1]
+    neg = torch.tensor([[[[[2]]], [[[1]]]]])
+    assert scoring.overlap_head_scores(pos, neg, d_sae=4).item() == 1.0
+    pooled_pos, pooled_neg = pos[:, 0], neg[:, 1]  # same code at the same (only) position
+    assert scoring.overlap_head_scores(pooled_pos, pooled_neg, d_sae=4).item() == 0.0
+
+
+def test_edge_scores_count_positive_only_code_pairs():
+    # heads A, B: in positives (1, 1) and (2, 2); in negatives (1, 2) and (2, 1): every pair is new,
+    # though each head alone uses the same codes in both sets.
+    pos = torch.tensor([[[[1], [1]]], [[[2], [2]]]])
+    neg = torch.tensor([[[[1], [2]]], [[[2], [1]]]])
+    assert scoring.oneill_head_scores(pos, neg, d_sae=4).tolist() == [[0.5, 0.5]]  # softmax of (0, 0)
+    assert scoring.oneill_edge_head_scores(pos, neg, d_sae=4).tolist() == [[2.0, 2.0]]
+
+
+# --- codes ------------------------------------------------------------------------------------------
+
+def test_oneill_sae_trains_and_flags_silent_vectors():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 16, generator=generator)
+    rows = directions[torch.randint(4, (80,), generator=generator)] * 3
+    model = train_oneill_relu_sae(rows, d_sae=20, epochs=300)
+    codes = argmax_codes(model, torch.cat([directions * 3, torch.zeros(1, 16)]))
+    assert codes.codes.shape == (5, 1)
+    assert len(set(codes.codes[:4, 0].tolist())) >= 3  # distinct inputs mostly get distinct codes
+    # with every latent switched off, argmax says "code 0", as their code does, and the count says so
+    with torch.no_grad():
+        model.b_enc.fill_(-1e6)
+    off = argmax_codes(model, rows[:2])
+    assert off.silent_rows == 2 and off.codes.flatten().tolist() == [0, 0]
+
+
+def test_codebook_codes_leave_zero_vectors_without_code():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 16, generator=generator)
+    model = train_codebook_sae(rows, d_sae=16, k=2, epochs=20)
+    codes = topk_code_sets(model, torch.cat([rows[:3], torch.zeros(1, 16)]))
+    assert codes.codes.shape == (4, 2)
+    assert (codes.codes[:3] >= 0).all() and (codes.codes[3] == NO_CODE).all()
+    assert codes.silent_rows == 1
+
+
+# --- tasks ------------------------------------------------------------------------------------------
+
+def word_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<bos>", unk_token="<unk>")
+
+
+def test_task_metrics():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    good, bad = torch.tensor([[0, -1], [2, 1]]), torch.tensor([[1, 2], [0, -1]])
+    make = lambda metric: tasks.Task("t", torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
+                                     good, bad, metric)
+    assert torch.allclose(tasks.task_metric(make("prob_diff"), logits), torch.tensor([0.0, 0.8]))
+    expected = torch.stack([logits[0, 0] - (logits[0, 1] + logits[0, 2]) / 2, (logits[1, 2] + logits[1, 1]) / 2 - logits[1, 0]])
+    assert torch.allclose(tasks.task_metric(make("logit_diff"), logits), expected)
+    assert torch.allclose(tasks.task_metric(make("logit_minus_max_bad"), logits),
+                          torch.stack([logits[0, 0] - logits[0, 1], logits[1, 2] - logits[1, 0]]))
+    assert tasks.task_solved(make("logprob"), logits).tolist() == [True, True]
+
+
+def test_from_pairs_and_single_token_checks():
+    tok = word_tokenizer(["the", "cat", "dog", "sat", "ran"])
+    task = tasks.from_pairs(tok, ["the cat sat", "the dog sat"], ["the dog sat", "the cat sat"],
+                            [["ran"], ["sat"]], [["sat"], ["ran"]])
+    assert task.clean_tokens.shape == (2, 4) and (task.clean_tokens[:, 0] == tok.bos_token_id).all()
+    with pytest.raises(ValueError, match="single tokens"):
+        tasks.from_pairs(tok, ["the cat"], ["the dog"], [["zebra"]], [["cat"]])
+    with pytest.raises(ValueError, match="different lengths"):
+        tasks.from_pairs(tok, ["the cat", "the cat sat"], ["the dog", "the dog sat"], [["ran"], ["ran"]],
+                         [["sat"], ["sat"]])
+
+
+def test_ioi_needs_single_token_names(tiny_lm):
+    with pytest.raises(ValueError, match="IOI names"):  # a 320-token BPE has no single-token names
+        tasks.ioi(tiny_lm.tokenizer, 4)
+
+
+def test_ioi_prompts_on_a_word_tokenizer():
+    words = ["Then,", "and", "went", "to", "the", "gave", "a", "store.", "ring", "Mary", "John", "Tom", "Anna"]
+    tok = word_tokenizer(words)
+    # words without the leading space of GPT-2 style BPE: give the names as the tokenizer sees them
+    task = tasks.from_pairs(tok, ["Then, Mary and John went to the store. John gave a ring to"],
+                            ["Then, Mary and John went to the store. Tom gave a ring to"], [["Mary"]], [["John"]])
+    assert task.good_tokens.tolist() == [[tok.convert_tokens_to_ids("Mary")]]
+
+
+def test_induction_task_shapes():
+    task = tasks.induction(list(range(1, 41)), n=5, half=10, query=6, bos=0)
+    assert task.clean_tokens.shape == (5, 17)
+    assert torch.equal(task.clean_tokens[:, 11:], task.clean_tokens[:, 1:7])  # the repeat
+    assert torch.equal(task.good_tokens[:, 0], task.clean_tokens[:, 7])
+    assert not torch.isin(task.corrupted_tokens[0, 1:11], task.clean_tokens[0, 1:11]).any()
+
+
+def test_ground_truth_lists():
+    ioi = ground_truth.head_mask("gpt2-small/ioi/acdc", 12, 12)
+    assert int(ioi.sum()) == 26 and ioi[9, 9] and ioi[9, 0] and not ioi[11, 3]
+    assert ground_truth.head_mask("gpt2-small/ioi/oneill_bui", 12, 12)[11, 3]
+    assert int(ground_truth.head_mask("gpt2-small/greater_than/acdc", 12, 12).sum()) == 9
+    assert int(ground_truth.head_mask("attn-only-4l/docstring/acdc", 4, 8).sum()) == 6
+    with pytest.raises(KeyError, match="available"):
+        ground_truth.head_mask("nope", 1, 1)
+
+
+# --- hooks on a real TransformerBridge ---------------------------------------------------------------
+
+def test_head_results_match_hook_result_and_sum_to_attention_output(tiny_lm):
+    tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(0))
+    results = collect_head_results(tiny_lm, tokens, positions="all")  # [prompts, pos, layers, heads, d_model]
+    _, cache = tiny_lm.run_with_cache(tokens)
+    attn_out = cache["blocks.1.hook_attn_out"].float()
+    assert torch.allclose(results[:, :, 1].sum(2) + tiny_lm.b_O[1].float(), attn_out, atol=1e-5)
+    tiny_lm.set_use_attn_result(True)
+    try:
+        _, cache = tiny_lm.run_with_cache(tokens)
+        assert torch.allclose(results[:, :, 0], cache["blocks.0.attn.hook_result"].float(), atol=1e-5)
+    finally:
+        tiny_lm.set_use_attn_result(False)
+    mean = collect_head_results(tiny_lm, tokens, positions="mean")
+    assert torch.allclose(mean, results.mean(1), atol=1e-5)
+
+
+def test_ablating_every_head_with_its_own_z_changes_nothing_and_zeroing_does(tiny_lm):
+    tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))
+    z = collect_z(tiny_lm, tokens)
+    all_heads = torch.ones(tiny_lm.cfg.n_layers, tiny_lm.cfg.n_heads, dtype=torch.bool)
+    none = torch.zeros_like(all_heads)
+    clean = last_logits_with_ablation(tiny_lm, tokens, none, None)
+    assert torch.allclose(last_logits_with_ablation(tiny_lm, tokens, all_heads, z), clean, atol=1e-5)
+    assert not torch.allclose(last_logits_with_ablation(tiny_lm, tokens, all_heads, None), clean, atol=1e-3)
+    assert torch.allclose(head_results_from_z(tiny_lm, torch.zeros_like(z)), torch.zeros(1))
