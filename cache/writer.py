@@ -30,6 +30,7 @@ from cache.manifest import (
     FORMAT, FORMAT_VERSION, POSITIONS_KEY, TOKENS_KEY, CacheError, acts_key, norm_sums,
     read_manifest, shard_file_name, summarize_norms, write_manifest,
 )
+import sae
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
 from sae.io import atomic_save_file
 from sae.models import DTYPES, load_model, weights_hash
@@ -37,18 +38,6 @@ from sae.run_config import RunConfig
 
 QUEUED_SHARDS = 2
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def toolkit_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("sae-toolkit")
-    except PackageNotFoundError:  # a source checkout: read the version next to the package
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
 def stop_layer(hookpoints: list[str], n_layers: int) -> int | None:
@@ -101,7 +90,7 @@ def new_manifest(settings: dict[str, Any], hook_shapes: dict[str, list[int]]) ->
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "toolkit_version": toolkit_version(),
+        "toolkit_version": sae.__version__,
         **settings,
         "hookpoints": {
             h: {"shape": shape, "layout": "heads" if len(shape) == 2 else "flat"} for h, shape in hook_shapes.items()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from sae.data import context_batches, token_contexts
 from sae.io import atomic_write_bytes, atomic_write_json
 
 
@@ -198,6 +200,17 @@ def save_density_histogram(density: torch.Tensor, path: str | Path, title: str =
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def held_out_batches(run, tokenizer, skip_contexts: int) -> list[torch.Tensor]:
+    """`run.eval.tokens` worth of token batches [batch, context_size] after the first `skip_contexts` contexts.
+
+    Pass the cache's `contexts` as `skip_contexts`: the eval then reads text the SAE was not trained on.
+    """
+    tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
+    n_contexts = -(-run.eval.tokens // tokens_per_context)
+    contexts = islice(token_contexts(run.data, tokenizer), skip_contexts, skip_contexts + n_contexts)
+    return [batch.to(run.model.device) for batch in context_batches(contexts, run.eval.batch_contexts)]
 
 
 def format_report(result: EvalResult) -> str:

@@ -6,12 +6,11 @@ with its dotted name. The [sae] section is an `SAEConfig` without `d_in`, which 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sae.config import ConfigError, SAEConfig, TrainConfig, from_dict, load_toml, to_dict
+from sae.config import ConfigError, SAEConfig, TrainConfig, from_dict, load_toml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -85,16 +84,20 @@ class RunConfig:
     def __post_init__(self) -> None:
         if "d_in" in self.sae:
             raise ConfigError("sae.d_in: do not set it; it comes from the model and the hookpoint")
-        hookpoint = self.sae.get("hookpoint", self.cache.hookpoints[0])
-        if hookpoint not in self.cache.hookpoints:
-            raise ConfigError(f"sae.hookpoint {hookpoint!r} is not cached; cache.hookpoints = {self.cache.hookpoints}")
+        if self.sae_hookpoint not in self.cache.hookpoints:
+            raise ConfigError(f"sae.hookpoint {self.sae_hookpoint!r} is not cached; cache.hookpoints = {self.cache.hookpoints}")
         self.sae_config(d_in=1)  # validates the keys and values now, before any model is loaded
+
+    @property
+    def sae_hookpoint(self) -> str:
+        """Where the SAE reads: sae.hookpoint, by default the first cached hookpoint."""
+        return self.sae.get("hookpoint", self.cache.hookpoints[0])
 
     def sae_config(self, d_in: int, hook_layout: str = "flat") -> SAEConfig:
         """The [sae] section completed with what the model and cache tell us."""
         values = {
             "model_name": self.model.name,
-            "hookpoint": self.cache.hookpoints[0],
+            "hookpoint": self.sae_hookpoint,
             "hook_layout": hook_layout,
             **self.sae,
             "d_in": d_in,
@@ -106,7 +109,3 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
     """Read a run config TOML (default: configs/default.toml) with `--set section.key=value` overrides."""
     data = load_toml(path or DEFAULT_CONFIG, overrides)
     return from_dict(RunConfig, data, "config")
-
-
-def run_config_to_dict(config: RunConfig) -> dict[str, Any]:
-    return to_dict(config)
