@@ -339,3 +339,27 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
     explained = [line for line in lines if line["explanation"] is not None]
     assert explained and all(line["scores"]["detection"]["n_examples"] > 0 for line in explained)
     assert set(read_explanations(out / "explanations.jsonl")) == {0, 1, 2, 3, 4, 5, 40, 41}
+
+
+def test_embedding_scorer_ranks_examples_by_the_explanation():
+    """all-MiniLM-L6-v2 (real weights): a latent on animal sentences, negatives about money. The right
+    explanation ranks every activating example above the negatives; the wrong one does not."""
+    from sae.analysis.autointerp.scorers import EmbeddingScorer, minilm_embedder
+
+    words = ["the", "dog", "barked", "at", "cat", "horse", "ran", "across", "field", "bird", "sang", "in", "tree",
+             "bank", "raised", "interest", "rates", "stock", "prices", "fell", "loan", "was", "repaid", "taxes"]
+    vocab = {w: i for i, w in enumerate(words)}
+
+    def example(sentence: str, firing: str | None) -> Example:
+        ids = [vocab[w] for w in sentence.split()]
+        return Example(ids, [1.0 if words[i] == firing else 0.0 for i in ids])
+
+    animals = ["the dog barked at the cat", "the horse ran across the field", "the bird sang in the tree",
+               "the cat ran in the field"]
+    money = ["the bank raised interest rates", "stock prices fell", "the loan was repaid", "taxes raised the rates"]
+    record = LatentRecord(0, 50, 1000, 1.0, top=[example(s, s.split()[1]) for s in animals],
+                          negatives=[example(s, None) for s in money])
+    scorer = EmbeddingScorer(minilm_embedder(), lambda ids: [" " + words[i] for i in ids], ScorerConfig(n_positive=4, n_negative=4))
+    right, wrong = scorer.score("animals", record), scorer.score("finance and money", record)
+    assert right.n_examples == 8 and right.metrics["auroc"] == 1.0
+    assert wrong.metrics["auroc"] == 0.0
