@@ -363,3 +363,15 @@ def test_embedding_scorer_ranks_examples_by_the_explanation():
     right, wrong = scorer.score("animals", record), scorer.score("finance and money", record)
     assert right.n_examples == 8 and right.metrics["auroc"] == 1.0
     assert wrong.metrics["auroc"] == 0.0
+
+
+def test_answer_is_read_after_a_separate_space_token():
+    """Gemma writes ' 1' as ' ' then '1': the answer and its probability come from the first non-space token."""
+    from sae.analysis.autointerp.clients import Completion, TokenLogprob
+    from sae.analysis.autointerp.scorers import parse_answer
+
+    logprobs = [TokenLogprob(" ", -0.01, {" ": -0.01}), TokenLogprob("0", -0.3, {"0": -0.3, "1": -1.4, "yes": -3.0})]
+    answer, probability = parse_answer(Completion(" 0", logprobs, 10, 2, "stop", 0.1))
+    assert answer == 0 and probability == pytest.approx(math.exp(-1.4) / (math.exp(-1.4) + math.exp(-0.3)))
+    assert parse_answer(Completion(" 10", None, 10, 2, "stop", 0.1)) == (None, None)
+    assert parse_answer(Completion("yes", [TokenLogprob("yes", -0.1, {"yes": -0.1, "1": -4.0})], 10, 1, "stop", 0.1)) == (None, None)

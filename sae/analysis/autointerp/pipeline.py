@@ -94,8 +94,8 @@ async def score_latent(
         scores: list[Score] = list(await asyncio.gather(
             *(LLM_SCORERS[name](client, text, record, token_strings, config.scorer) for name in llm)
         ))
-        if "embedding" in config.scorers:
-            scores.append(embedding.score(text, record))
+        if "embedding" in config.scorers:  # in a thread: the event loop keeps serving other latents' requests
+            scores.append(await asyncio.to_thread(embedding.score, text, record))
         for score in scores:
             getattr(result, slot)[score.scorer] = score.to_dict()
             result.prompt_tokens += score.prompt_tokens

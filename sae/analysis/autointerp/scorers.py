@@ -105,14 +105,19 @@ def answer_prompt(instructions: str, demos, explanation: str, text: str) -> str:
     return "\n\n".join(blocks)
 
 
+# Room for a separate space token before the digit: Gemma's tokenizer writes " 1" as " " + "1".
+ANSWER_MAX_TOKENS = 3
+
+
 def parse_answer(completion: Completion) -> tuple[int | None, float | None]:
-    """(answer 0/1 or None, P(1) from the first token's alternatives or None)."""
+    """(answer 0/1 or None, P(1) from the alternatives at the first non-space token, or None)."""
     text = completion.text.strip()
     answer = int(text[0]) if text[:1] in ("0", "1") and (len(text) == 1 or not text[1].isdigit()) else None
     probability = None
-    if completion.logprobs:
+    answer_position = next((t for t in completion.logprobs or [] if t.token.strip()), None)
+    if answer_position is not None:
         mass = {"0": 0.0, "1": 0.0}
-        for token, logprob in completion.logprobs[0].top.items():
+        for token, logprob in answer_position.top.items():
             if token.strip() in mass:  # " 1" and "1" are different tokens that mean the same answer
                 mass[token.strip()] += math.exp(logprob)
         if mass["0"] > 0 and mass["1"] > 0:
@@ -124,8 +129,8 @@ async def _ask_all(client: Client, name: str, prompts: list[str], labels: list[i
     async def ask(prompt: str) -> Completion | RequestFailed:
         try:
             if config.use_chat:
-                return await client.chat(split_few_shot(prompt), 1, logprobs=config.logprobs)
-            return await client.complete(prompt, 1, logprobs=config.logprobs)
+                return await client.chat(split_few_shot(prompt), ANSWER_MAX_TOKENS, logprobs=config.logprobs, stop=["\n"])
+            return await client.complete(prompt, ANSWER_MAX_TOKENS, logprobs=config.logprobs, stop=["\n"])
         except RequestFailed as e:
             return e
 
