@@ -88,7 +88,8 @@ class SteerOptions:
     """A strength in activation units (instead of alpha)."""
     target_kl: float | None = None
     max_activation: float | None = None
-    """The latent's maximum activation; measured on `stat_tokens` tokens of `dataset` when not given."""
+    """The latent's maximum activation; measured on `stat_tokens` tokens of `dataset` when not given
+    (that pass also finds the tokens following its top activations, whose probability is reported)."""
     dataset: str = "python-stdlib"
     stat_tokens: int = 16384
     context_size: int = 128
@@ -147,16 +148,17 @@ def run_steer(args: argparse.Namespace) -> int:
         explanation = explained.explanation
     embed = steering.sentence_embedder() if explanation else None
 
-    needs_units = opts.mode in ("add", "clamp") and opts.strength is None
-    max_activation = opts.max_activation
-    if needs_units and max_activation is None:
-        batches = text_token_batches(model, opts.dataset, opts.stat_tokens, opts.context_size)
-        stats = collect_statistics(sae, model_batches(model, sae, batches), latents=[opts.latent],
-                                   total_batches=len(batches), k_top=1, k_sample=1)
-        max_activation = stats.max_activation[0].item()
-        print(f"latent {opts.latent}: max activation {max_activation:.4g} on {stats.tokens_seen} tokens of {opts.dataset}")
-        if max_activation <= 0:
-            raise UsageError(f"latent {opts.latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
+    # The latent on ordinary text: its max activation (the unit of alpha) and the tokens that follow its
+    # top activations (whose probability steering should raise).
+    batches = text_token_batches(model, opts.dataset, opts.stat_tokens, opts.context_size)
+    stats = collect_statistics(sae, model_batches(model, sae, batches), latents=[opts.latent],
+                               total_batches=len(batches), k_top=20, k_sample=1, window_before=0, window_after=1)
+    concept_tokens = stats.following_tokens(0)
+    max_activation = opts.max_activation if opts.max_activation is not None else stats.max_activation[0].item()
+    print(f"latent {opts.latent}: max activation {stats.max_activation[0].item():.4g} on {stats.tokens_seen} tokens "
+          f"of {opts.dataset}; tokens after its top activations: {[model.tokenizer.decode([t]) for t in concept_tokens]}")
+    if opts.mode in ("add", "clamp") and opts.strength is None and max_activation <= 0:
+        raise UsageError(f"latent {opts.latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
 
     if opts.mode in ("ablate", "force", "suppress"):
         settings = [(None, 0.0)]
@@ -176,7 +178,7 @@ def run_steer(args: argparse.Namespace) -> int:
             result = steering.compare(
                 model, sae, prompt, steering.Intervention(opts.latent, opts.mode, strength), alpha=alpha,
                 max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=opts.seed,
-                explanation=explanation, embed=embed,
+                explanation=explanation, embed=embed, concept_tokens=concept_tokens,
             )
             print(steering.format_comparison(result) + "\n")
             comparisons.append(result.to_dict())

@@ -134,6 +134,14 @@ class LatentStatistics:
             for j in order.tolist() if keep[j]
         ]
 
+    def following_tokens(self, i: int, n: int = 10) -> list[int]:
+        """The distinct tokens right after tracked latent i's top activations, most frequent first (up to n)."""
+        after = self.center + 1
+        if after >= self.top.tokens.shape[2]:
+            raise ValueError("following_tokens needs window_after >= 1")
+        tokens = [t[after] for _, t, _ in self.examples(i) if t[after] != PAD_TOKEN]
+        return sorted(set(tokens), key=lambda t: (-tokens.count(t), tokens.index(t)))[:n]
+
     def quantile_examples(self, i: int, groups: int = 4, per_group: int = 4) -> list[dict]:
         """The random sample of firings split by value into `groups` intervals, a few examples from each."""
         sample = self.examples(i, "sample")[::-1]  # ascending value

@@ -232,6 +232,10 @@ class SteeringComparison:
     top_logit_prob_clean: float = 0.0
     top_logit_prob_steered: float = 0.0
     """Summed probability of the latent's top logit tokens, averaged over the prompt's positions."""
+    concept_tokens: list[str] = field(default_factory=list)
+    concept_token_prob_clean: float | None = None
+    concept_token_prob_steered: float | None = None
+    """The same for `concept_tokens` given to `compare` (e.g. the tokens that follow its top activations)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,9 +271,13 @@ def top_logit_tokens(model, sae, latent: int, n: int = 10) -> Tensor:
 def compare(
     model, sae, prompt: str, intervention: Intervention, alpha: float | None = None, max_new_tokens: int = 30,
     temperature: float = 0.0, seed: int = 0, explanation: str | None = None,
-    embed: Callable[[list[str]], Tensor] | None = None,
+    embed: Callable[[list[str]], Tensor] | None = None, concept_tokens: Sequence[int] = (),
 ) -> SteeringComparison:
-    """Unsteered and steered completions of `prompt` side by side, with their measured effects."""
+    """Unsteered and steered completions of `prompt` side by side, with their measured effects.
+
+    `concept_tokens`: token ids whose next-token probability should rise if the steering works (for
+    a latent that reads a token, the tokens that follow its top activations).
+    """
     intervention.check(sae)
     prompt_tokens = model.to_tokens(prompt)
     n_prompt = prompt_tokens.shape[1]
@@ -282,12 +290,17 @@ def compare(
     steered_lp = next_token_log_probs(model, sae, prompt_tokens, intervention)
     kl = F.kl_div(steered_lp, clean_lp, log_target=True, reduction="batchmean").item()
     top = top_logit_tokens(model, sae, intervention.latent).to(clean_lp.device)
+    concept = torch.tensor(list(concept_tokens), dtype=torch.long, device=clean_lp.device)
+    decode = lambda ids: [model.tokenizer.decode([t]) for t in ids.tolist()]  # noqa: E731
     return SteeringComparison(
         prompt=prompt, latent=intervention.latent, mode=intervention.mode, alpha=alpha,
         strength=intervention.strength, unsteered=effects["unsteered"], steered=effects["steered"],
-        next_token_kl=kl, top_logit_tokens=[model.tokenizer.decode([t]) for t in top.tolist()],
+        next_token_kl=kl, top_logit_tokens=decode(top),
         top_logit_prob_clean=clean_lp[:, top].exp().sum(-1).mean().item(),
         top_logit_prob_steered=steered_lp[:, top].exp().sum(-1).mean().item(),
+        concept_tokens=decode(concept),
+        concept_token_prob_clean=clean_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
+        concept_token_prob_steered=steered_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
     )
 
 
@@ -313,9 +326,14 @@ def format_comparison(result: SteeringComparison) -> str:
             ("latent fires on", u.latent_fire_fraction, s.latent_fire_fraction),
             ("perplexity (clean model)", u.perplexity, s.perplexity),
             ("p(top logit tokens)", result.top_logit_prob_clean, result.top_logit_prob_steered)]
+    if result.concept_tokens:
+        rows.append(("p(concept tokens)", result.concept_token_prob_clean, result.concept_token_prob_steered))
     if u.concept_score is not None:
         rows.append(("concept score", u.concept_score, s.concept_score))
     lines.append(f"  {'':<26}{'unsteered':>12}{'steered':>12}")
-    lines += [f"  {name:<26}{a:>12.4f}{b:>12.4f}" for name, a, b in rows]
+    lines += [f"  {name:<26}{a:>12.4g}{b:>12.4g}" for name, a, b in rows]  # probabilities span decades
     lines.append(f"  next-token KL(clean || steered) on the prompt: {result.next_token_kl:.4f}")
+    lines.append(f"  top logit tokens: {result.top_logit_tokens}")
+    if result.concept_tokens:
+        lines.append(f"  concept tokens: {result.concept_tokens}")
     return "\n".join(lines)
