@@ -235,7 +235,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     import torch
 
     from sae.analysis.dashboard import read_explanations, read_steering_examples, write_dashboard
-    from sae.analysis.features import cache_batches, collect_statistics, model_batches
+    from sae.analysis.features import Unembedding, cache_batches, collect_statistics, model_batches
 
     opts = options(DashboardOptions, args)
     explanations = read_explanations(opts.explanations) if opts.explanations else {}
@@ -251,7 +251,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
                                k_sample=opts.quantile_sample)
     in_residual_stream = "resid" in (sae.cfg.hookpoint or "") and sae.cfg.d_in == model.W_U.shape[0]
     index = write_dashboard(
-        opts.out, sae, stats, model.tokenizer, W_U=model.W_U.detach() if in_residual_stream else None,
+        opts.out, sae, stats, model.tokenizer, unembedding=Unembedding(model) if in_residual_stream else None,
         explanations=explanations, steering=steering, source=source, model_name=opts.model or sae.cfg.model_name,
         chunk_size=opts.chunk_size, title=opts.title,
     )

@@ -17,7 +17,7 @@ import torch
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.analysis.dashboard import read_explanations, write_dashboard
-from sae.analysis.features import LatentStatistics, collect_statistics, model_batches
+from sae.analysis.features import LatentStatistics, Unembedding, collect_statistics, model_batches
 from sae.data import context_batches, pack_contexts, stdlib_source_files
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
@@ -79,7 +79,7 @@ def dashboard_dir(tiny_lm, tmp_path_factory):
     from sae.analysis.dashboard import read_steering_examples
 
     out = tmp_path_factory.mktemp("dashboard")
-    write_dashboard(out, sae, stats, tiny_lm.tokenizer, W_U=tiny_lm.W_U.detach(), explanations=read_explanations(explanations),
+    write_dashboard(out, sae, stats, tiny_lm.tokenizer, unembedding=Unembedding(tiny_lm), explanations=read_explanations(explanations),
                     steering=read_steering_examples([steering]), source="python-stdlib", model_name="tiny", chunk_size=16)
     return out
 
@@ -161,3 +161,27 @@ def test_examples_from_a_cache_match_examples_from_the_model(tiny_lm, tiny_lm_di
         assert [round(v, 4) for v, _, _ in cached] == [round(v, 4) for v, _, _ in direct]
         # the cache has no BOS position, so its windows are the model's windows without BOS
         assert [t[from_cache.center] for _, t, _ in cached] == [t[from_model.center] for _, t, _ in direct]
+
+
+def test_logit_effects_fold_the_final_norm(tiny_lm_dir):
+    """Direct logit effects track the model's own logit change for a small step along a direction."""
+    from sae.models import load_model
+
+    tiny_lm = load_model(str(tiny_lm_dir))  # a private copy: its final norm gets an uneven gain
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(32, generator=generator)
+    tokens = tiny_lm.to_tokens("x = 1")
+    with torch.no_grad():
+        tiny_lm.ln_final._original_component.weight.copy_(torch.rand(32, generator=generator) * 5)
+        _, cache = tiny_lm.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
+        resid = cache["blocks.1.hook_resid_post"][0, -1]  # [d_model]
+        ln = tiny_lm.ln_final._original_component
+        step = 1e-3
+        change = (tiny_lm.unembed(ln(resid + step * direction)) - tiny_lm.unembed(ln(resid))) / step  # [vocab]
+    predicted = Unembedding(tiny_lm).logits(direction)
+    # LayerNorm's Jacobian also divides by the residual's std and projects out the residual itself: compare
+    # rankings through the correlation, which the fold must make near 1 (a raw W_U product does not need to)
+    correlation = torch.corrcoef(torch.stack([change, predicted]))[0, 1]
+    assert correlation > 0.9, correlation
+    unfolded = torch.corrcoef(torch.stack([change, direction @ tiny_lm.W_U.detach()]))[0, 1]
+    assert unfolded < correlation - 0.1, "the check tells a folded norm from a bare W_U"

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae.analysis.features import PAD_TOKEN, LatentStatistics, histogram_bin_edges
+from sae.analysis.features import PAD_TOKEN, LatentStatistics, Unembedding, histogram_bin_edges
 from sae.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 ASSETS = Path(__file__).parent / "dashboard_assets"
@@ -89,11 +89,11 @@ def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
     return by_latent
 
 
-def logit_effects(W_dec_rows: Tensor, W_U: Tensor, n: int = 10, batch: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Decoder directions [L, d] through the unembedding W_U [d, vocab]: top and bottom n (values, ids) [L, n]."""
+def logit_effects(W_dec_rows: Tensor, unembedding: Unembedding, n: int = 10, batch: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decoder directions [L, d] through the final norm and unembedding: top and bottom n (values, ids) [L, n]."""
     results = [[], [], [], []]
     for start in tqdm(range(0, len(W_dec_rows), batch), desc="logit effects", unit="batch", leave=False):
-        logits = W_dec_rows[start : start + batch].to(W_U.dtype) @ W_U  # [batch, vocab]
+        logits = unembedding.logits(W_dec_rows[start : start + batch])  # [batch, vocab]
         top, bottom = logits.topk(n, dim=-1), logits.topk(n, dim=-1, largest=False)
         for out, part in zip(results, (top.values, top.indices, bottom.values, bottom.indices)):
             out.append(part.cpu() if part.dtype == torch.long else part.float().cpu())
@@ -129,21 +129,21 @@ def _histogram(counts: Tensor, edges: Tensor) -> dict:
 
 
 def write_dashboard(
-    out_dir: str | Path, sae, stats: LatentStatistics, tokenizer, W_U: Tensor | None = None,
+    out_dir: str | Path, sae, stats: LatentStatistics, tokenizer, unembedding: Unembedding | None = None,
     explanations: dict[int, Explanation] | None = None, steering: dict[int, list[dict]] | None = None,
     source: str = "", model_name: str | None = None, chunk_size: int = 64, title: str | None = None,
 ) -> Path:
     """Write the dashboard of the latents tracked by `stats` into `out_dir`; returns the index.html path.
 
-    `W_U` [d_in, vocab]: the model's unembedding, for logit effects (None: the hookpoint is not in the
+    `unembedding`: the model's final norm and W_U, for logit effects (None: the hookpoint is not in the
     residual stream, and the pages say so).
     """
     out_dir = Path(out_dir)
     explanations, steering = explanations or {}, steering or {}
     latents = stats.latents.tolist()
-    if W_U is not None and W_U.shape[0] != sae.cfg.d_in:
-        raise ValueError(f"W_U has {W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE")
-    logits = logit_effects(sae.W_dec.detach()[stats.latents], W_U) if W_U is not None else None
+    if unembedding is not None and unembedding.W_U.shape[0] != sae.cfg.d_in:
+        raise ValueError(f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE")
+    logits = logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
     edges = histogram_bin_edges()
     density = stats.fire_count.double() / max(stats.tokens_seen, 1)
     mean_firing = stats.act_sum / stats.fire_count.clamp(min=1)
@@ -185,7 +185,7 @@ def write_dashboard(
         "title": title or f"SAE latents: {sae.cfg.hookpoint}", "d_sae": sae.cfg.d_sae, "hookpoint": sae.cfg.hookpoint,
         "model": model_name or sae.cfg.model_name, "tokens": stats.tokens_seen, "source": source,
         "chunk_size": chunk_size,
-        "logit_effects": "decoder direction @ W_U" if logits is not None else "not computed (not a residual-stream SAE)",
+        "logit_effects": "decoder direction through the final norm's gain and W_U" if logits is not None else "not computed (not a residual-stream SAE)",
     }
     _write_script(out_dir / "index_data.js", "SAE_DASHBOARD.index(",
                   {"meta": meta, "columns": list(INDEX_COLUMNS), "rows": rows})

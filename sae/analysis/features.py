@@ -235,3 +235,38 @@ def collect_statistics(
     if stats.tokens_seen == 0:
         raise ValueError("collect_statistics: no tokens were given")
     return stats
+
+
+# --- direct logit effects -------------------------------------------------------------------------
+
+
+class Unembedding:
+    """How a residual-stream direction reaches the logits: through the final norm's linear part, then W_U.
+
+    The final norm is folded in as sae_vis does on models with folded LayerNorm: LayerNorm centres the
+    direction and scales it by its weight; RMSNorm scales it by its gain (Gemma's is 1 + weight, with
+    weights up to ~300, so leaving it out would rank tokens by the wrong metric). The per-token 1/rms
+    factor is positive and the same for every token, so rankings do not depend on it.
+    """
+
+    def __init__(self, model):
+        norm = getattr(getattr(model, "ln_final", None), "_original_component", None)
+        if norm is None:
+            raise ValueError(f"{type(model).__name__} has no ln_final: cannot compute logit effects")
+        self.W_U = model.W_U.detach()  # [d_model, vocab]
+        self.center = isinstance(norm, torch.nn.LayerNorm)
+        if self.center:
+            self.gain = norm.weight.detach()
+        elif "RMSNorm" in type(norm).__name__:
+            with torch.no_grad():  # the RMSNorm of a vector of ones is its per-dimension gain, whatever its convention
+                ones = torch.ones(1, self.W_U.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
+                self.gain = norm(ones)[0].detach()
+        else:
+            raise ValueError(f"final norm {type(norm).__name__} is neither LayerNorm nor RMSNorm: cannot fold it")
+
+    def logits(self, directions: Tensor) -> Tensor:
+        """directions [..., d_model] -> direct logit effects [..., vocab]."""
+        directions = directions.to(self.W_U.dtype)
+        if self.center:
+            directions = directions - directions.mean(-1, keepdim=True)
+        return (directions * self.gain) @ self.W_U

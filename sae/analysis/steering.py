@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.analysis.features import sae_site
+from sae.analysis.features import Unembedding, sae_site
 
 Mode = Literal["add", "clamp", "ablate", "force", "suppress"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate", "force", "suppress")
@@ -264,8 +264,8 @@ def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: i
 
 
 def top_logit_tokens(model, sae, latent: int, n: int = 10) -> Tensor:
-    """The n token ids whose logits the latent's decoder direction raises most (direction @ W_U)."""
-    return (sae.W_dec[latent].to(model.W_U.dtype) @ model.W_U).topk(n).indices
+    """The n token ids whose logits the latent's decoder direction raises most (through final norm and W_U)."""
+    return Unembedding(model).logits(sae.W_dec[latent].detach()).topk(n).indices
 
 
 def compare(
