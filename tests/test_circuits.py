@@ -207,3 +207,31 @@ def test_ablating_every_head_with_its_own_z_changes_nothing_and_zeroing_does(tin
     assert torch.allclose(last_logits_with_ablation(tiny_lm, tokens, all_heads, z), clean, atol=1e-5)
     assert not torch.allclose(last_logits_with_ablation(tiny_lm, tokens, all_heads, None), clean, atol=1e-3)
     assert torch.allclose(head_results_from_z(tiny_lm, torch.zeros_like(z)), torch.zeros(1))
+
+
+@pytest.fixture(scope="module")
+def gemma_tokenizer():
+    from transformers import AutoTokenizer
+
+    from sae.models import toolkit_cache_dir
+
+    directory = toolkit_cache_dir() / "models" / "gemma-3-270m-q4_k_m-fp32"
+    if not (directory / "tokenizer.json").is_file():
+        pytest.skip(f"Gemma 3 270M not converted yet ({directory}); `load_model('gemma-3-270m')` converts it")
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def test_standard_tasks_on_the_gemma_tokenizer(gemma_tokenizer):
+    tok = gemma_tokenizer
+    ioi = tasks.ioi(tok, 6, seed=1)
+    assert ioi.clean_tokens.shape == ioi.corrupted_tokens.shape and ioi.clean_tokens[0, 0] == tok.bos_token_id
+    text = tok.decode(ioi.clean_tokens[0, 1:])
+    io, s = tok.decode(ioi.good_tokens[0]), tok.decode(ioi.bad_tokens[0])
+    assert text.count(s) == 2 and text.count(io) == 1  # ABBA/BABA: the subject twice, the IO once
+    assert (ioi.clean_tokens != ioi.corrupted_tokens).sum(1).tolist() == [1] * 6  # ABC: one name differs
+    doc = tasks.docstring(tok, 6, seed=1)
+    answer = tok.decode(doc.good_tokens[0])
+    signature = tok.decode(doc.clean_tokens[0]).split("(self,")[1].split(")")[0]
+    assert signature.split(",")[2] == answer and answer not in tok.decode(doc.corrupted_tokens[0])
+    with pytest.raises(ValueError, match="split numbers into digits"):
+        tasks.greater_than(tok, 4)

@@ -91,9 +91,17 @@ def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Task, 
     return task.select(solved), {"clean_prompts": len(task), "solved": int(solved.sum())}
 
 
-def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0) -> MethodScores:
+def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0,
+                    positives_from: str = "solved") -> MethodScores:
+    """positives_from="solved" (the method as published) or "all" clean prompts (for a model that solves
+    none, such as the re-initialised control)."""
     started, counter = time.perf_counter(), ForwardCounter()
-    positives, solved = positive_prompts(model, task, counter)
+    if positives_from == "solved":
+        positives, solved = positive_prompts(model, task, counter)
+    elif positives_from == "all":
+        positives, solved = task, {"clean_prompts": len(task), "solved": None}
+    else:
+        raise ValueError(f"positives_from must be 'solved' or 'all', got {positives_from!r}")
     pos = collect_head_results(model, positives.clean_tokens, method.positions, counter=counter)
     neg = collect_head_results(model, task.corrupted_tokens, method.positions, counter=counter)
     scores, details = code_method_scores(method, pos, neg, seed)
@@ -118,10 +126,10 @@ BASELINES = {
 ALL_METHODS = [*CODE_METHODS, *BASELINES]
 
 
-def run_method(name: str, model, task: Task, seed: int = 0) -> MethodScores:
+def run_method(name: str, model, task: Task, seed: int = 0, positives_from: str = "solved") -> MethodScores:
     """Any method by name: a code method (CODE_METHODS) or a baseline (BASELINES)."""
     if name in CODE_METHODS:
-        return run_code_method(model, task, CODE_METHODS[name], seed)
+        return run_code_method(model, task, CODE_METHODS[name], seed, positives_from)
     if name in BASELINES:
         return BASELINES[name](model, task, seed)
     raise ValueError(f"unknown method {name!r}; known: {', '.join(ALL_METHODS)}")

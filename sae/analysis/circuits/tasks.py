@@ -180,7 +180,9 @@ def greater_than(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
     Corrupted: YY = 01. Metric: sum p(YY' > YY) - sum p(YY' <= YY) over the two-digit year tokens.
     Needs every two-digit string "00".."99" and the century "{XX}" to be single tokens.
     """
-    years = single_token_ids(tokenizer, [f"{y:02d}" for y in range(100)], need=100, what="greater-than years")
+    years = single_token_ids(tokenizer, [f"{y:02d}" for y in range(100)], need=100,
+                             what="greater-than years (tokenizers that split numbers into digits, such as "
+                                  "Gemma's, cannot pose this task)")
     single_token_ids(tokenizer, [f" {century}"], need=1, what="greater-than century")
     nouns = list(single_token_ids(tokenizer, GREATER_THAN_NOUNS, need=1, what="greater-than nouns"))
     rng = random.Random(seed)
@@ -222,3 +224,39 @@ def induction(vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int
         bad.append([int(t) for i, t in enumerate(a) if i != query])
     return Task("induction", torch.tensor(clean), torch.tensor(corrupted), torch.tensor(good), torch.tensor(bad),
                 "logit_diff")
+
+
+ARGUMENT_NAMES = [" file", " name", " data", " size", " value", " path", " key", " index", " count", " mode",
+                  " text", " user", " item", " config", " result", " model", " state", " port", " host", " line",
+                  " url", " token", " source", " target", " limit", " order", " field", " label", " group", " node"]
+FUNCTION_NAMES = [" load", " save", " run", " check", " update", " create", " read", " write", " parse", " send"]
+DESCRIPTION_WORDS = [" the", " new", " old", " first", " last", " main", " current", " default", " local", " next"]
+DOCSTRING_TEMPLATE = 'def{fn}(self,{a0},{a1},{a2},{a3},{a4}):\n    """{w0}{w1}\n\n    :param{d0}:{w2}{w3}\n    :param{d1}:{w4}{w5}\n    :param'
+
+
+def docstring(tokenizer, n: int, seed: int = 0) -> Task:
+    """Docstring completion (Heimersheim & Janiak 2023): after two documented parameters, predict the
+    third argument of the signature. Metric: logit(correct) - max logit(the other arguments).
+
+    Corrupted prompts follow ACDC's `random_random`: the signature's and the docstring's argument names
+    are both replaced by fresh random names, so nothing points to the right one.
+    """
+    args = list(single_token_ids(tokenizer, ARGUMENT_NAMES, need=15, what="docstring argument names"))
+    functions = list(single_token_ids(tokenizer, FUNCTION_NAMES, need=1, what="docstring function names"))
+    words = list(single_token_ids(tokenizer, DESCRIPTION_WORDS, need=2, what="docstring description words"))
+    ids = {a: tokenizer.encode(a, add_special_tokens=False)[0] for a in args}
+    rng = random.Random(seed)
+    clean, corrupted, good, bad = [], [], [], []
+    for _ in range(n):
+        names = rng.sample(args, 15)
+        signature, fresh_signature, fresh_doc = names[:5], names[5:10], names[10:12]
+        text = dict(fn=rng.choice(functions), **{f"w{i}": rng.choice(words) for i in range(6)})
+        clean.append(DOCSTRING_TEMPLATE.format(**text, **{f"a{i}": a for i, a in enumerate(signature)},
+                                               d0=signature[0], d1=signature[1]))
+        corrupted.append(DOCSTRING_TEMPLATE.format(**text, **{f"a{i}": a for i, a in enumerate(fresh_signature)},
+                                                   d0=fresh_doc[0], d1=fresh_doc[1]))
+        good.append([ids[signature[2]]])
+        bad.append([ids[a] for a in signature if a != signature[2]])
+    return Task("docstring", encode_prompts(tokenizer, clean, "docstring clean"),
+                encode_prompts(tokenizer, corrupted, "docstring corrupted"), pad_ids(good), pad_ids(bad),
+                "logit_minus_max_bad")

@@ -3,7 +3,7 @@ random token sequences, which grows previous-token -> induction heads (Olsson et
 
 It is a GPT-NeoX whose MLPs are zeroed and frozen (so the blocks are attention-only), with a word-level
 tokenizer "<bos> t0 t1 ...", saved as a Hugging Face folder so that it loads through
-`sae.models.load_model` like any local model. About 20 s on one CPU thread.
+`sae.models.load_model` like any local model. About 40 s on one CPU thread.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from .tasks import Task, induction
 
-N_TOKENS = 48
+N_TOKENS = 128  # with 48 tokens, 4,000 steps gave no previous-token head; with 128 it forms by step ~400
 HALF = 10
 
 
@@ -67,8 +67,8 @@ def repeated_sequences(n: int, n_tokens: int, generator: torch.Generator, length
     return rows, targets
 
 
-def train_induction_model(directory: Path, steps: int = 600, n_layers: int = 2, n_heads: int = 4,
-                          d_model: int = 64, batch_size: int = 32, seed: int = 0, trained: bool = True) -> dict:
+def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2, n_heads: int = 4,
+                          d_model: int = 64, batch_size: int = 64, seed: int = 0, trained: bool = True) -> dict:
     """Train (or, with trained=False, only initialise: the re-initialised control) and save to `directory`.
 
     Returns the loss on the induction targets at the end: about log(n_tokens) without induction, near 0 with it.
@@ -77,7 +77,7 @@ def train_induction_model(directory: Path, steps: int = 600, n_layers: int = 2, 
     tokenizer = _tokenizer(N_TOKENS)
     model = _attention_only_model(n_layers, n_heads, d_model, len(tokenizer), seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
     curve = []  # loss on the induction targets, every 50 steps
     for step in range(steps if trained else 0):
         tokens, induction_targets = repeated_sequences(batch_size, N_TOKENS, generator)

@@ -1,0 +1,144 @@
+"""`analyze.py circuits`: score heads on a task, evaluate against a ground truth, write a JSON report and
+a layer × head heatmap per method.
+
+    python analyze.py circuits --task ioi --model gemma-3-270m --methods oneill codebook_overlap --out out/ioi
+
+Wiring (analyze.py): `from sae.analysis.circuits.cli import add_circuits_parser` and call
+`add_circuits_parser(subparsers)`; it sets `func=main_circuits` on its subparser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import torch
+
+from sae.io import atomic_write_bytes, atomic_write_json
+
+from . import ground_truth, tasks
+from .activations import last_logits_with_ablation
+from .evaluation import evaluate
+from .methods import ALL_METHODS, run_method
+from .patching import exhaustive_head_patching, ground_truth_from_effects
+from .tasks import task_metric, task_solved
+
+TASKS = ("ioi", "greater_than", "docstring", "induction")
+
+
+def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("circuits", help="find the attention heads a task uses",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--model", required=True, help="gemma-3-270m, a local HF folder, or a hub name")
+    parser.add_argument("--methods", nargs="+", default=["oneill", "codebook_overlap", "attribution_patching"],
+                        choices=ALL_METHODS)
+    parser.add_argument("--ground-truth", default="patching",
+                        help="'patching' (exhaustive resample patching on this model, heads with |effect| >= "
+                             "10%% of the clean-corrupted gap) or a shipped list: " + ", ".join(ground_truth.available()))
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="directory for report.json and <method>.png")
+    parser.set_defaults(func=main_circuits)
+    return parser
+
+
+def build_task(name: str, model, n: int, seed: int) -> tasks.Task:
+    if name == "ioi":
+        return tasks.ioi(model.tokenizer, n, seed)
+    if name == "greater_than":
+        return tasks.greater_than(model.tokenizer, n, seed)
+    if name == "docstring":
+        return tasks.docstring(model.tokenizer, n, seed)
+    # induction on any model: ordinary vocabulary ids (past the special tokens at the start)
+    vocab = list(range(100, min(model.cfg.d_vocab, 20_000)))
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    return tasks.induction(vocab, n, bos=bos, seed=seed)
+
+
+def main_circuits(args: argparse.Namespace) -> dict:
+    from sae.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, args.dtype, args.device)
+    task = build_task(args.task, model, args.prompts, args.seed)
+    nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+    clean_logits = last_logits_with_ablation(model, task.clean_tokens, nothing, None)
+    corrupted_logits = last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)
+    check = {"clean_solved": float(task_solved(task, clean_logits).float().mean()),
+             "corrupted_solved": float(task_solved(task, corrupted_logits).float().mean()),
+             "clean_metric": float(task_metric(task, clean_logits).mean()),
+             "corrupted_metric": float(task_metric(task, corrupted_logits).mean())}
+    print(f"{args.task}: the model solves {check['clean_solved']:.0%} of clean and "
+          f"{check['corrupted_solved']:.0%} of corrupted prompts")
+    truth, truth_info = _ground_truth(args, model, task, check)
+    report = {"args": vars(args) | {"func": None}, "task_check": check, "ground_truth": truth_info,
+              "methods": {}}
+    for name in args.methods:
+        started = time.perf_counter()
+        scores = run_method(name, model, task, args.seed)
+        entry = {"scores": scores.scores.tolist(), "seconds": scores.seconds,
+                 "forward_prompts": scores.forward_prompts, "backward_prompts": scores.backward_prompts,
+                 "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))}}
+        if truth is not None:
+            entry["evaluation"] = evaluate(scores.scores, truth)
+        report["methods"][name] = entry
+        atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{args.task}: {name}", truth))
+        auc = entry.get("evaluation", {}).get("roc_auc")
+        print(f"{name}: {time.perf_counter() - started:.1f} s" + (f", ROC AUC {auc:.3f}" if auc is not None else ""))
+    atomic_write_json(out / "report.json", report)
+    print(f"wrote {out / 'report.json'}")
+    return report
+
+
+def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if args.ground_truth != "patching":
+        mask = ground_truth.head_mask(args.ground_truth, n_layers, n_heads)
+        return mask, {"source": args.ground_truth, "heads": mask.int().tolist()}
+    run = exhaustive_head_patching(model, task, "resample")
+    mask = ground_truth_from_effects(run.details["effects"], check["clean_metric"], check["corrupted_metric"])
+    info = {"source": "exhaustive resample patching, |effect| >= 10% of the clean-corrupted gap",
+            "effects": run.details["effects"].tolist(), "heads": mask.int().tolist(), "seconds": run.seconds}
+    if mask.all() or not mask.any():
+        print(f"ground truth from patching has {int(mask.sum())} of {mask.numel()} heads: no evaluation")
+        return None, info | {"error": "ground truth has a single class"}
+    return mask, info
+
+
+def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = None) -> bytes:
+    """A layer × head heatmap of scores [layers, heads]; ground-truth heads outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layers, n_heads = scores.shape
+    figure, axis = plt.subplots(figsize=(1 + 0.5 * n_heads, 1 + 0.4 * n_layers))
+    image = axis.imshow(scores.numpy(), cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=axis, label="score")
+    if truth is not None:
+        for layer, head in truth.nonzero().tolist():
+            axis.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    axis.set(xlabel="head", ylabel="layer", title=title + (" (red: ground truth)" if truth is not None else ""))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Stand-alone entry point until analyze.py wires the subcommand: python -m sae.analysis.circuits.cli ..."""
+    parser = argparse.ArgumentParser(prog="circuits")
+    add_circuits_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["circuits", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
