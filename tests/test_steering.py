@@ -3,12 +3,15 @@ the error term, codebook codes are forced and suppressed, KL grows with alpha an
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.analysis.steering import (
-    Intervention, calibrate_to_kl, compare, generate, mean_kl, steered_site, steering,
+    Intervention, calibrate_to_kl, compare, generate, mean_kl, next_token_log_probs, steered_site, steering,
 )
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
@@ -141,3 +144,52 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
     assert "latent 999 is out of range" in capsys.readouterr().err
     assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--mode", "force"]) == 1
     assert "codebook" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gemma_steering_moves_the_output_towards_an_interpretable_latent():
+    """Gemma 3 270M, a small TopK SAE trained here on layer 6: pick a latent whose top activations all sit
+    on one token (and are most often followed by the same token), steer with it; KL grows with alpha and
+    the tokens that follow its top activations become more likely."""
+    import sae as sae_lib
+    from sae.analysis.features import collect_statistics, model_batches
+    from sae.analysis.steering import NEUTRAL_PROMPTS
+    from sae.data import context_batches, iter_documents, pack_contexts
+    from sae.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("gemma-3-270m")
+    hook = "blocks.6.hook_resid_post"
+    contexts = pack_contexts(iter_documents("python-stdlib"), model.tokenizer, 128)
+    token_batches = [b for _, b in zip(range(24), context_batches(contexts, 8))]  # 24.6k tokens
+    probe = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=640, d_sae=16, k=1, hookpoint=hook))
+    acts = torch.cat([x[valid] for _, x, valid in model_batches(model, probe, token_batches)])  # [tokens, 640]
+    cfg = SAEConfig(architecture="topk", d_in=640, d_sae=1024, k=16, hookpoint=hook, model_name="gemma-3-270m")
+    trained = sae_lib.train(acts, sae_lib.TrainConfig(batch_size=1024, total_tokens=4 * len(acts), log_every=1000,
+                                                      checkpoint_every=10**9, out_dir=str(Path(tempfile.mkdtemp()))), cfg)
+
+    stats = collect_statistics(trained, model_batches(model, trained, token_batches), k_top=10, window_before=0, window_after=1)
+    def predictability(i: int) -> int:  # how often the commonest next token follows its top activations
+        next_tokens = [t[1] for _, t, _ in stats.examples(i)]
+        return max(next_tokens.count(t) for t in next_tokens)
+
+    single_token = [i for i in range(1024) if len(stats.examples(i)) == 10
+                    and len({t[0] for _, t, _ in stats.examples(i)}) == 1 and stats.fire_count[i] < 0.01 * stats.tokens_seen]
+    assert single_token, "no latent reads a single token"
+    latent = max(single_token, key=lambda i: (predictability(i), stats.max_activation[i].item()))
+    following = stats.following_tokens(latent, n=3)
+    described = (latent, model.tokenizer.decode(stats.examples(latent)[0][1][:1]), model.tokenizer.decode(following))
+    prompts = [model.to_tokens(p) for p in NEUTRAL_PROMPTS[:3]]
+
+    def effects(alpha: float) -> tuple[float, float]:
+        intervention = Intervention(latent, "add", alpha * stats.max_activation[latent].item())
+        kl = mean_kl(model, trained, prompts, intervention)
+        steered = torch.cat([next_token_log_probs(model, trained, p, intervention) for p in prompts])
+        return kl, steered[:, following].exp().sum(-1).mean().item()
+
+    clean_probability = effects(0.0)[1]
+    kls, probabilities = zip(*(effects(a) for a in (0.25, 0.5, 1.0, 2.0)))
+    assert all(a < b for a, b in zip(kls, kls[1:])), (described, kls)
+    # A small SAE trained in a minute: its latent (' []', followed by a newline) measured 1.5x at alpha 1;
+    # the SAE of `python train.py` raised its 'raise' latent's followers 13x (see the steering evidence).
+    assert probabilities[2] > 1.25 * clean_probability, (described, clean_probability, probabilities)
