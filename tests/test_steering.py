@@ -44,6 +44,19 @@ def test_every_generated_position_is_steered_with_the_kv_cache(tiny_lm):
     assert torch.allclose(difference[1:], expected, atol=1e-4), "every later position, generated ones included"
 
 
+def test_every_forward_under_one_steering_block_leaves_bos_alone(tiny_lm):
+    sae = make_sae()
+    recorded = []
+    with steering(tiny_lm, sae, Intervention(2, "add", 5.0)), \
+            tiny_lm.hooks(fwd_hooks=[(HOOK, lambda a, hook: recorded.append(a.detach().clone()))]):
+        for text in ("a = 1", "while True:"):
+            tiny_lm(tiny_lm.to_tokens(text))
+    for steered, text in zip(recorded, ("a = 1", "while True:")):
+        _, clean = tiny_lm.run_with_cache(tiny_lm.to_tokens(text), names_filter=[HOOK])
+        assert torch.allclose(steered[0, 0], clean[HOOK][0, 0]), text
+        assert torch.allclose(steered[0, 1:] - clean[HOOK][0, 1:], 5.0 * sae.W_dec[2].expand(steered.shape[1] - 1, -1), atol=1e-4)
+
+
 def test_steered_generation_matches_a_full_steered_forward(tiny_lm):
     sae = make_sae()
     intervention = Intervention(latent=7, mode="add", strength=8.0)

@@ -107,6 +107,7 @@ def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> C
 
     It counts the positions it has seen, so with the KV cache (one new position per call) it still
     knows which absolute positions it is given and steers all but the first `skip_positions` (BOS).
+    A call with several positions starts a new sequence (a plain forward, or a cached generation's prompt).
     """
     from sae.evals import _put_site  # the same splice the evals use
 
@@ -115,6 +116,8 @@ def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> C
 
     def hook(acts: Tensor, hook) -> Tensor:
         nonlocal seen
+        if acts.shape[1] > 1:
+            seen = 0
         first = max(0, skip_positions - seen)  # positions of this call still before the skipped prefix
         seen += acts.shape[1]
         if first >= acts.shape[1]:
