@@ -33,6 +33,14 @@ def test_precision_recall_at_k_threshold_and_oracle():
     assert report["at_threshold"]["precision"] == pytest.approx(2 / 3)
     assert report["at_threshold"]["recall"] == 1.0
     assert report["oracle_best_f1"] == pytest.approx(0.8)  # the same three heads: the best any threshold does
+    assert report["roc_auc_within_layers"] == 1.0  # layer 0: 0.9 > 0.8; layer 1: 0.7 > 0.1
+
+
+def test_layer_index_scorer_is_blind_within_layers():
+    truth = torch.tensor([[True, False, False], [True, True, True]])
+    depth = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert evaluation.roc_auc(depth, truth) == pytest.approx(7 / 8)  # 6 wins + 2 ties of 8 pairs
+    assert evaluation.roc_auc_within_layers(depth, truth) == 0.5
 
 
 def test_controls_are_near_chance_for_a_perfect_ranking():

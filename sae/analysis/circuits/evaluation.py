@@ -3,6 +3,8 @@ except what is labelled `oracle`.
 
 scores, truth: [layers, heads] (float, bool). Reported:
     roc_auc                  Mann-Whitney AUC, ties counted half
+    roc_auc_within_layers    mean AUC over the layers holding both circuit and other heads (blind to
+                             depth, which a trivial "later layer = more important" scorer exploits)
     at_k                     precision/recall/F1 of the top |truth| heads (ties broken by head index)
     at_threshold             ... of heads whose min-max normalised score >= a threshold fixed in advance
     oracle_best_f1           best F1 over all thresholds (chosen WITH the ground truth; for comparison only)
@@ -34,6 +36,12 @@ def roc_auc(scores: Tensor, truth: Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).double().sum()
     ties = (pos[:, None] == neg[None, :]).double().sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def roc_auc_within_layers(scores: Tensor, truth: Tensor) -> float | None:
+    """Mean over layers of the AUC among that layer's heads; None when no layer has both classes."""
+    aucs = [roc_auc(scores[L], truth[L]) for L in range(len(truth)) if truth[L].any() and not truth[L].all()]
+    return sum(aucs) / len(aucs) if aucs else None
 
 
 def precision_recall_f1(predicted: Tensor, truth: Tensor) -> dict[str, float]:
@@ -86,6 +94,7 @@ def evaluate(scores: Tensor, truth: Tensor, threshold: float = DEFAULT_THRESHOLD
     k = int(truth.sum())
     return {
         "roc_auc": roc_auc(scores, truth),
+        "roc_auc_within_layers": roc_auc_within_layers(scores, truth),
         "at_k": {"k": k, **precision_recall_f1(top_k_mask(scores, k), truth)},
         "at_threshold": {"threshold": threshold, **precision_recall_f1(normalised(scores) >= threshold, truth)},
         **oracle_best_f1(scores, truth),

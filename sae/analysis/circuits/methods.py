@@ -115,6 +115,13 @@ def random_scores(model, seed: int) -> MethodScores:
     return MethodScores("random", scores, 0.0, 0, 0)
 
 
+def layer_index_scores(model) -> MethodScores:
+    """A control that knows nothing but depth: score = layer index. On a toy whose circuit is "all of the
+    last layer plus some of the first", this alone reaches a high AUC; a method must beat it to mean much."""
+    scores = torch.arange(model.cfg.n_layers, dtype=torch.float32)[:, None].expand(-1, model.cfg.n_heads).clone()
+    return MethodScores("layer_index", scores, 0.0, 0, 0)
+
+
 BASELINES = {
     "patching_resample": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "resample"),
     "patching_mean": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "mean"),
@@ -122,6 +129,7 @@ BASELINES = {
     "attribution_patching": lambda model, task, seed: patching.attribution_patching(model, task),
     "eap_ig": lambda model, task, seed: patching.eap_ig_nodes(model, task),
     "random": lambda model, task, seed: random_scores(model, seed),
+    "layer_index": lambda model, task, seed: layer_index_scores(model),
 }
 ALL_METHODS = [*CODE_METHODS, *BASELINES]
 
