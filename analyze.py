@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # --- shared ---------------------------------------------------------------------------------------
 

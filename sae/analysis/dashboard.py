@@ -144,40 +144,15 @@ def write_dashboard(
     if unembedding is not None and unembedding.W_U.shape[0] != sae.cfg.d_in:
         raise ValueError(f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE")
     logits = logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
-    edges = histogram_bin_edges()
-    density = stats.fire_count.double() / max(stats.tokens_seen, 1)
-    mean_firing = stats.act_sum / stats.fire_count.clamp(min=1)
-    mean = stats.act_sum / max(stats.tokens_seen, 1)
-    top_strings = lambda ids: [tokenizer.decode([t]) for t in ids]  # noqa: E731
 
-    rows = []
+    rows = []  # the index: one row per latent, INDEX_COLUMNS
     for chunk_start in tqdm(range(0, len(latents), chunk_size), desc="dashboard chunks", unit="chunk"):
         chunk = chunk_start // chunk_size
         strings, records = _Strings(tokenizer), {}
         for i in range(chunk_start, min(chunk_start + chunk_size, len(latents))):
             latent, explained = latents[i], explanations.get(latents[i], Explanation())
-            top = stats.examples(i, "top")
-            record = {
-                "density": density[i].item(), "max": stats.max_activation[i].item(),
-                "mean_firing": mean_firing[i].item(), "histogram": _histogram(stats.histogram[i], edges),
-                "top": [_example(v, t, a, stats.center, strings) for v, t, a in top],
-                "quantiles": [
-                    {**q, "examples": [_example(v, t, a, stats.center, strings) for v, t, a in q["examples"]]}
-                    for q in stats.quantile_examples(i)
-                ],
-                "explanation": explained.explanation, "scores": explained.scores or None,
-                "steering": steering.get(latent, []),
-                "logits": None if logits is None else {
-                    "top": list(zip(top_strings(logits[1][i].tolist()), [round(v, 3) for v in logits[0][i].tolist()])),
-                    "bottom": list(zip(top_strings(logits[3][i].tolist()), [round(v, 3) for v in logits[2][i].tolist()])),
-                },
-            }
-            records[latent] = record
-            top_tokens = list(dict.fromkeys(tokenizer.decode([t[stats.center]]) for _, t, _ in top))[:5]
-            score = max(explained.scores.values()) if explained.scores else None
-            rows.append([latent, round(record["density"], 6), round(record["max"], 4), round(mean[i].item(), 5), score,
-                         explained.explanation, top_tokens, [s for s, _ in record["logits"]["top"][:5]] if logits is not None else [],
-                         chunk])
+            records[latent] = _latent_record(stats, i, strings, tokenizer, logits, explained, steering.get(latent, []))
+            rows.append(_index_row(stats, i, records[latent], tokenizer, explained, chunk))
         _write_script(out_dir / "data" / f"chunk_{chunk:05d}.js", f"SAE_DASHBOARD.chunk({chunk}, ",
                       {"latents": records, "strings": strings.strings})
 
@@ -185,7 +160,8 @@ def write_dashboard(
         "title": title or f"SAE latents: {sae.cfg.hookpoint}", "d_sae": sae.cfg.d_sae, "hookpoint": sae.cfg.hookpoint,
         "model": model_name or sae.cfg.model_name, "tokens": stats.tokens_seen, "source": source,
         "chunk_size": chunk_size,
-        "logit_effects": "decoder direction through the final norm's gain and W_U" if logits is not None else "not computed (not a residual-stream SAE)",
+        "logit_effects": "decoder direction through the final norm's gain and W_U" if logits is not None
+        else "not computed (not a residual-stream SAE)",
     }
     _write_script(out_dir / "index_data.js", "SAE_DASHBOARD.index(",
                   {"meta": meta, "columns": list(INDEX_COLUMNS), "rows": rows})
@@ -193,6 +169,37 @@ def write_dashboard(
         atomic_write_bytes(out_dir / name, (ASSETS / name).read_bytes())
     atomic_write_json(out_dir / "dashboard.json", {**meta, "latents": len(latents), "sae_cfg": sae.cfg.__dict__})
     return out_dir / "index.html"
+
+
+def _latent_record(stats: LatentStatistics, i: int, strings: _Strings, tokenizer, logits, explained: Explanation,
+                   steering: list[dict]) -> dict:
+    """Everything latent.html shows about tracked latent number i."""
+    fires = stats.fire_count[i].item()
+    decode = lambda ids: [tokenizer.decode([t]) for t in ids.tolist()]  # noqa: E731
+    example = lambda v, t, a: _example(v, t, a, stats.center, strings)  # noqa: E731
+    return {
+        "density": fires / max(stats.tokens_seen, 1), "max": stats.max_activation[i].item(),
+        "mean_firing": stats.act_sum[i].item() / max(fires, 1),
+        "histogram": _histogram(stats.histogram[i], histogram_bin_edges()),
+        "top": [example(*e) for e in stats.examples(i, "top")],
+        "quantiles": [{**q, "examples": [example(*e) for e in q["examples"]]} for q in stats.quantile_examples(i)],
+        "explanation": explained.explanation, "scores": explained.scores or None, "steering": steering,
+        "logits": None if logits is None else {
+            "top": list(zip(decode(logits[1][i]), [round(v, 3) for v in logits[0][i].tolist()])),
+            "bottom": list(zip(decode(logits[3][i]), [round(v, 3) for v in logits[2][i].tolist()])),
+        },
+    }
+
+
+def _index_row(stats: LatentStatistics, i: int, record: dict, tokenizer, explained: Explanation, chunk: int) -> list:
+    """One row of index_data.js, in INDEX_COLUMNS order."""
+    top_tokens = list(dict.fromkeys(tokenizer.decode([t[stats.center]]) for _, t, _ in stats.examples(i)))[:5]
+    top_logits = [token for token, _ in record["logits"]["top"][:5]] if record["logits"] else []
+    return [
+        stats.latents[i].item(), round(record["density"], 6), round(record["max"], 4),
+        round(stats.act_sum[i].item() / max(stats.tokens_seen, 1), 5),
+        max(explained.scores.values()) if explained.scores else None, explained.explanation, top_tokens, top_logits, chunk,
+    ]
 
 
 def _write_script(path: Path, call: str, data: dict) -> None:
