@@ -120,6 +120,7 @@ def test_pages_load_in_chromium_without_errors_and_show_highlighted_tokens(dashb
     searched = run_chromium(f"file://{dashboard_dir}/index.html#q=bold", "--dump-dom")
     assert console_messages(searched) == [] and searched.stdout.count('href="latent.html#') == 1
     assert "&lt;b&gt;bold&lt;/b&gt;" in searched.stdout, "explanations are text, never HTML"
+    assert '<th data-key="score">detection</th>' in searched.stdout and ">0.500<" in searched.stdout
 
     page = run_chromium(f"file://{dashboard_dir}/latent.html#4", "--dump-dom")
     assert console_messages(page) == [], console_messages(page)

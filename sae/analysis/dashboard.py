@@ -16,8 +16,9 @@ JSON-lines file, one object per line:
 
     {"latent": 12, "explanation": "Python decorators", "scores": {"detection": 0.81, "fuzzing": 0.74}}
 
-`latent` is required; `explanation` (string) and `scores` (name -> number) are optional. Steering
-examples are the JSON files `analyze.py steer` writes.
+`latent` is required; `explanation` (string or null) and `scores` (name -> number) are optional. The
+index page has a sortable column for the first score name in the file; latent pages show all scores.
+`analyze.py autointerp` writes this file. Steering examples are the JSON files `analyze.py steer` writes.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def write_dashboard(
         raise ValueError(f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE")
     logits = logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
 
+    # The index sorts by one score: the first one the explanations file names (all scores are on latent pages).
+    score_name = next((name for e in explanations.values() for name in e.scores), None)
     rows = []  # the index: one row per latent, INDEX_COLUMNS
     for chunk_start in tqdm(range(0, len(latents), chunk_size), desc="dashboard chunks", unit="chunk"):
         chunk = chunk_start // chunk_size
@@ -152,14 +155,14 @@ def write_dashboard(
         for i in range(chunk_start, min(chunk_start + chunk_size, len(latents))):
             latent, explained = latents[i], explanations.get(latents[i], Explanation())
             records[latent] = _latent_record(stats, i, strings, tokenizer, logits, explained, steering.get(latent, []))
-            rows.append(_index_row(stats, i, records[latent], tokenizer, explained, chunk))
+            rows.append(_index_row(stats, i, records[latent], tokenizer, explained, chunk, score_name))
         _write_script(out_dir / "data" / f"chunk_{chunk:05d}.js", f"SAE_DASHBOARD.chunk({chunk}, ",
                       {"latents": records, "strings": strings.strings})
 
     meta = {
         "title": title or f"SAE latents: {sae.cfg.hookpoint}", "d_sae": sae.cfg.d_sae, "hookpoint": sae.cfg.hookpoint,
         "model": model_name or sae.cfg.model_name, "tokens": stats.tokens_seen, "source": source,
-        "chunk_size": chunk_size,
+        "chunk_size": chunk_size, "score_name": score_name,
         "logit_effects": "decoder direction through the final norm's gain and W_U" if logits is not None
         else "not computed (not a residual-stream SAE)",
     }
@@ -191,14 +194,15 @@ def _latent_record(stats: LatentStatistics, i: int, strings: _Strings, tokenizer
     }
 
 
-def _index_row(stats: LatentStatistics, i: int, record: dict, tokenizer, explained: Explanation, chunk: int) -> list:
-    """One row of index_data.js, in INDEX_COLUMNS order."""
+def _index_row(stats: LatentStatistics, i: int, record: dict, tokenizer, explained: Explanation, chunk: int,
+               score_name: str | None) -> list:
+    """One row of index_data.js, in INDEX_COLUMNS order; its score column is the score named `score_name`."""
     top_tokens = list(dict.fromkeys(tokenizer.decode([t[stats.center]]) for _, t, _ in stats.examples(i)))[:5]
     top_logits = [token for token, _ in record["logits"]["top"][:5]] if record["logits"] else []
     return [
         stats.latents[i].item(), round(record["density"], 6), round(record["max"], 4),
         round(stats.act_sum[i].item() / max(stats.tokens_seen, 1), 5),
-        max(explained.scores.values()) if explained.scores else None, explained.explanation, top_tokens, top_logits, chunk,
+        explained.scores.get(score_name) if score_name else None, explained.explanation, top_tokens, top_logits, chunk,
     ]
 
 

@@ -24,6 +24,7 @@ const SAE_DASHBOARD = (() => {
     const search = document.getElementById("search");
     const state = { query: params.get("q") || "", key: params.get("sort") || "density", ascending: params.get("asc") === "1", shown: PAGE };
     search.value = state.query;
+    if (index.meta.score_name) document.querySelector('th[data-key="score"]').textContent = index.meta.score_name;
     document.getElementById("title").textContent = index.meta.title;
     document.getElementById("summary").textContent =
       `${index.rows.length} latents of ${index.meta.d_sae} · ${index.meta.hookpoint} · ${index.meta.model} · ` +
