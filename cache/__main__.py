@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from sae.config import ConfigError
+# Before torch loads: on a shared CPU, OpenMP threads spinning at each barrier wait for peers the OS
+# has descheduled, and a Gemma forward ran 5-25x slower here under load. Passive waiting avoids that.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from sae.config import ConfigError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,7 +194,7 @@ def save_density_histogram(density: torch.Tensor, path: str | Path, title: str =
     axes.set_ylabel("latents")
     axes.set_title(f"Feature density: {title}", fontsize=9)
     dead = len(density) - len(alive)
-    axes.legend([f"{len(alive)} alive, {dead} dead ({dead / len(density):.1%})"], loc="upper left", fontsize=8)
+    axes.legend([f"{len(alive)} fired, {dead} never fired on these tokens ({dead / len(density):.1%})"], loc="upper left", fontsize=8)
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
