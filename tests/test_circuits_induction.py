@@ -83,14 +83,14 @@ def test_circuits_command_writes_report_and_heatmaps(trained, tmp_path):
     import argparse
     import json
 
-    from sae.analysis.circuits.cli import add_circuits_parser
+    from sae.analysis.circuits.cli import add_circuits_arguments, run_circuits
 
     _, info = trained
-    parser = argparse.ArgumentParser()
-    add_circuits_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["circuits", "--task", "induction", "--model", str(info["directory"]), "--prompts", "40",
+    parser = argparse.ArgumentParser()  # as analyze.py's SUBCOMMANDS registry uses the pair
+    add_circuits_arguments(parser)
+    args = parser.parse_args(["--task", "induction", "--model", str(info["directory"]), "--prompts", "40",
                               "--methods", "oneill", "attribution_patching", "--out", str(tmp_path)])
-    args.func(args)
+    assert run_circuits(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task_check"]["clean_solved"] > 0.9
     assert set(report["methods"]) == {"oneill", "attribution_patching"}

@@ -10,8 +10,10 @@ Steps are separate and take plain tensors, so a study can swap any of them:
     sae_model = C.train_oneill_relu_sae(rows)                               # or C.train_codebook_sae(rows)
     scores = C.oneill_head_scores(C.argmax_codes(sae_model, pos).codes,
                                   C.argmax_codes(sae_model, neg).codes, d_sae=200)   # [layers, heads]
-    truth = C.exhaustive_head_patching(model, task, "resample")            # or C.ground_truth.head_mask(...)
-    C.evaluate(scores, truth_mask)
+    truth = C.ground_truth.head_mask("gpt2-small/ioi/acdc", 12, 12)         # or from exhaustive patching:
+    #   run = C.exhaustive_head_patching(model, task, "resample")
+    #   truth = C.ground_truth_from_effects(run.details["effects"], clean_metric, corrupted_metric)
+    C.evaluate(scores, truth)                                               # AUC, P/R/F1, controls
 
 `C.run_method(name, model, task, seed)` runs any named method (CODE_METHODS, BASELINES) with its cost.
 """

@@ -3,8 +3,10 @@ a layer × head heatmap per method.
 
     python analyze.py circuits --task ioi --model gemma-3-270m --methods oneill codebook_overlap --out out/ioi
 
-Wiring (analyze.py): `from sae.analysis.circuits.cli import add_circuits_parser` and call
-`add_circuits_parser(subparsers)`; it sets `func=main_circuits` on its subparser.
+Wiring into analyze.py's registry:
+    from sae.analysis.circuits.cli import add_circuits_arguments, run_circuits
+    SUBCOMMANDS["circuits"] = (add_circuits_arguments, run_circuits, "find the attention heads a task uses")
+or, with plain argparse subparsers, `add_circuits_parser(subparsers)` (sets `func=run_circuits`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ TASKS = ("ioi", "greater_than", "docstring", "induction")
 def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("circuits", help="find the attention heads a task uses",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_circuits_arguments(parser)
+    parser.set_defaults(func=run_circuits)
+    return parser
+
+
+def add_circuits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--model", required=True, help="gemma-3-270m, a local HF folder, or a hub name")
     parser.add_argument("--methods", nargs="+", default=["oneill", "codebook_overlap", "attribution_patching"],
@@ -43,8 +51,12 @@ def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, help="directory for report.json and <method>.png")
-    parser.set_defaults(func=main_circuits)
-    return parser
+
+
+def run_circuits(args: argparse.Namespace) -> int:
+    """The subcommand: exit status 0 once report.json and the heatmaps are written."""
+    main_circuits(args)
+    return 0
 
 
 def build_task(name: str, model, n: int, seed: int) -> tasks.Task:
@@ -77,7 +89,8 @@ def main_circuits(args: argparse.Namespace) -> dict:
     print(f"{args.task}: the model solves {check['clean_solved']:.0%} of clean and "
           f"{check['corrupted_solved']:.0%} of corrupted prompts")
     truth, truth_info = _ground_truth(args, model, task, check)
-    report = {"args": vars(args) | {"func": None}, "task_check": check, "ground_truth": truth_info,
+    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "task_check": check,
+              "ground_truth": truth_info,
               "methods": {}}
     for name in args.methods:
         started = time.perf_counter()
@@ -125,6 +138,8 @@ def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = N
     if truth is not None:
         for layer, head in truth.nonzero().tolist():
             axis.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    axis.set_xticks(range(n_heads))
+    axis.set_yticks(range(n_layers))
     axis.set(xlabel="head", ylabel="layer", title=title + (" (red: ground truth)" if truth is not None else ""))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")

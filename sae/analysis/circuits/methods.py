@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from . import patching
-from .activations import ForwardCounter, collect_head_results
+from .activations import ForwardCounter, collect_head_results, last_logits_with_ablation
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .patching import MethodScores
 from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores
-from .tasks import Task
+from .tasks import Task, task_solved
 
 
 @dataclass
@@ -79,9 +79,6 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
 
 def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Task, dict]:
     """The clean prompts the model solves (the method needs them), and how many there were."""
-    from .activations import last_logits_with_ablation
-    from .tasks import task_solved
-
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     solved = task_solved(task, last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter))
