@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient, RequestFailed
-from sae.analysis.autointerp.explainer import ExplainerConfig, explain, explainer_prompt, parse_explanation
+from sae.analysis.autointerp.explainer import EXPLANATION_PREFIX, ExplainerConfig, explain, explainer_prompt, parse_explanation
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, pair_controls, summary_table
 from sae.analysis.autointerp.prompts import mark_tokens
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
@@ -55,6 +55,7 @@ def test_mark_tokens_merges_runs_and_keeps_spaces_outside():
     ("   \n  ", None),
     ("1. the <<cat>> sat", None),  # echoes an example instead of explaining
     ("Examples:", None),
+    (' the word "2006"', 'the word "2006"'),  # quotes inside the answer stay balanced
 ])
 def test_parse_explanation(answer, expected):
     assert parse_explanation(answer) == expected
@@ -65,7 +66,7 @@ def test_explainer_prompt_marks_activating_tokens_and_shows_values():
                           top=[Example([0, 1, 2], [0.0, 2.0, 0.0])], quantiles=[[Example([5, 6], [1.0, 0.0])]])
     prompt = explainer_prompt(record, token_strings, ExplainerConfig(show_values=True))
     assert "<<cat>>" in prompt and "'cat': 10" in prompt and "<<dog>>" in prompt and "'dog': 5" in prompt
-    assert prompt.endswith("Explanation:")
+    assert prompt.endswith(EXPLANATION_PREFIX)
 
 
 # --- records: one streaming pass -------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
 
     def reply_by_tokens(n, path, body):
         prompt = body["prompt"]
-        if prompt.endswith("Explanation:"):
+        if prompt.endswith(EXPLANATION_PREFIX):
             return 200, completion_payload("   " if "<<dog>>" in prompt.split("\n\n")[-1] else " short words"), 0
         return 200, completion_payload([" 1", " 0", " maybe"][n % 3], {" 1": -0.5, " 0": -1.0}), 0
 
@@ -320,7 +321,7 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
     sae_dir = SparseAutoencoder.from_config(sae_config, seed=2).save(tmp_path / "sae")
 
     def reply(n, path, body):
-        if body["prompt"].endswith("Explanation:"):
+        if body["prompt"].endswith(EXPLANATION_PREFIX):
             return 200, completion_payload(" code tokens"), 0
         return 200, completion_payload(" 1" if n % 2 else " 0", {" 1": -0.7, " 0": -0.7}), 0
 

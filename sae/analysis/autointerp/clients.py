@@ -225,7 +225,10 @@ class LlamaCppClient:
     def __init__(self, model_path: str, n_ctx: int = 2048, n_threads: int = 1, seed: int = 0):
         from llama_cpp import Llama  # extra "autointerp-local"
 
-        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, logits_all=False, verbose=False)
+        # logits_all: llama-cpp-python returns logprobs only if it keeps every position's logits (as its
+        # server does by default); with Gemma's 262k vocabulary that is 1 MB per prompt token.
+        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                         seed=seed, logits_all=True, verbose=False)
         self.lock = asyncio.Lock()
 
     async def complete(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from sae.analysis.autointerp.clients import Client, RequestFailed
@@ -21,19 +22,33 @@ INSTRUCTIONS = (
     "active are marked <<like this>>. Explain in a few words what the feature responds to."
 )
 
-# Demonstrations fix the answer format for small base models; topics far from typical latents.
+# Demonstrations fix the answer format for small base models. A 270M model copies the form of the last
+# demonstration, so they vary in form (a category, a function, a topic, a word) and end with the form that
+# fits most token-level latents. Topics are kept away from the concepts the tests use.
 DEMONSTRATIONS = (
     (["I bought three <<apples>> and two <<pears>> at the market",
       "She put a <<banana>> in her lunch box",
-      "The <<orange>> tree in the garden grew tall"],
+      "The <<orange>> tree in the garden grew tall",
+      "a bowl of <<cherries>> and <<grapes>>"],
      "names of fruits"),
+    (["    n = <<len>>(self.items)",
+      "if <<len>>(args) > 2:\\n",
+      "    total += <<len>>(line)"],
+     "the built-in function len"),
+    (["It will <<rain>> tomorrow",
+      "a <<sunny>> and <<windy>> afternoon",
+      "the <<snow>> kept falling"],
+     "weather words"),
     (["He said <<that>> he would come",
       "It is clear <<that>> the plan failed",
       "They hoped <<that>> it would rain"],
-     'the word "that" introducing a clause'),
+     'the word "that"'),
 )
 
-EXPLANATION_PREFIX = "Explanation:"
+# The prompt ends mid-sentence, so a base model continues on the same line instead of starting another
+# list of examples (Gemma 3 270M did that for 6 of 8 latents when the prompt ended at "Explanation:").
+EXPLANATION_PREFIX = "Explanation: the feature responds to"
+_MARKED = re.compile(r"<<(.+?)>>")
 _ECHO = re.compile(r"^(examples?|features?|explanations?|text|answer)\b|^\d+\.", re.IGNORECASE)
 
 
@@ -52,6 +67,7 @@ class ExplainerConfig:
     n_examples: int = 20  # examples shown, drawn from the top and from every quantile interval
     show_values: bool = False
     max_tokens: int = 24
+    list_marked: bool = True  # add a line listing the marked spans (see marked_summary)
     use_chat: bool = False  # base models (the local default) continue a few-shot prompt; chat models get turns
     seed: int = 0
 
@@ -73,16 +89,27 @@ def choose_examples(record: LatentRecord, n: int, rng: random.Random) -> list:
     return unique
 
 
+def marked_summary(texts: list[str], limit: int = 10) -> str:
+    """'Marked tokens: a, b, ...': the distinct <<marked>> spans of the examples, most frequent first.
+
+    Why: a small model (Gemma 3 270M) mostly copies the demonstrations' explanations when it has to find the
+    common thread across 20 windows itself; a line naming the marked spans gives it something to generalise.
+    """
+    counts = Counter(span.strip() for text in texts for span in _MARKED.findall(text))
+    return "Marked tokens: " + ", ".join(span for span, _ in counts.most_common(limit))
+
+
 def explainer_prompt(record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> str:
     rng = random.Random(config.seed * 1_000_003 + record.latent)
     blocks = [INSTRUCTIONS]
-    for examples, explanation in DEMONSTRATIONS:
-        lines = [f"{i + 1}. {text}" for i, text in enumerate(examples)]
-        blocks.append("Examples:\n" + "\n".join(lines) + f"\n{EXPLANATION_PREFIX} {explanation}")
     examples = choose_examples(record, config.n_examples, rng)
-    lines = [f"{i + 1}. {render_example(e, token_strings, record.max_activation, config.show_values)}"
-             for i, e in enumerate(examples)]
-    blocks.append("Examples:\n" + "\n".join(lines) + f"\n{EXPLANATION_PREFIX}")
+    rendered = [render_example(e, token_strings, record.max_activation, config.show_values) for e in examples]
+    for texts, explanation in [*DEMONSTRATIONS, (rendered, None)]:
+        lines = [f"{i + 1}. {text}" for i, text in enumerate(texts)]
+        if config.list_marked:
+            lines.append(marked_summary(texts))
+        lines.append(EXPLANATION_PREFIX + (f" {explanation}" if explanation else ""))
+        blocks.append("Examples:\n" + "\n".join(lines))
     return "\n\n".join(blocks)
 
 
@@ -92,9 +119,12 @@ def parse_explanation(answer: str) -> str | None:
     if not lines:
         return None
     text = lines[0]
-    if text.lower().startswith(EXPLANATION_PREFIX.lower()):
-        text = text[len(EXPLANATION_PREFIX):].strip()
-    text = text.strip().rstrip(".").strip("\"'` ").rstrip(".").strip()
+    for prefix in (EXPLANATION_PREFIX, "Explanation:"):  # a model may repeat the prompt's prefix
+        if text.lower().startswith(prefix.lower()):
+            text = text[len(prefix):].strip()
+    text = text.strip().rstrip(".").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'`":  # only a quote that wraps the whole answer
+        text = text[1:-1].strip().rstrip(".")
     if not text or _ECHO.match(text) or "<<" in text:
         return None
     return text
