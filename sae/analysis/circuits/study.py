@@ -25,9 +25,9 @@ import torch
 from sae.io import atomic_write_json
 
 from .activations import last_logits_with_ablation
-from .evaluation import evaluate
+from .evaluation import evaluate, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, run_method
-from .patching import exhaustive_head_patching, ground_truth_from_effects
+from .patching import circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
 from .tasks import task_metric
 from .toy_induction import induction_task, train_induction_model
 
@@ -71,7 +71,11 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     if "error" in info:
         return result
     for name in methods:
-        result["methods"][name] = _summary(run_method(name, model, task, seed), truth)
+        summary = _summary(run_method(name, model, task, seed), truth)
+        # the circuit this method would report: its top |truth| heads, everything else resample-ablated
+        found = top_k_mask(torch.tensor(summary["scores"]), int(truth.sum()))
+        summary["faithfulness_at_k"] = circuit_faithfulness(model, task, found, "resample")
+        result["methods"][name] = summary
     reinit = _load(reinit_dir)
     for name in [m for m in methods if m in CODE_METHODS]:
         result["reinit_control"][name] = _summary(run_method(name, reinit, task, seed, positives_from="all"), truth)
@@ -112,8 +116,8 @@ def _mean_sd(values: list[float]) -> str:
 def results_table(per_seed: list[dict]) -> str:
     """Markdown: one row per method, mean ± sd over seeds."""
     ok = [r for r in per_seed if "error" not in r]
-    lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | shuffled-label AUC | "
-             "re-init AUC | forward prompts | backward prompts | seconds |", "|" + " --- |" * 12]
+    lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | faithfulness@k | "
+             "shuffled-label AUC | re-init AUC | forward prompts | backward prompts | seconds |", "|" + " --- |" * 13]
     for name in ok[0]["methods"] if ok else []:
         rows = [r["methods"][name] for r in ok]
         reinit = [r["reinit_control"][name]["roc_auc"] for r in ok if name in r["reinit_control"]]
@@ -122,6 +126,7 @@ def results_table(per_seed: list[dict]) -> str:
                  _mean_sd([x["at_k"]["precision"] for x in rows]),
                  _mean_sd([x["at_k"]["recall"] for x in rows]), _mean_sd([x["at_threshold"]["f1"] for x in rows]),
                  _mean_sd([x["oracle_best_f1"] for x in rows]),
+                 _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
                  _mean_sd([x["controls"]["shuffled_labels_auc"] for x in rows]), _mean_sd(reinit),
                  f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
