@@ -2,6 +2,7 @@
 
     steer      steered and unsteered completions side by side, with measured effects
     dashboard  a static HTML site of latents (open DIR/index.html in a browser; no server)
+    circuits   attention heads a task uses: discrete-SAE head codes, patching baselines, evaluation
 
 Each subcommand is a pair of functions registered in SUBCOMMANDS: `add_<name>_arguments(parser)` and
 `run_<name>(args) -> int`; a new analysis (eval, circuits, autointerp) adds its own pair. Options are
@@ -258,11 +259,27 @@ def run_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- circuits (sae/analysis/circuits/cli.py) ------------------------------------------------------
+
+
+def add_circuits_arguments(parser: argparse.ArgumentParser) -> None:
+    from sae.analysis.circuits.cli import add_circuits_arguments as add
+
+    add(parser)
+
+
+def run_circuits(args: argparse.Namespace) -> int:
+    from sae.analysis.circuits.cli import run_circuits as run
+
+    return run(args)
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 SUBCOMMANDS = {
     "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
+    "circuits": (add_circuits_arguments, run_circuits, "find the attention heads a task uses"),
 }
 
 
