@@ -142,6 +142,7 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     )
     embedding = EmbeddingScorer(minilm_embedder(), token_strings, config.scorer) if "embedding" in scorers else None
     out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)  # the local server's log goes here before any result does
     async with llm_client(opts) as client:
         results, summary = await interpret(client, records, token_strings, config, embedding, out / "results.jsonl")
     write_reports(out, results, summary, asdict(opts))
