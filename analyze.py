@@ -3,6 +3,7 @@
     steer      steered and unsteered completions side by side, with measured effects
     dashboard  a static HTML site of latents (open DIR/index.html in a browser; no server)
     circuits   attention heads a task uses: discrete-SAE head codes, patching baselines, evaluation
+    autointerp explain latents with an LLM and score the explanations (real vs shuffled control)
 
 Each subcommand is a pair of functions registered in SUBCOMMANDS: `add_<name>_arguments(parser)` and
 `run_<name>(args) -> int`; a new analysis (eval, circuits, autointerp) adds its own pair. Options are
@@ -274,12 +275,28 @@ def run_circuits(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- autointerp (sae/analysis/autointerp/cli.py) --------------------------------------------------
+
+
+def add_autointerp_arguments(parser: argparse.ArgumentParser) -> None:
+    from sae.analysis.autointerp.cli import add_autointerp_arguments as add
+
+    add(parser)
+
+
+def run_autointerp(args: argparse.Namespace) -> int:
+    from sae.analysis.autointerp.cli import run_autointerp as run
+
+    return run(args)
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 SUBCOMMANDS = {
     "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
     "circuits": (add_circuits_arguments, run_circuits, "find the attention heads a task uses"),
+    "autointerp": (add_autointerp_arguments, run_autointerp, "explain and score latents with an LLM"),
 }
 
 
