@@ -64,8 +64,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="saelens_cache_") as out_dir:
         config = CacheActivationsRunnerConfig(
             dataset_path="", model_name="google/gemma-3-270m", model_batch_size=args.batch_contexts,
-            hook_name=hook, d_in=640, training_tokens=tokens, context_size=context_size, dtype=args.dtype,
+            hook_name=hook, d_in=640, training_tokens=tokens, context_size=context_size,
+            dtype="float32",  # its Arrow-based storage has no bfloat16
             device="cpu", new_cached_activations_path=str(Path(out_dir) / "acts"), shuffle=False,
+            # One buffer of exactly these tokens: the 2 GB default would compute ~1.5M tokens whatever is asked.
+            buffer_size_gb=tokens * 640 * 4 / 1e9,
             prepend_bos=False,  # our contexts already start with BOS
             model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": tokenizer, "dtype": dtype},
         )
@@ -84,7 +87,7 @@ def main() -> None:
 
     result = {
         "library": "sae-lens CacheActivationsRunner", "model": "gemma-3-270m (our GGUF->HF folder)",
-        "model_dtype": args.dtype, "hookpoint": hook, "tokens": tokens, "batch_contexts": args.batch_contexts,
+        "model_dtype": args.dtype, "cache_dtype": "float32", "hookpoint": hook, "tokens": tokens, "batch_contexts": args.batch_contexts,
         "bare_tokens_per_s": tokens / bare, "cache_tokens_per_s": tokens / cached, "ratio": bare / cached,
         "torch_threads": torch.get_num_threads(),
     }
