@@ -142,11 +142,14 @@ def fold_input_scale(model: SparseAutoencoder, scale: float) -> SparseAutoencode
 
     pre(scale * x) = scale * pre'(x) with b_enc' = b_enc / scale and b_dec' = b_dec / scale, so the
     activations of raw x are f / scale and decoder directions are unchanged. A codebook SAE's
-    activations are binary, so its decoder vectors take the factor instead.
+    activations are binary, so its decoder vectors take the factor instead; with cosine similarity
+    the similarities do not scale at all, so its b_enc must not either.
     """
-    folded = SparseAutoencoder.from_tensors(model.cfg, {n: p.detach().clone() for n, p in model.named_parameters()})
-    folded.b_enc.div_(scale)
+    cfg = model.cfg
+    folded = SparseAutoencoder.from_tensors(cfg, {n: p.detach().clone() for n, p in model.named_parameters()})
     folded.b_dec.div_(scale)
-    if model.cfg.architecture == "codebook":
+    if not (cfg.architecture == "codebook" and cfg.similarity == "cosine"):
+        folded.b_enc.div_(scale)
+    if cfg.architecture == "codebook":
         folded.W_dec.div_(scale)
     return folded.to(model.W_enc.device)
