@@ -1,5 +1,6 @@
 """python analyze.py SUBCOMMAND SAE_DIR [options]: analyses of a trained (or loaded) SAE.
 
+    eval       the SAE spliced into the model on held-out text: CE loss recovered, KL, FVU, L0, density
     steer      steered and unsteered completions side by side, with measured effects
     dashboard  a static HTML site of latents (open DIR/index.html in a browser; no server)
     circuits   attention heads a task uses: discrete-SAE head codes, patching baselines, evaluation
@@ -260,6 +261,60 @@ def run_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- eval -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalOptions:
+    sae: str
+    model: str | None = None
+    dataset: str = "python-stdlib"
+    tokens: int = 16384
+    skip_contexts: int = 0
+    """Contexts of `dataset` to skip first: pass a cache's `contexts` to evaluate on text it did not hold."""
+    context_size: int = 128
+    batch_contexts: int = 4
+    dense_threshold: float = 0.1
+    device: str = "cpu"
+    out: str | None = None
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sae", help="SAE directory or file (ours or a supported foreign format)")
+    parser.add_argument("--model", help="the model the SAE reads (default: the SAE config's model_name)")
+    parser.add_argument("--dataset", default="python-stdlib", help="held-out text: python-stdlib, a hub name or local files")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate on")
+    parser.add_argument("--skip-contexts", type=int, default=0,
+                        help="contexts to skip (a cache's manifest 'contexts': evaluate on text after it)")
+    parser.add_argument("--context-size", type=int, default=128)
+    parser.add_argument("--batch-contexts", type=int, default=4)
+    parser.add_argument("--dense-threshold", type=float, default=0.1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="folder for eval.json and feature_density.png (default: the SAE's folder)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from itertools import islice
+    from pathlib import Path
+
+    from sae.data import context_batches, iter_documents, pack_contexts
+    from sae.evals import evaluate, format_report
+
+    opts = options(EvalOptions, args)
+    sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
+    contexts = pack_contexts(iter_documents(opts.dataset), model.tokenizer, opts.context_size)
+    n_contexts = -(-opts.tokens // (opts.context_size - 1))  # BOS is not evaluated
+    held_out = list(context_batches(islice(contexts, opts.skip_contexts, opts.skip_contexts + n_contexts),
+                                    opts.batch_contexts))
+    sae_path = Path(opts.sae)
+    out = Path(opts.out) if opts.out else (sae_path if sae_path.is_dir() else sae_path.parent)
+    result = evaluate(model, sae, [b.to(opts.device) for b in held_out], dense_threshold=opts.dense_threshold,
+                      out_dir=out, total_batches=len(held_out))
+    print(format_report(result))
+    print(f"wrote {out / 'eval.json'} and {out / 'feature_density.png'}")
+    return 0
+
+
 # --- circuits (sae/analysis/circuits/cli.py) ------------------------------------------------------
 
 
@@ -293,6 +348,7 @@ def run_autointerp(args: argparse.Namespace) -> int:
 # --- entry point ----------------------------------------------------------------------------------
 
 SUBCOMMANDS = {
+    "eval": (add_eval_arguments, run_eval, "evaluate an SAE with the model in the loop on held-out text"),
     "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
     "circuits": (add_circuits_arguments, run_circuits, "find the attention heads a task uses"),
