@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -64,9 +65,16 @@ class IterableBatches:
 
 
 def as_batch_source(
-    data: Tensor | BatchSource | Iterable[Tensor], cfg: TrainConfig, dist: Distributed
+    data: Tensor | BatchSource | Iterable[Tensor] | str | Path, cfg: TrainConfig, dist: Distributed,
+    hookpoint: str | None = None,
 ) -> BatchSource:
-    """A tensor is sharded by rank here; any other source must already be this rank's share."""
+    """A tensor or a cache directory is sharded by rank here; any other source must already be this
+    rank's share. From a cache, `hookpoint` is read (None: the cache's first)."""
+    if isinstance(data, (str, Path)):
+        from cache import ActivationReader  # the caching stage depends on sae, not the other way round
+
+        return ActivationReader(data, hookpoint, batch_size=cfg.batch_size, seed=cfg.seed,
+                                rank=dist.rank, world_size=dist.world_size)
     if isinstance(data, Tensor):
         return TensorBatches(data, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
     if isinstance(data, BatchSource):

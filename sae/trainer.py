@@ -144,9 +144,13 @@ class Trainer:
 
     # -- the loop --
 
-    def fit(self, data: Tensor | BatchSource | Iterable[Tensor]) -> list[SparseAutoencoder]:
-        """Train every SAE on `data`; returns them folded to raw units (also saved under out_dir)."""
-        source = as_batch_source(data, self.cfg, self.dist)
+    def fit(self, data: Tensor | BatchSource | Iterable[Tensor] | str | Path) -> list[SparseAutoencoder]:
+        """Train every SAE on `data` (a tensor, batches, or a cache directory); returns them folded to
+        raw units (also saved under out_dir)."""
+        hookpoints = {m.cfg.hookpoint for m in self.members}
+        if isinstance(data, (str, Path)) and len(hookpoints) > 1:
+            raise ValueError(f"SAEs trained from one read of a cache must share a hookpoint; got {sorted(map(str, hookpoints))}")
+        source = as_batch_source(data, self.cfg, self.dist, hookpoint=hookpoints.pop())
         total = self._total_tokens(source)
         resumed = self.load_checkpoint()
         batches = source.batches(self.step)
@@ -451,7 +455,7 @@ class _stop_requests:
 
 
 def train(
-    data: Tensor | BatchSource | Iterable[Tensor], train_cfg: TrainConfig, sae_cfg: SAEConfig
+    data: Tensor | BatchSource | Iterable[Tensor] | str | Path, train_cfg: TrainConfig, sae_cfg: SAEConfig
 ) -> SparseAutoencoder:
     """Train one SAE; see `Trainer` for several at once."""
     return Trainer([sae_cfg], train_cfg).fit(data)[0]

@@ -1,5 +1,6 @@
 """The caching stage on a tiny model: contents match a direct forward, manifest, resume rules, reader."""
 
+import json
 from collections import Counter
 from itertools import islice
 
@@ -152,3 +153,15 @@ def test_reader_per_head_layouts(multi_hook_cache):
         ActivationReader(cache_dir, "blocks.5.hook_z")
     with pytest.raises(CacheError, match="no full batch"):
         ActivationReader(cache_dir, batch_size=10**7)
+
+
+def test_sae_train_reads_a_cache_directory(multi_hook_cache, tmp_path):
+    """sae.train(cache_dir, ...) streams the hookpoint its SAEConfig names, as DESIGN.md promises."""
+    import sae
+
+    _, cache_dir = multi_hook_cache
+    cfg = sae.SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint="blocks.1.hook_resid_post")
+    model = sae.train(str(cache_dir), sae.TrainConfig(batch_size=256, out_dir=str(tmp_path), log_every=2), cfg)
+    metrics = json.loads((tmp_path / "blocks.1.hook_resid_post_topk_k4_64" / "metrics.json").read_text())
+    assert metrics["tokens"] >= 2048 and metrics["fvu"] < 1.0
+    assert model.cfg.hookpoint == "blocks.1.hook_resid_post"
