@@ -7,6 +7,7 @@ is one process and every collective below is a no-op, so the trainer has a singl
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +33,9 @@ class Distributed:
         if not dist.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timeout)
+            # Leaving the group before the interpreter tears down: a gloo group still alive at exit
+            # aborts the process ("terminate called without an active exception") after a clean run.
+            atexit.register(_leave_process_group)
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
@@ -73,3 +77,8 @@ class Distributed:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
