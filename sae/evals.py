@@ -63,10 +63,16 @@ class _Totals:
 def _site(sae, acts: torch.Tensor) -> torch.Tensor:
     """The SAE's input from a hook activation: [b, t, d] or [b, t, heads, d_head] -> [b, t, d_in]."""
     if sae.cfg.hook_layout != "heads":
-        return acts
-    if sae.cfg.hook_head_index is not None:
-        return acts[:, :, sae.cfg.hook_head_index]
-    return acts.flatten(2)
+        site = acts
+    elif sae.cfg.hook_head_index is not None:
+        site = acts[:, :, sae.cfg.hook_head_index]
+    else:
+        site = acts.flatten(2)
+    if site.shape[-1] != sae.cfg.d_in:  # e.g. a released SAE for another model of the same family
+        from sae.formats import check_width
+
+        check_width(site.shape[-1], sae)
+    return site
 
 
 def _put_site(sae, acts: torch.Tensor, new: torch.Tensor, first: int) -> torch.Tensor:

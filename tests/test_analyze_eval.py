@@ -31,3 +31,13 @@ def test_eval_of_ours_and_of_its_saelens_export_agree(tiny_lm_dir, tmp_path):
 def test_eval_names_a_bad_option(tmp_path, capsys):
     assert analyze.main(["eval", str(tmp_path / "missing")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_an_sae_of_the_wrong_width_is_named(tiny_lm_dir, tmp_path, capsys):
+    cfg = sae.SAEConfig(architecture="topk", d_in=48, d_sae=64, k=4, hookpoint="blocks.1.hook_resid_post",
+                        model_name=str(tiny_lm_dir))
+    sae.SparseAutoencoder.from_config(cfg, seed=0).save(tmp_path / "wide", format="saelens")
+    assert analyze.main(["eval", str(tmp_path / "wide"), "--model", str(tiny_lm_dir), "--tokens", "64",
+                         "--context-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "SAE reads d_in=48 (saelens SAE" in err and "blocks.1.hook_resid_post has width 32" in err
