@@ -25,46 +25,58 @@ import torch  # noqa: E402
 import sae  # noqa: E402
 from cache import ActivationReader, CacheError, build_cache, read_manifest  # noqa: E402
 from sae.config import ConfigError, to_dict  # noqa: E402
+from sae.distributed import Distributed  # noqa: E402
 from sae.evals import EvalResult, evaluate, format_report, held_out_batches  # noqa: E402
 from sae.io import atomic_write_json  # noqa: E402
 from sae.models import load_model  # noqa: E402
 from sae.run_config import RunConfig, load_run_config  # noqa: E402
+from sae.trainer import resolve_device  # noqa: E402
 
 
 @contextlib.contextmanager
-def stage(seconds: dict[str, float], name: str, message: str):
-    """Print what the stage does and record how long it took."""
-    print(message, flush=True)
+def stage(seconds: dict[str, float], name: str, message: str, dist: Distributed):
+    """Print what the stage does (rank 0) and record how long it took."""
+    if dist.is_main:
+        print(message, flush=True)
     started = time.perf_counter()
     yield
     seconds[name] = time.perf_counter() - started
 
 
-def train_on_cache(config: RunConfig, cache_dir: Path, manifest: dict[str, Any]) -> tuple[sae.SparseAutoencoder, Path]:
-    """Train the [sae] SAE on the cache; returns it (in raw activation units) and the folder it is saved in."""
+def train_on_cache(
+    config: RunConfig, cache_dir: Path, manifest: dict[str, Any], dist: Distributed
+) -> tuple[sae.SparseAutoencoder, Path]:
+    """Train the [sae] SAE on the cache (data parallel under torchrun: rank r reads its share of the
+    shards); returns it (in raw activation units) and the folder it is saved in."""
     hookpoint = config.sae_hookpoint
     head_index = config.sae.get("hook_head_index")
     reader = ActivationReader(cache_dir, hookpoint, batch_size=config.train.batch_size, seed=config.train.seed,
-                              head_index=head_index)
+                              head_index=head_index, rank=dist.rank, world_size=dist.world_size)
     sae_cfg = config.sae_config(d_in=reader.d_in, hook_layout=manifest["hookpoints"][hookpoint]["layout"])
-    trainer = sae.Trainer([sae_cfg], config.train)
+    trainer = sae.Trainer([sae_cfg], config.train, dist=dist)
     (trained,) = trainer.fit(reader)
     return trained, Path(config.train.out_dir) / trainer.members[0].name
 
 
-def run(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
+def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
+    """The whole job; under torchrun every rank calls it, and rank 0 alone evaluates and returns the report."""
     config = load_run_config(config_path, overrides)
+    dist = Distributed.from_env(resolve_device(config.train.device).type)
+    config.model.device = str(dist.device(torch.device(config.model.device)))  # each rank's own GPU
     out_dir = Path(config.train.out_dir)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    ranks = f" on {dist.world_size} ranks" if dist.active else ""
 
-    with stage(seconds, "load_model", f"[1/4] model {config.model.name} ({config.model.dtype}, {config.model.device})"):
+    with stage(seconds, "load_model", f"[1/4] model {config.model.name} ({config.model.dtype}, {config.model.device})", dist):
         model = load_model(config.model.name, config.model.dtype, config.model.device)
-    with stage(seconds, "cache", f"[2/4] activation cache {config.cache.dir}"):
-        cache_dir = build_cache(config, model)
+    with stage(seconds, "cache", f"[2/4] activation cache {config.cache.dir}{ranks}", dist):
+        cache_dir = build_cache(config, model, progress=dist.is_main, dist=dist)
         manifest = read_manifest(cache_dir)
-    with stage(seconds, "train", f"[3/4] training into {out_dir}"):
-        trained, sae_dir = train_on_cache(config, cache_dir, manifest)
+    with stage(seconds, "train", f"[3/4] training into {out_dir}{ranks}", dist):
+        trained, sae_dir = train_on_cache(config, cache_dir, manifest, dist)
+    if not dist.is_main:
+        return None  # rank 0 evaluates and writes the report; the SAE and checkpoint are already saved
     report: dict[str, Any] = {
         "config": to_dict(config),
         "cache": {"dir": str(cache_dir), "tokens": manifest["tokens"],
@@ -72,7 +84,7 @@ def run(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
         "sae": {"dir": str(sae_dir), "cfg": to_dict(trained.cfg)},
     }
     if config.eval.enabled:
-        with stage(seconds, "eval", f"[4/4] evaluating with the model in the loop on {config.eval.tokens} held-out tokens"):
+        with stage(seconds, "eval", f"[4/4] evaluating with the model in the loop on {config.eval.tokens} held-out tokens", dist):
             # Held out: the contexts right after the cached ones, in the same stream.
             held_out = held_out_batches(config, model.tokenizer, skip_contexts=manifest["contexts"])
             result: EvalResult = evaluate(

@@ -31,6 +31,7 @@ from cache.manifest import (
     read_manifest, shard_file_name, summarize_norms, write_manifest,
 )
 import sae
+from sae.distributed import Distributed
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
 from sae.io import atomic_save_file
 from sae.models import DTYPES, load_model, weights_hash
@@ -155,19 +156,10 @@ class ShardWriter:
 
     def _write(self, first_context: int, contexts: int, tensors: dict[str, torch.Tensor]) -> None:
         manifest = self.manifest
-        index = len(manifest["shards"])
-        path = self.cache_dir / shard_file_name(index)
-        sha256 = atomic_save_file(tensors, path)
         hookpoints = list(manifest["hookpoints"])
-        manifest["shards"].append({
-            "file": path.name,
-            "first_context": first_context,
-            "contexts": contexts,
-            "tokens": len(tensors[TOKENS_KEY]),
-            "bytes": path.stat().st_size,
-            "sha256": sha256,
-            "norm_sums": {h: norm_sums(tensors[acts_key(h)].flatten(1).float().norm(dim=-1)) for h in hookpoints},
-        })
+        manifest["shards"].append(
+            write_shard(self.cache_dir, len(manifest["shards"]), first_context, contexts, tensors, hookpoints)
+        )
         manifest["contexts"] = first_context + contexts
         manifest["tokens"] += len(tensors[TOKENS_KEY])
         manifest["complete"] = manifest["tokens"] >= manifest["target_tokens"]
@@ -175,24 +167,43 @@ class ShardWriter:
         write_manifest(self.cache_dir, manifest)
 
 
+def write_shard(
+    cache_dir: Path, index: int, first_context: int, contexts: int, tensors: dict[str, torch.Tensor], hookpoints: list[str]
+) -> dict[str, Any]:
+    """Write shard `index` atomically; return its manifest entry."""
+    path = cache_dir / shard_file_name(index)
+    sha256 = atomic_save_file(tensors, path)
+    return {
+        "file": path.name,
+        "first_context": first_context,
+        "contexts": contexts,
+        "tokens": len(tensors[TOKENS_KEY]),
+        "bytes": path.stat().st_size,
+        "sha256": sha256,
+        "norm_sums": {h: norm_sums(tensors[acts_key(h)].flatten(1).float().norm(dim=-1)) for h in hookpoints},
+    }
+
+
 @contextlib.contextmanager
-def _lock(cache_dir: Path) -> Iterator[None]:
+def _lock(cache_dir: Path, name: str = ".lock") -> Iterator[None]:
     """An exclusive lock on the cache directory, so two runs never interleave shards.
 
     The kernel releases it when the process dies, even by SIGKILL.
     """
-    with open(cache_dir / ".lock", "w") as handle:
+    with open(cache_dir / name, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CacheError(f"{cache_dir} is being written by another process (it holds {cache_dir / '.lock'})") from None
+            raise CacheError(f"{cache_dir} is being written by another process (it holds {cache_dir / name})") from None
         yield
 
 
-def build_cache(run: RunConfig, model=None, progress: bool = True) -> Path:
+def build_cache(run: RunConfig, model=None, progress: bool = True, dist: Distributed | None = None) -> Path:
     """Cache `run.cache.hookpoints` for `run.cache.tokens` tokens into `run.cache.dir`; resume if started.
 
-    Returns the cache directory. `model` may be passed to reuse a loaded bridge.
+    Returns the cache directory. `model` may be passed to reuse a loaded bridge. Under torchrun (`dist`
+    with several ranks) each rank caches a disjoint set of shards (`cache.distributed`); every rank
+    must call this, and all return once the merged manifest is written.
     """
     cache_dir = Path(run.cache.dir)
     hookpoints = run.cache.hookpoints
@@ -206,6 +217,10 @@ def build_cache(run: RunConfig, model=None, progress: bool = True) -> Path:
     manifest["target_tokens"] = max(run.cache.tokens, manifest["target_tokens"])
     tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
     target_contexts = math.ceil(manifest["target_tokens"] / tokens_per_context)
+    if dist is not None and dist.active:
+        from cache.distributed import cache_shards_of_this_rank
+
+        return cache_shards_of_this_rank(run, model, dist, manifest, target_contexts, stop_at_layer, progress)
     if manifest["contexts"] >= target_contexts:
         return cache_dir
 
@@ -226,13 +241,22 @@ def build_cache(run: RunConfig, model=None, progress: bool = True) -> Path:
     return cache_dir
 
 
+def capture_batch(run: RunConfig, model, tokens: torch.Tensor, stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+    """A shard's tensors for the contexts `tokens` [batch, context_size]: activations (BOS dropped when
+    exclude_bos) in the cache dtype on the CPU, token ids and positions, one row per token."""
+    first_position = 1 if run.cache.exclude_bos else 0
+    acts = capture(model, tokens.to(run.model.device), run.cache.hookpoints, stop_at_layer)
+    batch = {acts_key(h): a[:, first_position:].flatten(0, 1).to("cpu", DTYPES[run.cache.dtype]) for h, a in acts.items()}
+    batch[TOKENS_KEY] = tokens[:, first_position:].flatten().to(torch.int32)
+    batch[POSITIONS_KEY] = torch.arange(first_position, run.data.context_size, dtype=torch.int32).repeat(len(tokens))
+    return batch
+
+
 def _forward_and_queue(
     run: RunConfig, model, writer: ShardWriter, start: int, target_contexts: int, stop_at_layer: int | None, progress: bool
 ) -> None:
     """Run contexts [start, target_contexts) through the model and queue them to `writer` shard by shard."""
-    dtype = DTYPES[run.cache.dtype]
-    first_position = 1 if run.cache.exclude_bos else 0
-    positions = torch.arange(first_position, run.data.context_size, dtype=torch.int32)  # [positions]
+    tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
     pending: list[dict[str, torch.Tensor]] = []  # batches of the shard being filled
     pending_contexts, shard_start = 0, start
 
@@ -241,17 +265,12 @@ def _forward_and_queue(
         writer.put(shard_start, pending_contexts, {key: torch.cat([b[key] for b in pending]) for key in pending[0]})
         shard_start, pending, pending_contexts = shard_start + pending_contexts, [], 0
 
-    tokens_per_context = len(positions)
     bar = tqdm(total=target_contexts * tokens_per_context, initial=start * tokens_per_context,
                desc=f"cache {', '.join(run.cache.hookpoints)}", unit="tok", unit_scale=True, disable=not progress)
     batches = context_batches(token_contexts(run.data, model.tokenizer), run.cache.batch_contexts, skip_contexts=start)
     for tokens in batches:  # tokens: [batch, context_size]
         tokens = tokens[: target_contexts - shard_start - pending_contexts]
-        acts = capture(model, tokens.to(run.model.device), run.cache.hookpoints, stop_at_layer)
-        batch = {acts_key(h): a[:, first_position:].flatten(0, 1).to("cpu", dtype) for h, a in acts.items()}
-        batch[TOKENS_KEY] = tokens[:, first_position:].flatten().to(torch.int32)
-        batch[POSITIONS_KEY] = positions.repeat(len(tokens))
-        pending.append(batch)
+        pending.append(capture_batch(run, model, tokens, stop_at_layer))
         pending_contexts += len(tokens)
         bar.update(len(tokens) * tokens_per_context)
         done = shard_start + pending_contexts >= target_contexts
