@@ -1,4 +1,5 @@
 """`python -m cache CONFIG [--set section.key=value ...]` builds (or resumes) a cache;
+`torchrun --nproc_per_node N -m cache CONFIG` does it with N processes, each caching its own shards;
 `python -m cache --verify DIR` checks every shard's checksum."""
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.config is None) == (args.verify is None):
         parser.error("give either CONFIG or --verify DIR")
 
+    import torch
+
     from cache import CacheError, build_cache, verify_cache
+    from sae.distributed import Distributed
     from sae.run_config import load_run_config
 
     try:
@@ -34,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"complete={manifest['complete']}")
             return 0
         run = load_run_config(args.config, args.set)
-        cache_dir = build_cache(run)
+        # Under torchrun each rank caches a disjoint set of shards and rank 0 merges the manifests.
+        dist = Distributed.from_env(torch.device(run.model.device).type)
+        run.model.device = str(dist.device(torch.device(run.model.device)))
+        cache_dir = build_cache(run, progress=dist.is_main, dist=dist)
+        if not dist.is_main:
+            return 0
         from cache import read_manifest
 
         manifest = read_manifest(cache_dir)

@@ -10,6 +10,7 @@ is a pure function of (seed, rank, world_size): `batches(start=n)` resumes exact
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -124,6 +125,13 @@ class ActivationReader:
 
     def read_shard(self, index: int) -> torch.Tensor:
         """The hookpoint's activations in shard `index`: [tokens, d_in], checked against the manifest."""
+        acts = self._shard_acts(index, self._load_shard(index), self.hookpoint)
+        if self.head_index is not None:
+            return acts[:, self.head_index]
+        return acts.flatten(1)
+
+    def _load_shard(self, index: int) -> dict[str, torch.Tensor]:
+        """Every tensor of shard `index`, after checking its size (and checksum) against the manifest."""
         shard = self.shards[index]
         path = self.cache_dir / shard["file"]
         data = path.read_bytes()
@@ -132,17 +140,52 @@ class ActivationReader:
         if self.checksum and hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise CacheError(f"shard {path}: sha256 does not match manifest.json; the file is corrupt")
         try:
-            acts = load_safetensors(data)[acts_key(self.hookpoint)]
+            return load_safetensors(data)
         except Exception as e:
-            raise CacheError(f"shard {path}: cannot read tensor {acts_key(self.hookpoint)!r}: {e}") from e
-        if list(acts.shape) != [shard["tokens"], *self.shape]:
-            raise CacheError(
-                f"shard {path}: {acts_key(self.hookpoint)} has shape {list(acts.shape)}, "
-                f"manifest.json says {[shard['tokens'], *self.shape]}"
-            )
-        if self.head_index is not None:
-            return acts[:, self.head_index]
-        return acts.flatten(1)
+            raise CacheError(f"shard {path}: cannot read it as safetensors: {e}") from e
+
+    def _shard_acts(self, index: int, tensors: dict[str, torch.Tensor], hookpoint: str) -> torch.Tensor:
+        """`hookpoint`'s activations among a shard's tensors: [tokens, *shape], shape checked against the manifest."""
+        shard, key = self.shards[index], acts_key(hookpoint)
+        path = self.cache_dir / shard["file"]
+        if key not in tensors:
+            raise CacheError(f"shard {path}: cannot read tensor {key!r}: the file has {sorted(tensors)}")
+        acts, shape = tensors[key], self.manifest["hookpoints"][hookpoint]["shape"]
+        if list(acts.shape) != [shard["tokens"], *shape]:
+            raise CacheError(f"shard {path}: {key} has shape {list(acts.shape)}, manifest.json says {[shard['tokens'], *shape]}")
+        return acts
+
+
+class MultiHookpointReader(ActivationReader):
+    """Batches of the same tokens at several hookpoints: `batches(start)` yields {hookpoint: [batch_size, d]}.
+
+    Each shard file is read once for all hookpoints; rows are shuffled, sharded by rank and resumed
+    exactly as `ActivationReader` does, so the rows for hookpoint h equal those an `ActivationReader`
+    of h with the same seed, rank and world_size serves. Per-head hookpoints come with heads concatenated.
+    """
+
+    def __init__(self, cache_dir: str | Path, hookpoints: list[str], **kwargs: Any):
+        if not hookpoints:
+            raise ValueError("MultiHookpointReader needs at least one hookpoint")
+        super().__init__(cache_dir, hookpoints[0], **kwargs)
+        missing = [h for h in hookpoints if h not in self.manifest["hookpoints"]]
+        if missing:
+            raise CacheError(f"{self.cache_dir}: no hookpoint(s) {missing}; the cache has {', '.join(self.manifest['hookpoints'])}")
+        self.hookpoints = list(hookpoints)
+        self.widths = {h: math.prod(self.manifest["hookpoints"][h]["shape"]) for h in hookpoints}  # d per token
+
+    @property
+    def d_in(self) -> int:
+        return sum(self.widths.values())
+
+    def read_shard(self, index: int) -> torch.Tensor:
+        """Shard `index` at every hookpoint, side by side: [tokens, sum of widths]."""
+        tensors = self._load_shard(index)
+        return torch.cat([self._shard_acts(index, tensors, h).flatten(1) for h in self.hookpoints], dim=1)
+
+    def batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        for rows in super().batches(start):
+            yield {h: part.contiguous() for h, part in zip(self.hookpoints, rows.split(list(self.widths.values()), dim=1))}
 
 
 def _mix(*parts: Any) -> int:

@@ -64,6 +64,12 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def max_(self, tensor: Tensor) -> Tensor:
+        """In place: the elementwise maximum over ranks (module distribution's resume check)."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def broadcast_(self, tensors: list[Tensor], src: int = 0) -> None:
         if self.active:
             for t in tensors:

@@ -1,0 +1,200 @@
+"""Module distribution under torchrun: SAEs on many hookpoints spread over ranks, activations routed to owners.
+
+Each hookpoint's SAEs belong to one rank (`assign_owners`). Every step, each rank reads the same
+number of rows of its own share of the cache at every hookpoint (`cache.MultiHookpointReader`), and
+for each hookpoint the ranks' rows are gathered on its owner, which so trains on world_size x
+batch_size rows of all ranks' tokens: the batch one process would read from the concatenated shares.
+No gradient crosses the wire (each SAE lives on one rank); what does is one gather of activations per
+hookpoint per step, (world_size - 1) / world_size of the batch's bytes into each owner.
+
+The model forward is paid once per token at caching time (`cache.distributed`), where each rank caches
+a disjoint slice of the stream. Each hookpoint trains under `out_dir/<hookpoint>/` (its SAEs, its
+checkpoint, its metrics.jsonl), so a resumed job finds every SAE's state whichever rank owns it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from itertools import chain, islice
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+from .config import SAEConfig, TrainConfig
+from .distributed import Distributed
+from .model import SparseAutoencoder
+from .trainer import Trainer, TrainingError, _stop_requests, resolve_device
+
+
+class HookpointBatches(Protocol):
+    """What `ModuleTrainer.fit` reads: this rank's rows at every hookpoint, resumable (cache.MultiHookpointReader)."""
+
+    hookpoints: list[str]
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def batches(self, start: int = 0) -> Iterator[dict[str, Tensor]]: ...
+
+
+def assign_owners(hookpoints: list[str], costs: Mapping[str, float], world_size: int) -> dict[str, int]:
+    """Owner rank of each hookpoint: largest cost first onto the least loaded rank (ties: lowest rank),
+    so one rank does not get all the wide SAEs. Deterministic, so every rank computes the same map."""
+    load = [0.0] * world_size
+    owners: dict[str, int] = {}
+    for h in sorted(hookpoints, key=lambda h: (-costs[h], hookpoints.index(h))):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[h] = rank
+        load[rank] += costs[h]
+    return {h: owners[h] for h in hookpoints}
+
+
+def hookpoint_dir(out_dir: str | Path, hookpoint: str) -> Path:
+    return Path(out_dir) / hookpoint
+
+
+def route_to_owners(batch: dict[str, Tensor], owners: dict[str, int], dist: Distributed, device: torch.device
+                    ) -> dict[str, Tensor]:
+    """Gather each hookpoint's rows [B, d] from every rank on its owner: {owned hookpoint: [world_size * B, d]}.
+
+    Every rank must call this with the same hookpoints in the same order (the gathers are collective)."""
+    routed = {}
+    for h, owner in owners.items():
+        x = batch[h].to(device)
+        if not dist.active:
+            routed[h] = x
+            continue
+        parts = [torch.empty_like(x) for _ in range(dist.world_size)] if dist.rank == owner else None
+        torch_dist.gather(x, parts, dst=owner)
+        if parts is not None:
+            routed[h] = torch.cat(parts)
+    return routed
+
+
+class ModuleTrainer:
+    """Trains {hookpoint: [SAEConfig, ...]} with each hookpoint's SAEs on one rank (one `Trainer` per
+    owned hookpoint, with no data-parallel collectives of its own); the ranks step in lockstep."""
+
+    def __init__(self, sae_cfgs: Mapping[str, list[SAEConfig]], cfg: TrainConfig, dist: Distributed | None = None):
+        if cfg.wandb:
+            raise ValueError("wandb logging is not wired for module distribution; each hookpoint writes metrics.jsonl")
+        if not sae_cfgs:
+            raise ValueError("ModuleTrainer needs at least one hookpoint")
+        for h, cfgs in sae_cfgs.items():
+            if not cfgs or any(c.hookpoint != h for c in cfgs):
+                raise ValueError(f"the SAEs listed under {h!r} must read that hookpoint: {[c.hookpoint for c in cfgs]}")
+        device = resolve_device(cfg.device)
+        self.dist = dist or Distributed.from_env(device.type)
+        self.device = self.dist.device(device)
+        self.cfg = cfg
+        self.sae_cfgs = dict(sae_cfgs)
+        costs = {h: sum(c.d_in * c.d_sae for c in cfgs) for h, cfgs in sae_cfgs.items()}
+        self.owners = assign_owners(list(sae_cfgs), costs, self.dist.world_size)
+        self.trainers = {  # this rank's hookpoints; Distributed(): their SAEs are not replicated
+            h: Trainer(cfgs, replace(cfg, out_dir=str(hookpoint_dir(cfg.out_dir, h)), device=str(self.device)), Distributed())
+            for h, cfgs in sae_cfgs.items() if self.owners[h] == self.dist.rank
+        }
+        self.step = 0
+        self._stop_signal: int | None = None  # set by _stop_requests on SIGINT/SIGTERM
+
+    def fit(self, reader: HookpointBatches) -> dict[str, list[SparseAutoencoder]]:
+        """Train this rank's SAEs on every rank's rows; returns them (raw units, also saved) by hookpoint."""
+        missing = [h for h in self.sae_cfgs if h not in reader.hookpoints]
+        if missing:
+            raise ValueError(f"the reader has no hookpoint(s) {missing}")
+        total = self.cfg.total_tokens or len(reader) * reader.batch_size * self.dist.world_size
+        rows_per_step = reader.batch_size * self.dist.world_size
+        resumed = {h: t.load_checkpoint() for h, t in self.trainers.items()}
+        self.step = self._agreed_start_step()
+        batches = (route_to_owners(b, self.owners, self.dist, self.device) for b in reader.batches(self.step))
+        batches = self._init_unresumed(batches, resumed, rows_per_step)
+        logs = {h: t._open_log() for h, t in self.trainers.items()}
+        started, step_at_start = time.perf_counter(), self.step
+        with _stop_requests(self):
+            for batch in batches:
+                if self.step * rows_per_step >= total:
+                    break
+                checked, error = self._check(batch)
+                if self._ranks_agree_to_stop(error):
+                    for t in self.trainers.values():
+                        t.save_checkpoint()
+                    raise SystemExit(f"stopped at step {self.step}; checkpoints saved under {self.cfg.out_dir}/<hookpoint>/")
+                for h, t in self.trainers.items():
+                    x = checked[h] * t.input_scale
+                    for m in t.members:
+                        t._train_step(m, x, total)
+                    t.step += 1
+                    t.tokens += len(x)
+                    if t.step % self.cfg.log_every == 0:
+                        t._log(logs[h], None, None, total)
+                    if t.step % self.cfg.checkpoint_every == 0:
+                        t.save_checkpoint()
+                self.step += 1
+        seconds = time.perf_counter() - started
+        if self.step * rows_per_step < total:
+            print(f"data ran out after {self.step * rows_per_step:,} of {total:,} tokens")
+        trained = {}
+        for h, t in self.trainers.items():
+            t._log(logs[h], None, None, total)
+            logs[h].close()
+            trained[h] = t._save_final(seconds, (self.step - step_at_start) * rows_per_step)
+            t.save_checkpoint()
+        self.dist.barrier()  # every SAE is on disk when fit returns, on every rank
+        return trained
+
+    def _agreed_start_step(self) -> int:
+        """The step every rank resumes from; hookpoints checkpointed at different steps (a kill during a save)
+        cannot be combined, and say so instead of feeding mismatched batches."""
+        steps = [t.step for t in self.trainers.values()]
+        bounds = torch.tensor([max(steps, default=-1), -min(steps, default=2**62)], dtype=torch.int64, device=self.device)
+        self.dist.max_(bounds)
+        highest, lowest = int(bounds[0]), -int(bounds[1])
+        if highest != lowest:
+            raise TrainingError(f"the hookpoints' checkpoints under {self.cfg.out_dir} are at different steps "
+                                f"({lowest} to {highest}); delete the newer ones' checkpoint folders to resume from {lowest}")
+        return highest
+
+    def _init_unresumed(self, batches: Iterator[dict[str, Tensor]], resumed: dict[str, bool], rows_per_step: int
+                        ) -> Iterator[dict[str, Tensor]]:
+        """Scale, b_dec and codebooks of fresh SAEs from the first batches (which are then trained on).
+        Every rank reads the same number of batches, since each read is a collective gather."""
+        if self.step > 0:
+            return batches
+        rows_needed = max([self.cfg.batch_size] + [4 * c.d_sae for cfgs in self.sae_cfgs.values() for c in cfgs
+                                                      if c.architecture == "codebook"])
+        first = list(islice(batches, math.ceil(rows_needed / rows_per_step)))
+        for h, t in self.trainers.items():
+            if not resumed[h]:
+                t._init_from_first_batches(iter([b[h] for b in first]))
+        return chain(first, batches)
+
+    def _check(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], TrainingError | None]:
+        checked = {}
+        for h, t in self.trainers.items():
+            try:
+                checked[h] = t._check_batch(batch[h], self.step, t.tokens)
+            except TrainingError as e:
+                return {}, TrainingError(f"{h}: {e}")
+        return checked, None
+
+    def _ranks_agree_to_stop(self, error: TrainingError | None) -> bool:
+        """As in `Trainer`: before a step, every rank learns if any met bad data or was asked to stop."""
+        flags = torch.zeros(2, self.dist.world_size, device=self.device)  # on the GPU for NCCL
+        flags[0, self.dist.rank] = error is not None
+        flags[1, self.dist.rank] = self._stop_signal is not None
+        self.dist.sum_(flags)
+        if error is not None:
+            raise error
+        failed = flags[0].nonzero().flatten().tolist()
+        if failed:
+            raise TrainingError(f"step {self.step}: rank {failed} met bad data (see its error); all ranks stop")
+        if flags[1].any() and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM
+        return self._stop_signal is not None
