@@ -11,7 +11,8 @@ import torch
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.analysis.steering import (
-    Intervention, calibrate_to_kl, compare, generate, mean_kl, next_token_log_probs, steered_site, steering,
+    Intervention, calibrate_to_kl, check_interventions, compare, generate, mean_kl, next_token_log_probs, steered_site,
+    steering,
 )
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
@@ -67,6 +68,91 @@ def test_steered_generation_matches_a_full_steered_forward(tiny_lm):
         logits = tiny_lm(tokens)
     n_prompt = tiny_lm.to_tokens("import os\n").shape[1]
     assert torch.equal(logits[0, n_prompt - 1 : -1].argmax(-1), tokens[0, n_prompt:])
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_steered_generation_is_the_same_with_and_without_the_kv_cache(tiny_lm, mode):
+    sae = make_sae()
+    intervention = Intervention(latent=7, mode=mode, strength=8.0)
+    cached = generate(tiny_lm, sae, "import os\n", intervention, max_new_tokens=10)
+    uncached = generate(tiny_lm, sae, "import os\n", intervention, max_new_tokens=10, use_kv_cache=False)
+    plain = generate(tiny_lm, sae, "import os\n", None, max_new_tokens=10)
+    assert not torch.equal(cached, plain), "the intervention changes the completion"
+    assert torch.equal(cached, uncached), "the cache path steers generated tokens exactly as full forwards do"
+
+
+def test_codebook_steered_generation_is_the_same_with_and_without_the_kv_cache(tiny_lm):
+    sae = make_sae("codebook", k=3)
+    _, acts = tiny_lm.run_with_cache(tiny_lm.to_tokens("import os\n"), names_filter=[HOOK])
+    used = set(sae.codes(acts[HOOK][0, 1:]).flatten().tolist())
+    absent = next(i for i in range(64) if i not in used)
+    for intervention in (Intervention(absent, "force"), Intervention(max(used), "suppress")):
+        cached = generate(tiny_lm, sae, "import os\n", intervention, max_new_tokens=8)
+        uncached = generate(tiny_lm, sae, "import os\n", intervention, max_new_tokens=8, use_kv_cache=False)
+        assert torch.equal(cached, uncached), intervention
+
+
+def test_clamping_a_latent_to_its_own_value_leaves_the_model_unchanged(tiny_lm):
+    """The error term is kept: only the clamped latent's share of the reconstruction moves, so clamping it
+    to the value it already has changes nothing at all (an SAE-reconstruction splice would change the logits)."""
+    sae = make_sae("relu", k=None)
+    tokens = tiny_lm.to_tokens("x")  # BOS and one token: the one steered position
+    assert tokens.shape[1] == 2
+    _, acts = tiny_lm.run_with_cache(tokens, names_filter=[HOOK])
+    f = sae.encode(acts[HOOK][0, 1])  # [d_sae]
+    latent = int(f.argmax())
+    assert f[latent] > 0
+    with torch.no_grad():
+        clean = tiny_lm(tokens)
+        with steering(tiny_lm, sae, Intervention(latent, "clamp", f[latent].item())):
+            same = tiny_lm(tokens)
+        with steering(tiny_lm, sae, Intervention(latent, "clamp", f[latent].item() + 1.0)):
+            moved = tiny_lm(tokens)
+    assert torch.equal(same, clean), (same - clean).abs().max()  # bit-identical: the change is exactly zero
+    assert not torch.allclose(moved, clean, atol=1e-3), "the check can fail: another value moves the logits"
+
+    longer = tiny_lm.to_tokens("def f(x):\n    return x")  # ablating a latent silent on every position: no change
+    _, acts = tiny_lm.run_with_cache(longer, names_filter=[HOOK])
+    silent = int((sae.encode(acts[HOOK][0, 1:]) > 0).sum(0).argmin())
+    assert (sae.encode(acts[HOOK][0, 1:])[:, silent] == 0).all()
+    with torch.no_grad():
+        clean = tiny_lm(longer)
+        with steering(tiny_lm, sae, Intervention(silent, "ablate")):
+            assert torch.equal(tiny_lm(longer), clean)
+
+
+def test_several_latents_at_once_add_their_changes():
+    sae = make_sae("relu", k=None)
+    x = torch.randn(2, 5, 32) * 2
+    f = sae.encode(x)
+    busy = f.gt(0).sum((0, 1)).argsort(descending=True)
+    a, b = int(busy[0]), int(busy[1])
+    together = steered_site(sae, x, [Intervention(a, "clamp", 3.0), Intervention(b, "add", 2.0)])
+    apart = (steered_site(sae, x, Intervention(a, "clamp", 3.0)) - x) + (steered_site(sae, x, Intervention(b, "add", 2.0)) - x)
+    assert torch.allclose(together - x, apart, atol=1e-5)
+    with pytest.raises(ValueError, match="steered twice"):
+        check_interventions(sae, [Intervention(a, "add", 1.0), Intervention(a, "clamp", 1.0)])
+
+    codebook = make_sae("codebook", k=3)
+    y = torch.randn(4, 32)
+    codes = codebook.codes(y)
+    absent = [i for i in range(64) if not (codes == i).any()][:2]
+    forced = steered_site(codebook, y, [Intervention(absent[0], "force"), Intervention(absent[1], "force")])
+    pre = codebook.pre_activations(y)
+    pre[:, absent] = float("inf")
+    new = pre.topk(3).indices  # both forced codes and the strongest old one
+    assert torch.allclose(forced - y, codebook.W_dec[new].sum(1) - codebook.W_dec[codes].sum(1), atol=1e-5)
+    assert all(set(absent) <= set(row) for row in new.tolist())
+
+
+def test_compare_steers_several_latents_together(tiny_lm):
+    sae = make_sae()
+    interventions = [Intervention(9, "add", 10.0), Intervention(3, "add", 10.0)]
+    result = compare(tiny_lm, sae, "for i in range(", interventions, max_new_tokens=5)
+    assert result.latents == [9, 3] and result.strengths == [10.0, 10.0] and len(result.steered.latent_activation_means) == 2
+    assert result.steered.text != result.unsteered.text and result.next_token_kl > 0
+    single = compare(tiny_lm, sae, "for i in range(", interventions[0], max_new_tokens=5)
+    assert result.next_token_kl != pytest.approx(single.next_token_kl)
 
 
 def test_clamp_keeps_the_error_term_and_other_latents():

@@ -13,6 +13,9 @@ With the KV cache on, the hook sees the prompt once and then one new position pe
 position it is given and skips only absolute position 0 (BOS, which the SAE never saw). SAELens's
 tutorial hook skipped seq_len-1 calls and so steered the prompt alone.
 
+Several interventions at once (a list): each one's change is computed from the same unsteered input
+and the changes are added (codebook force/suppress of several codes choose the codes once, together).
+
 Strength: `strength_in_units(alpha, max_activation)` (AxBench-style units of the latent's maximum
 activation), or `calibrate_to_kl` (bisection on alpha for a target mean next-token KL on neutral prompts).
 """
@@ -68,6 +71,27 @@ class Intervention:
             )
 
 
+Interventions = Intervention | Sequence[Intervention]
+"""One intervention, or several applied together (each latent at most once)."""
+
+
+def as_list(interventions: Interventions) -> list[Intervention]:
+    return [interventions] if isinstance(interventions, Intervention) else list(interventions)
+
+
+def check_interventions(sae, interventions: Interventions) -> list[Intervention]:
+    """The interventions as a non-empty list, each checked against `sae`, no latent steered twice."""
+    listed = as_list(interventions)
+    if not listed:
+        raise ValueError("no intervention given")
+    for intervention in listed:
+        intervention.check(sae)
+    latents = [i.latent for i in listed]
+    if len(set(latents)) != len(latents):
+        raise ValueError(f"a latent is steered twice in one intervention set: {latents}")
+    return listed
+
+
 def strength_in_units(alpha: float, max_activation: float) -> float:
     """alpha in units of the latent's maximum activation -> strength in activation units."""
     if not max_activation > 0:
@@ -78,31 +102,50 @@ def strength_in_units(alpha: float, max_activation: float) -> float:
 # --- the intervention itself ---------------------------------------------------------------------
 
 
-def steered_site(sae, x: Tensor, intervention: Intervention) -> Tensor:
-    """x [..., d_in] at the hookpoint -> the steered x [..., d_in] (error term kept in every mode)."""
-    i, mode = intervention.latent, intervention.mode
-    direction = sae.W_dec[i].to(x.dtype)  # [d_in]
-    if mode == "add":
-        return x + intervention.strength * direction
+def steered_site(sae, x: Tensor, interventions: Interventions) -> Tensor:
+    """x [..., d_in] at the hookpoint -> the steered x [..., d_in] (error term kept in every mode).
+
+    Every intervention's change is computed from the unsteered x and the changes are summed.
+    """
+    listed = as_list(interventions)
+    change = torch.zeros_like(x)
     stats = sae.input_stats(x.to(sae.W_enc.dtype))
     scale = 1.0 if stats is None else stats.std.to(x.dtype)  # decoder output is in normalised units
-    if mode in ("clamp", "ablate") and sae.cfg.architecture != "codebook":
-        target = 0.0 if mode == "ablate" else intervention.strength
-        current = sae.encode(x)[..., i : i + 1]  # [..., 1]
-        return x + (target - current) * direction * scale
-    # Codebook: choose codes again with code i forced or barred, decode the difference of the two code sets.
+    codebook = sae.cfg.architecture == "codebook"
+    is_clamp = lambda i: i.mode == "clamp" or (i.mode == "ablate" and not codebook)  # noqa: E731
+    if any(map(is_clamp, listed)):
+        f = sae.encode(x)  # [..., d_sae]
+    for intervention in listed:
+        direction = sae.W_dec[intervention.latent].to(x.dtype)  # [d_in]
+        if intervention.mode == "add":
+            change = change + intervention.strength * direction
+        elif is_clamp(intervention):
+            target = 0.0 if intervention.mode == "ablate" else intervention.strength
+            current = f[..., intervention.latent : intervention.latent + 1]  # [..., 1]
+            change = change + (target - current) * direction * scale
+    coded = [i for i in listed if i.mode in CODEBOOK_MODES or (i.mode == "ablate" and codebook)]
+    if coded:
+        change = change + _code_change(sae, x, coded) * scale
+    return x + change
+
+
+def _code_change(sae, x: Tensor, interventions: list[Intervention]) -> Tensor:
+    """Codebook SAE: choose the k codes again with the forced codes in and the barred ones out;
+    the decoded difference of the two code sets [..., d_in] (binary codes, so rows are summed)."""
     pre = sae.pre_activations(x)  # [..., d_sae]
     k = sae.cfg.k
+    forced = [i.latent for i in interventions if i.mode == "force"]
+    if len(forced) > k:
+        raise ValueError(f"{len(forced)} codes forced but the codebook SAE chooses only k={k}")
     old = pre.topk(k, dim=-1).indices
-    barred = mode in ("suppress", "ablate")
     pre = pre.clone()
-    pre[..., i] = -math.inf if barred else math.inf
+    for intervention in interventions:
+        pre[..., intervention.latent] = math.inf if intervention.mode == "force" else -math.inf
     new = pre.topk(k, dim=-1).indices
-    difference = sae.W_dec[new].sum(-2) - sae.W_dec[old].sum(-2)  # [..., d_in], binary codes
-    return x + difference.to(x.dtype) * scale
+    return (sae.W_dec[new].sum(-2) - sae.W_dec[old].sum(-2)).to(x.dtype)
 
 
-def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> Callable:
+def steering_hook(sae, intervention: Interventions, skip_positions: int = 1) -> Callable:
     """A forward hook for `sae.cfg.hookpoint`, stateful across the calls of one generation.
 
     It counts the positions it has seen, so with the KV cache (one new position per call) it still
@@ -111,7 +154,7 @@ def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> C
     """
     from sae.evals import _put_site  # the same splice the evals use
 
-    intervention.check(sae)
+    intervention = check_interventions(sae, intervention)
     seen = 0
 
     def hook(acts: Tensor, hook) -> Tensor:
@@ -129,8 +172,8 @@ def steering_hook(sae, intervention: Intervention, skip_positions: int = 1) -> C
 
 
 @contextmanager
-def steering(model, sae, intervention: Intervention | None):
-    """Within the block, `model` runs with the intervention hooked in (None: unsteered)."""
+def steering(model, sae, intervention: Interventions | None):
+    """Within the block, `model` runs with the intervention(s) hooked in (None: unsteered)."""
     if intervention is None:
         yield
         return
@@ -142,27 +185,27 @@ def steering(model, sae, intervention: Intervention | None):
 
 
 def generate(
-    model, sae, prompt: str, intervention: Intervention | None, max_new_tokens: int = 30,
-    temperature: float = 0.0, seed: int = 0,
+    model, sae, prompt: str, intervention: Interventions | None, max_new_tokens: int = 30,
+    temperature: float = 0.0, seed: int = 0, use_kv_cache: bool = True,
 ) -> Tensor:
-    """[1, prompt + new] tokens generated with the KV cache; temperature 0 is greedy."""
+    """[1, prompt + new] tokens generated (with the KV cache unless told not to); temperature 0 is greedy."""
     tokens = model.to_tokens(prompt)  # [1, prompt] with BOS
     torch.manual_seed(seed)  # same sampling noise for the steered and the unsteered run
     with torch.no_grad(), steering(model, sae, intervention):
         return model.generate(
             tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
-            use_past_kv_cache=True, stop_at_eos=False, verbose=False,
+            use_past_kv_cache=use_kv_cache, stop_at_eos=False, verbose=False,
         )
 
 
-def next_token_log_probs(model, sae, tokens: Tensor, intervention: Intervention | None) -> Tensor:
+def next_token_log_probs(model, sae, tokens: Tensor, intervention: Interventions | None) -> Tensor:
     """[t - 1, vocab] float32 log-probabilities of each next token after BOS, optionally steered."""
     with torch.no_grad(), steering(model, sae, intervention):
         logits = model(tokens)  # [1, t, vocab]
     return F.log_softmax(logits[0, 1:].float(), dim=-1)
 
 
-def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Intervention,
+def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Interventions,
             clean: Sequence[Tensor] | None = None) -> float:
     """Mean over the prompts' positions (after BOS) of KL(clean || steered) of the next-token distribution."""
     clean = clean or [next_token_log_probs(model, sae, t, None) for t in prompts_tokens]
@@ -175,11 +218,13 @@ def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Interven
 
 
 def calibrate_to_kl(
-    model, sae, latent: int, target_kl: float, prompts: Sequence[str] = NEUTRAL_PROMPTS,
-    mode: Mode = "add", max_activation: float = 1.0, iterations: int = 12, alpha_ceiling: float = 1e4,
+    model, sae, latent: int | Sequence[int], target_kl: float, prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    mode: Mode = "add", max_activation: float | Sequence[float] = 1.0, iterations: int = 12,
+    alpha_ceiling: float = 1e4,
 ) -> tuple[float, float]:
     """Bisection on alpha (units of `max_activation`) until the mean next-token KL on `prompts` hits `target_kl`.
 
+    Several latents (with one max activation each) are steered together, all at the same alpha.
     Returns (alpha, KL at alpha). KL grows with |alpha| for add and clamp; the upper bracket is found by
     doubling, and an error is raised if even `alpha_ceiling` stays below the target.
     """
@@ -187,12 +232,16 @@ def calibrate_to_kl(
         raise ValueError(f"only add and clamp have a strength to calibrate, not {mode!r}")
     if target_kl <= 0:
         raise ValueError(f"target KL must be positive, got {target_kl}")
+    latents = [latent] if isinstance(latent, int) else list(latent)
+    maxima = [max_activation] * len(latents) if isinstance(max_activation, (int, float)) else list(max_activation)
+    if len(maxima) != len(latents):
+        raise ValueError(f"{len(latents)} latents but {len(maxima)} max activations")
     prompts_tokens = [model.to_tokens(p) for p in prompts]
     clean = [next_token_log_probs(model, sae, t, None) for t in prompts_tokens]
 
     def kl_at(alpha: float) -> float:
-        intervention = Intervention(latent, mode, strength_in_units(alpha, max_activation))
-        return mean_kl(model, sae, prompts_tokens, intervention, clean)
+        interventions = [Intervention(i, mode, strength_in_units(alpha, m)) for i, m in zip(latents, maxima)]
+        return mean_kl(model, sae, prompts_tokens, interventions, clean)
 
     low, high = 0.0, 1.0
     while (kl_high := kl_at(high)) < target_kl:
@@ -212,18 +261,22 @@ def calibrate_to_kl(
 class CompletionEffects:
     text: str
     latent_activation_mean: float
-    """Mean activation of the latent over the completion's tokens, in the clean (unsteered) model."""
+    """Mean activation of the steered latent over the completion's tokens, in the clean (unsteered) model
+    (several latents: the mean of their means; each one is in `latent_activation_means`)."""
     latent_fire_fraction: float
     perplexity: float
     """Perplexity of the completion under the clean model (fluency)."""
     concept_score: float | None = None
     """Cosine similarity of the completion's and the explanation's sentence embeddings."""
+    latent_activation_means: list[float] = field(default_factory=list)
+    """Per steered latent, in the order of `SteeringComparison.latents`."""
 
 
 @dataclass
 class SteeringComparison:
     prompt: str
     latent: int
+    """The (first) steered latent; `latents` has all of them."""
     mode: str
     alpha: float | None
     strength: float
@@ -239,21 +292,25 @@ class SteeringComparison:
     concept_token_prob_clean: float | None = None
     concept_token_prob_steered: float | None = None
     """The same for `concept_tokens` given to `compare` (e.g. the tokens that follow its top activations)."""
+    latents: list[int] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    strengths: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: int,
+def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: int | Sequence[int],
                        embed: Callable[[list[str]], Tensor] | None, explanation: str | None) -> CompletionEffects:
     """Measure a completion (tokens [1, t], the first `prompt_length` being the prompt) with the clean model."""
     from cache.writer import capture, stop_layer
 
+    latents = [latent] if isinstance(latent, int) else list(latent)
     hookpoint = sae.cfg.hookpoint
     with torch.no_grad():
         logits = model(tokens)  # [1, t, vocab]
         acts = capture(model, tokens, [hookpoint], stop_layer([hookpoint], model.cfg.n_layers))[hookpoint]
-        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:, latent]  # [new]
+        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][:, latents]  # [new, L]
     log_probs = F.log_softmax(logits[0, prompt_length - 1 : -1].float(), dim=-1)  # predicting the new tokens
     nll = F.nll_loss(log_probs, tokens[0, prompt_length:].to(log_probs.device))
     text = model.tokenizer.decode(tokens[0, prompt_length:])
@@ -263,16 +320,21 @@ def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: i
             raise ValueError("an explanation was given but no sentence embedder to score it with")
         vectors = embed([text, explanation])
         concept = F.cosine_similarity(vectors[0:1], vectors[1:2]).item()
-    return CompletionEffects(text, f.mean().item(), (f > 0).float().mean().item(), nll.exp().item(), concept)
+    means = f.mean(0)  # [L]
+    return CompletionEffects(text, means.mean().item(), (f > 0).float().mean().item(), nll.exp().item(), concept,
+                             means.tolist())
 
 
-def top_logit_tokens(model, sae, latent: int, n: int = 10) -> Tensor:
-    """The n token ids whose logits the latent's decoder direction raises most (through final norm and W_U)."""
-    return Unembedding(model).logits(sae.W_dec[latent].detach()).topk(n).indices
+def top_logit_tokens(model, sae, latent: int | Sequence[int], n: int = 10) -> Tensor:
+    """The n token ids whose logits the latent's decoder direction raises most (through final norm and W_U);
+    several latents: the sum of their unit decoder directions."""
+    latents = [latent] if isinstance(latent, int) else list(latent)
+    direction = F.normalize(sae.W_dec[latents].detach(), dim=-1).sum(0)  # [d_in]
+    return Unembedding(model).logits(direction).topk(n).indices
 
 
 def compare(
-    model, sae, prompt: str, intervention: Intervention, alpha: float | None = None, max_new_tokens: int = 30,
+    model, sae, prompt: str, intervention: Interventions, alpha: float | None = None, max_new_tokens: int = 30,
     temperature: float = 0.0, seed: int = 0, explanation: str | None = None,
     embed: Callable[[list[str]], Tensor] | None = None, concept_tokens: Sequence[int] = (),
 ) -> SteeringComparison:
@@ -281,29 +343,31 @@ def compare(
     `concept_tokens`: token ids whose next-token probability should rise if the steering works (for
     a latent that reads a token, the tokens that follow its top activations).
     """
-    intervention.check(sae)
+    listed = check_interventions(sae, intervention)
+    latents = [i.latent for i in listed]
     prompt_tokens = model.to_tokens(prompt)
     n_prompt = prompt_tokens.shape[1]
     effects = {}
-    for name, how in (("unsteered", None), ("steered", intervention)):
+    for name, how in (("unsteered", None), ("steered", listed)):
         tokens = generate(model, sae, prompt, how, max_new_tokens, temperature, seed)
-        effects[name] = completion_effects(model, sae, tokens, n_prompt, intervention.latent, embed, explanation)
+        effects[name] = completion_effects(model, sae, tokens, n_prompt, latents, embed, explanation)
 
     clean_lp = next_token_log_probs(model, sae, prompt_tokens, None)
-    steered_lp = next_token_log_probs(model, sae, prompt_tokens, intervention)
+    steered_lp = next_token_log_probs(model, sae, prompt_tokens, listed)
     kl = F.kl_div(steered_lp, clean_lp, log_target=True, reduction="batchmean").item()
-    top = top_logit_tokens(model, sae, intervention.latent).to(clean_lp.device)
+    top = top_logit_tokens(model, sae, latents).to(clean_lp.device)
     concept = torch.tensor(list(concept_tokens), dtype=torch.long, device=clean_lp.device)
     decode = lambda ids: [model.tokenizer.decode([t]) for t in ids.tolist()]  # noqa: E731
     return SteeringComparison(
-        prompt=prompt, latent=intervention.latent, mode=intervention.mode, alpha=alpha,
-        strength=intervention.strength, unsteered=effects["unsteered"], steered=effects["steered"],
+        prompt=prompt, latent=latents[0], mode=listed[0].mode, alpha=alpha,
+        strength=listed[0].strength, unsteered=effects["unsteered"], steered=effects["steered"],
         next_token_kl=kl, top_logit_tokens=decode(top),
         top_logit_prob_clean=clean_lp[:, top].exp().sum(-1).mean().item(),
         top_logit_prob_steered=steered_lp[:, top].exp().sum(-1).mean().item(),
         concept_tokens=decode(concept),
         concept_token_prob_clean=clean_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
         concept_token_prob_steered=steered_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
+        latents=latents, modes=[i.mode for i in listed], strengths=[i.strength for i in listed],
     )
 
 
@@ -321,8 +385,9 @@ def sentence_embedder() -> Callable[[list[str]], Tensor]:
 
 def format_comparison(result: SteeringComparison) -> str:
     """Unsteered and steered completions side by side, then the measured effects, as text."""
-    lines = [f"prompt: {result.prompt!r}", f"latent {result.latent}, {result.mode}"
-             + (f", alpha {result.alpha:g}" if result.alpha is not None else "") + f", strength {result.strength:.4g}"]
+    steered = ", ".join(f"{i} {m} {s:.4g}" for i, m, s in zip(result.latents, result.modes, result.strengths)) \
+        if len(result.latents) > 1 else f"{result.latent}, {result.mode}, strength {result.strength:.4g}"
+    lines = [f"prompt: {result.prompt!r}", f"latent {steered}" + (f", alpha {result.alpha:g}" if result.alpha is not None else "")]
     u, s = result.unsteered, result.steered
     lines += [f"  unsteered: {u.text!r}", f"  steered:   {s.text!r}"]
     rows = [("latent activation (mean)", u.latent_activation_mean, s.latent_activation_mean),
