@@ -23,12 +23,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import sae  # noqa: E402
-from cache import ActivationReader, CacheError, build_cache, read_manifest  # noqa: E402
+from cache import ActivationReader, CacheError, MultiHookpointReader, build_cache, read_manifest  # noqa: E402
 from sae.config import ConfigError, to_dict  # noqa: E402
 from sae.distributed import Distributed  # noqa: E402
 from sae.evals import EvalResult, evaluate, format_report, held_out_batches  # noqa: E402
 from sae.io import atomic_write_json  # noqa: E402
 from sae.models import load_model  # noqa: E402
+from sae.routing import ModuleTrainer, hookpoint_dir  # noqa: E402
 from sae.run_config import RunConfig, load_run_config  # noqa: E402
 from sae.trainer import resolve_device  # noqa: E402
 
@@ -58,6 +59,33 @@ def train_on_cache(
     return trained, Path(config.train.out_dir) / trainer.members[0].name
 
 
+def train_modules_on_cache(config: RunConfig, cache_dir: Path, manifest: dict[str, Any], dist: Distributed) -> dict[str, Path]:
+    """One [sae] SAE per hookpoint of sae.hookpoints, each trained on one rank from every rank's share of
+    the cache (`sae.routing`); returns the folder of every SAE (all ranks' SAEs are saved when it returns)."""
+    hookpoints = config.sae_hookpoints
+    reader = MultiHookpointReader(cache_dir, hookpoints, batch_size=config.train.batch_size, seed=config.train.seed,
+                                  rank=dist.rank, world_size=dist.world_size)
+    sae_cfgs = {h: [config.sae_config(d_in=reader.widths[h], hook_layout=manifest["hookpoints"][h]["layout"], hookpoint=h)]
+                for h in hookpoints}
+    trainer = ModuleTrainer(sae_cfgs, config.train, dist)
+    if dist.is_main:
+        print("owners: " + ", ".join(f"{h} -> rank {r}" for h, r in trainer.owners.items()), flush=True)
+    trainer.fit(reader)
+    return {h: hookpoint_dir(config.train.out_dir, h) / sae.trainer.sae_name(cfgs[0]) for h, cfgs in sae_cfgs.items()}
+
+
+def evaluate_saved(config: RunConfig, model, manifest: dict[str, Any], sae_dir: Path) -> dict[str, Any]:
+    """Model-in-the-loop evaluation of the SAE saved in `sae_dir` on the held-out tokens (printed, and returned)."""
+    # Held out: the contexts right after the cached ones, in the same stream.
+    held_out = held_out_batches(config, model.tokenizer, skip_contexts=manifest["contexts"])
+    result: EvalResult = evaluate(
+        model, sae.load(sae_dir).to(config.model.device), held_out, exclude_bos=config.cache.exclude_bos,
+        dense_threshold=config.train.dense_threshold, out_dir=sae_dir, total_batches=len(held_out),
+    )
+    print(format_report(result))
+    return {**result.to_dict(), "density_histogram": str(sae_dir / "feature_density.png")}
+
+
 def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
     """The whole job; under torchrun every rank calls it, and rank 0 alone evaluates and returns the report."""
     config = load_run_config(config_path, overrides)
@@ -74,25 +102,31 @@ def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
         cache_dir = build_cache(config, model, progress=dist.is_main, dist=dist)
         manifest = read_manifest(cache_dir)
     with stage(seconds, "train", f"[3/4] training into {out_dir}{ranks}", dist):
-        trained, sae_dir = train_on_cache(config, cache_dir, manifest, dist)
+        if config.one_sae_per_hookpoint:
+            sae_dirs = train_modules_on_cache(config, cache_dir, manifest, dist)
+        else:
+            _, sae_dir = train_on_cache(config, cache_dir, manifest, dist)
+            sae_dirs = {config.sae_hookpoint: sae_dir}
     if not dist.is_main:
-        return None  # rank 0 evaluates and writes the report; the SAE and checkpoint are already saved
+        return None  # rank 0 evaluates and writes the report; the SAEs and checkpoints are already saved
     report: dict[str, Any] = {
         "config": to_dict(config),
         "cache": {"dir": str(cache_dir), "tokens": manifest["tokens"],
-                  "norm_stats": manifest["norm_stats"][config.sae_hookpoint]},
-        "sae": {"dir": str(sae_dir), "cfg": to_dict(trained.cfg)},
+                  "norm_stats": {h: manifest["norm_stats"][h] for h in sae_dirs}},
+        "saes": {h: {"dir": str(d), "cfg": to_dict(sae.load(d).cfg)} for h, d in sae_dirs.items()},
     }
     if config.eval.enabled:
         with stage(seconds, "eval", f"[4/4] evaluating with the model in the loop on {config.eval.tokens} held-out tokens", dist):
-            # Held out: the contexts right after the cached ones, in the same stream.
-            held_out = held_out_batches(config, model.tokenizer, skip_contexts=manifest["contexts"])
-            result: EvalResult = evaluate(
-                model, trained.to(config.model.device), held_out, exclude_bos=config.cache.exclude_bos,
-                dense_threshold=config.train.dense_threshold, out_dir=sae_dir, total_batches=len(held_out),
-            )
-        report["eval"] = {**result.to_dict(), "density_histogram": str(sae_dir / "feature_density.png")}
-        print(format_report(result))
+            for h, d in sae_dirs.items():
+                if config.one_sae_per_hookpoint:
+                    print(f"{h} ({d}):")
+                report["saes"][h]["eval"] = evaluate_saved(config, model, manifest, d)
+    if not config.one_sae_per_hookpoint:  # the one-SAE report's layout, which users and tests read
+        only = report.pop("saes")[config.sae_hookpoint]
+        report["cache"]["norm_stats"] = report["cache"]["norm_stats"][config.sae_hookpoint]
+        report["sae"] = {"dir": only["dir"], "cfg": only["cfg"]}
+        if "eval" in only:
+            report["eval"] = only["eval"]
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = seconds
     report["torch_threads"] = torch.get_num_threads()

@@ -77,29 +77,54 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sae: dict[str, Any] = field(default_factory=lambda: {"architecture": "topk", "d_sae": 8192, "k": 32})
-    """SAEConfig keys except d_in; `hookpoint` defaults to the first cached hookpoint."""
+    """SAEConfig keys except d_in; `hookpoint` defaults to the first cached hookpoint. Or `hookpoints`
+    (a list, or "all" for every cached one): one such SAE per hookpoint, trained at once with the SAEs
+    spread over the ranks under torchrun (module distribution)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if "d_in" in self.sae:
             raise ConfigError("sae.d_in: do not set it; it comes from the model and the hookpoint")
-        if self.sae_hookpoint not in self.cache.hookpoints:
+        if self.one_sae_per_hookpoint:
+            if "hookpoint" in self.sae or "hook_head_index" in self.sae:
+                raise ConfigError("sae.hookpoints trains one SAE per hookpoint: leave out sae.hookpoint and sae.hook_head_index")
+            unknown = [h for h in self.sae_hookpoints if h not in self.cache.hookpoints]
+            if unknown:
+                raise ConfigError(f"sae.hookpoints {unknown} are not cached; cache.hookpoints = {self.cache.hookpoints}")
+        elif self.sae_hookpoint not in self.cache.hookpoints:
             raise ConfigError(f"sae.hookpoint {self.sae_hookpoint!r} is not cached; cache.hookpoints = {self.cache.hookpoints}")
         self.sae_config(d_in=1)  # validates the keys and values now, before any model is loaded
+
+    @property
+    def one_sae_per_hookpoint(self) -> bool:
+        return "hookpoints" in self.sae
+
+    @property
+    def sae_hookpoints(self) -> list[str]:
+        """The hookpoints that get an SAE: sae.hookpoints ("all": every cached one), else [sae_hookpoint]."""
+        if not self.one_sae_per_hookpoint:
+            return [self.sae_hookpoint]
+        value = self.sae["hookpoints"]
+        if value == "all":
+            return list(self.cache.hookpoints)
+        if not isinstance(value, list) or not value or not all(isinstance(h, str) for h in value) or len(set(value)) < len(value):
+            raise ConfigError(f'sae.hookpoints must be "all" or a list of distinct hookpoint names, got {value!r}')
+        return value
 
     @property
     def sae_hookpoint(self) -> str:
         """Where the SAE reads: sae.hookpoint, by default the first cached hookpoint."""
         return self.sae.get("hookpoint", self.cache.hookpoints[0])
 
-    def sae_config(self, d_in: int, hook_layout: str = "flat") -> SAEConfig:
-        """The [sae] section completed with what the model and cache tell us."""
+    def sae_config(self, d_in: int, hook_layout: str = "flat", hookpoint: str | None = None) -> SAEConfig:
+        """The [sae] section completed with what the model and cache tell us (for `hookpoint` when
+        sae.hookpoints lists several)."""
         values = {
             "model_name": self.model.name,
-            "hookpoint": self.sae_hookpoint,
+            "hookpoint": hookpoint or self.sae_hookpoints[0],
             "hook_layout": hook_layout,
-            **self.sae,
+            **{key: value for key, value in self.sae.items() if key != "hookpoints"},
             "d_in": d_in,
         }
         return from_dict(SAEConfig, values, "sae")

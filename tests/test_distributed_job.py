@@ -132,3 +132,16 @@ def test_a_rank_failing_while_caching_fails_the_job_with_its_error(tmp_path, tin
     assert "writing a shard to" in result.stderr and "shard_000001.safetensors" in result.stderr
     assert seconds < 120, f"the job took {seconds:.0f} s to fail"  # rank 0 waits at the merge barrier, then is stopped
     assert not (tmp_path / "cache" / "manifest.json").exists()  # nothing merged from a failed job
+
+
+def test_train_py_one_sae_per_hookpoint_spreads_them_over_the_ranks(tmp_path, tiny_lm_dir):
+    config = write_config(tmp_path, tiny_lm_dir)
+    result = torchrun("train.py", str(config), "--set", 'sae.hookpoints="all"')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "owners: blocks.1.hook_resid_post -> rank 0, blocks.0.hook_resid_post -> rank 1" in result.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report["saes"]) == HOOKS and result.stdout.count("CE loss recovered") == 2
+    for hookpoint, entry in report["saes"].items():
+        assert Path(entry["dir"]).parent == tmp_path / "out" / hookpoint  # its SAE, checkpoint and metrics.jsonl
+        assert (tmp_path / "out" / hookpoint / "checkpoint" / "state.json").is_file()
+        assert entry["cfg"]["hookpoint"] == hookpoint and entry["eval"]["l0"] == pytest.approx(4, abs=0.01)

@@ -118,3 +118,17 @@ def test_a_failing_rank_fails_the_job_promptly_with_its_error(cache_dir, tmp_pat
     assert result.returncode != 0
     assert message in result.stderr
     assert seconds < 90, f"{seconds:.0f} s"  # the process group's timeout is 10 minutes: this is torchrun stopping it
+
+
+def test_run_config_one_sae_per_hookpoint(tiny_lm_dir, tmp_path):
+    from sae.config import ConfigError
+
+    config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": "all"})
+    assert config.one_sae_per_hookpoint and config.sae_hookpoints == HOOKS
+    assert config.sae_config(d_in=32, hookpoint=HOOKS[1]).hookpoint == HOOKS[1]
+    with pytest.raises(ConfigError, match="not cached"):
+        tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": ["blocks.5.hook_resid_post"]})
+    with pytest.raises(ConfigError, match="leave out sae.hookpoint"):
+        tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": "all", "hookpoint": HOOKS[0]})
+    with pytest.raises(ConfigError, match="distinct"):
+        tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": [HOOKS[0], HOOKS[0]]})
