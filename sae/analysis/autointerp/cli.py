@@ -4,9 +4,14 @@ Writes into OUT: results.jsonl (one line per latent, every failure counted), sum
 (real vs shuffled-control explanations on every scorer, throughput), explanations.jsonl (the dashboard's
 format: `analyze.py dashboard --explanations OUT/explanations.jsonl`), options.json (how it was made).
 
-LLM backends: `local-server` (default; Gemma 3 270M GGUF under llama.cpp's OpenAI-compatible server on
-loopback, started and stopped here), `in-process` (the same model through llama-cpp-python, no server),
+LLM backends: `in-process` (default; Gemma 3 270M GGUF through llama-cpp-python, with our own greedy decoding
+and top-k logprobs: llama-cpp-python's own logprobs sort the 262k vocabulary in Python, 0.4 s per token,
+which makes the echoed prompts of the simulation and intervention scorers take minutes each), `local-server`
+(the same model under llama-cpp-python's OpenAI-compatible server on loopback, started and stopped here),
 `http` (any OpenAI-compatible server: --base-url, --llm-model, API key from the env var --api-key-env).
+
+Scorers: detection, fuzzing, simulation (LLM), embedding (MiniLM), intervention (steers the subject model,
+which is loaded from the SAE's cfg.model_name, then asks the LLM).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from sae.analysis.autointerp.pipeline import SCORERS, AutointerpConfig, LatentRe
 from sae.analysis.autointerp.prompts import token_strings_from_tokenizer
 from sae.analysis.autointerp.records import RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import EmbeddingScorer, ScorerConfig, minilm_embedder
+from sae.analysis.autointerp.simulation import SimulationConfig
 
-BACKENDS = ("local-server", "in-process", "http")
+BACKENDS = ("in-process", "local-server", "http")
 
 
 @dataclass
@@ -37,7 +43,7 @@ class AutointerpOptions:
     latents: str = "0:200"
     tokens: int | None = None  # read at most this many tokens of the cache (default: all of it, streamed)
     scorers: str = ",".join(SCORERS)
-    backend: str = "local-server"
+    backend: str = "in-process"
     base_url: str | None = None
     llm_model: str = "local"
     api_key_env: str | None = None
@@ -48,6 +54,9 @@ class AutointerpOptions:
     show_values: bool = False
     n_examples: int = 20
     n_score: int = 10  # activating and as many non-activating examples per scorer
+    n_simulation: int = 4  # activating and as many non-activating examples simulated (one request each)
+    neighbour_negatives: int = 0  # of the 2 * n_score negatives kept per latent, how many from decoder neighbours
+    target_kl: float = 0.5  # intervention scorer: steering strength calibrated to this next-token KL
     min_examples: int = 10
     no_control: bool = False
     model: str | None = None  # tokenizer source (default: the SAE's cfg.model_name)
@@ -95,6 +104,12 @@ def add_autointerp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-values", action="store_true", help="show activation values 0-10 to the explainer")
     parser.add_argument("--n-examples", type=int, default=defaults.n_examples, help="examples shown to the explainer")
     parser.add_argument("--n-score", type=int, default=defaults.n_score, help="activating (and non-activating) examples per scorer")
+    parser.add_argument("--n-simulation", type=int, default=defaults.n_simulation,
+                        help="activating (and non-activating) examples per latent for the simulation scorer")
+    parser.add_argument("--neighbour-negatives", type=int, default=defaults.neighbour_negatives,
+                        help="hard negatives per latent from its nearest latents by decoder cosine (default none)")
+    parser.add_argument("--target-kl", type=float, default=defaults.target_kl,
+                        help="intervention scorer: next-token KL the steering strength is calibrated to")
     parser.add_argument("--min-examples", type=int, default=defaults.min_examples, help="fewer firings: reported, not explained")
     parser.add_argument("--no-control", action="store_true", help="skip the shuffled-explanation control")
     parser.add_argument("--model", help="tokenizer's model name or directory (default: the SAE's cfg.model_name)")
@@ -126,6 +141,7 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     config = AutointerpConfig(
         explainer=ExplainerConfig(n_examples=opts.n_examples, show_values=opts.show_values, use_chat=opts.use_chat, seed=opts.seed),
         scorer=ScorerConfig(n_positive=opts.n_score, n_negative=opts.n_score, use_chat=opts.use_chat, seed=opts.seed),
+        simulation=SimulationConfig(n_positive=opts.n_simulation, n_negative=opts.n_simulation, seed=opts.seed),
         scorers=scorers, control=not opts.no_control, seed=opts.seed,
     )
     model = sae_lib.load(opts.sae, device=opts.device).eval()
@@ -136,15 +152,28 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     latents = torch.tensor(parse_latent_spec(opts.latents))
     if latents.max() >= model.cfg.d_sae:
         raise ValueError(f"--latents {opts.latents}: latent {int(latents.max())} >= d_sae {model.cfg.d_sae}")
+    n_negatives = max(2 * opts.n_score, 2 * opts.n_simulation)
     records = collect_records(
         model.encode, model.cfg.d_sae, cache_batches(opts.cache, model, max_tokens=opts.tokens), latents,
-        RecordConfig(n_negatives=2 * opts.n_score, min_examples=opts.min_examples, seed=opts.seed),
+        RecordConfig(n_negatives=n_negatives, neighbour_negatives=opts.neighbour_negatives,
+                     min_examples=opts.min_examples, seed=opts.seed),
+        decoder=model.W_dec,
     )
     embedding = EmbeddingScorer(minilm_embedder(), token_strings, config.scorer) if "embedding" in scorers else None
+    intervention = None
+    if "intervention" in scorers:
+        from sae.analysis.autointerp.intervention import InterventionConfig, InterventionScorer
+        from sae.models import load_model
+
+        if model.cfg.hookpoint is None:
+            raise ValueError(f"{opts.sae}: the SAE's config names no hookpoint; the intervention scorer cannot steer")
+        subject = load_model(model_name, "float32", opts.device)
+        intervention = InterventionScorer(subject, model, InterventionConfig(target_kl=opts.target_kl))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)  # the local server's log goes here before any result does
     async with llm_client(opts) as client:
-        results, summary = await interpret(client, records, token_strings, config, embedding, out / "results.jsonl")
+        results, summary = await interpret(client, records, token_strings, config, embedding, out / "results.jsonl",
+                                           intervention)
     write_reports(out, results, summary, asdict(opts))
     return results, summary
 
@@ -186,6 +215,6 @@ def write_reports(out: Path, results: list[LatentResult], summary: dict, options
     lines = []
     for r in results:  # flat numeric scores, as the dashboard reads them; NaN (undefined) left out
         scores = {f"{name}_{metric}": value for name, score in r.scores.items()
-                  for metric, value in score["metrics"].items() if value == value}
+                  for metric, value in score["metrics"].items() if value == value and value is not None}
         lines.append(json.dumps({"latent": r.latent, "explanation": r.explanation, "scores": scores}))
     atomic_write_text(out / "explanations.jsonl", "\n".join(lines) + "\n")

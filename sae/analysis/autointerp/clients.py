@@ -32,12 +32,13 @@ class TokenLogprob:
 
 @dataclass
 class Completion:
-    text: str
-    logprobs: list[TokenLogprob] | None  # None when logprobs were not asked for
+    text: str  # with echo: the prompt followed by the generated text
+    logprobs: list[TokenLogprob] | None  # None when logprobs were not asked for (or the server sent none)
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
     latency_s: float
+    text_offsets: list[int] | None = None  # each logprobs token's character offset in `text`, when sent
 
 
 class Client(Protocol):
@@ -45,7 +46,11 @@ class Client(Protocol):
 
     async def complete(
         self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
-    ) -> Completion: ...
+        echo: bool = False,
+    ) -> Completion:
+        """echo: also return the prompt's tokens with their logprobs (what the simulation and intervention
+        scorers read); a server that ignores echo returns no prompt logprobs, which they count as failures."""
+        ...
 
     async def chat(
         self, messages: list[Message], max_tokens: int, logprobs: int = 0, stop: list[str] | None = None,
@@ -117,8 +122,11 @@ class OpenAIClient:
 
     async def complete(
         self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
+        echo: bool = False,
     ) -> Completion:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        if echo:
+            body["echo"] = True
         if logprobs:
             body["logprobs"] = logprobs  # legacy completions: number of top alternatives per token
         if stop:
@@ -178,10 +186,11 @@ def _completion(payload: dict[str, Any], parse_choice, latency_s: float, base_ur
         choice = payload["choices"][0]
         text, logprobs = parse_choice(choice)
         usage = payload.get("usage") or {}
+        offsets = (choice.get("logprobs") or {}).get("text_offset") if parse_choice is parse_completion_choice else None
         return Completion(
             text=text, logprobs=logprobs, prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)), finish_reason=choice.get("finish_reason"),
-            latency_s=latency_s,
+            latency_s=latency_s, text_offsets=[int(o) for o in offsets] if offsets is not None else None,
         )
     except (KeyError, IndexError, TypeError, ValueError) as e:
         # A 200 with a body we cannot read is the server's bug, not a transient failure: no retry.
@@ -194,7 +203,7 @@ def parse_completion_choice(choice: dict[str, Any]) -> tuple[str, list[TokenLogp
     if not lp:
         return choice["text"], None
     tops = lp.get("top_logprobs") or [{}] * len(lp["tokens"])
-    return choice["text"], [
+    return choice["text"], [  # with echo the first prompt token has no logprob (null): kept as -inf, top {}
         TokenLogprob(token, _finite(logprob), {t: _finite(v) for t, v in (top or {}).items()})
         for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], tops)
     ]
@@ -220,23 +229,33 @@ def _finite(logprob: float | None) -> float:
 
 class LlamaCppClient:
     """A GGUF model in this process via llama-cpp-python. llama.cpp contexts are not thread-safe, so
-    requests run one at a time in a worker thread; the event loop stays free for other work."""
+    requests run one at a time in a worker thread; the event loop stays free for other work.
+
+    Greedy completions (temperature 0, all the pipeline asks for) are decoded here rather than through
+    `create_completion`, whose logprobs sort the whole vocabulary in Python at every position: 0.4 s per
+    token with Gemma's 262k vocabulary (measured), 40 s for one echoed 100-token prompt. Here the top
+    alternatives come from `argpartition`, and a prompt that shares a prefix with the previous one (the
+    few-shot demonstrations) reuses its KV cache. Sampling (temperature > 0) goes through llama-cpp-python.
+    """
 
     def __init__(self, model_path: str, n_ctx: int = 2048, n_threads: int = 1, seed: int = 0):
         from llama_cpp import Llama  # extra "autointerp-local"
 
-        # logits_all: llama-cpp-python returns logprobs only if it keeps every position's logits (as its
-        # server does by default); with Gemma's 262k vocabulary that is 1 MB per prompt token.
+        # logits_all: logprobs need every position's logits (as llama-cpp-python's server keeps by default);
+        # with Gemma's 262k vocabulary that is 1 MB per context position.
         self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          seed=seed, logits_all=True, verbose=False)
         self.lock = asyncio.Lock()
 
     async def complete(
         self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
+        echo: bool = False,
     ) -> Completion:
+        if temperature == 0.0:
+            return await self._locked(self._greedy, prompt, max_tokens, logprobs, stop or [], echo)
         kwargs = dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
-                      logprobs=logprobs or None)
-        return await self._run(self.llm.create_completion, kwargs, parse_completion_choice)
+                      logprobs=logprobs or None, echo=echo)
+        return await self._locked(self._library_call, self.llm.create_completion, kwargs, parse_completion_choice)
 
     async def chat(
         self, messages: list[Message], max_tokens: int, logprobs: int = 0, stop: list[str] | None = None,
@@ -244,13 +263,100 @@ class LlamaCppClient:
     ) -> Completion:
         kwargs = dict(messages=messages, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
                       logprobs=bool(logprobs), top_logprobs=logprobs or None)
-        return await self._run(self.llm.create_chat_completion, kwargs, parse_chat_choice)
+        return await self._locked(self._library_call, self.llm.create_chat_completion, kwargs, parse_chat_choice)
 
-    async def _run(self, method, kwargs: dict[str, Any], parse_choice) -> Completion:
+    async def _locked(self, function, *args) -> Completion:
         async with self.lock:
             started = time.monotonic()
             try:
-                payload = await asyncio.to_thread(method, **kwargs)
+                completion = await asyncio.to_thread(function, *args)
             except (RuntimeError, ValueError) as e:  # e.g. prompt longer than n_ctx
                 raise RequestFailed(f"llama.cpp: {type(e).__name__}: {e}", 1) from e
-        return _completion(payload, parse_choice, time.monotonic() - started, "llama.cpp:", method.__name__)
+        completion.latency_s = time.monotonic() - started
+        return completion
+
+    def _library_call(self, method, kwargs: dict[str, Any], parse_choice) -> Completion:
+        self.llm.reset()  # our greedy path may have left the context mid-sequence
+        return _completion(method(**kwargs), parse_choice, 0.0, "llama.cpp:", method.__name__)
+
+    def _evaluate(self, tokens: list[int]) -> None:
+        """Bring the context to exactly `tokens`, reusing the cached prefix when llama.cpp can cut its KV cache."""
+        llm = self.llm
+        if len(tokens) > llm.n_ctx():
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the context of {llm.n_ctx()}")
+        cached = llm.input_ids[: llm.n_tokens]
+        prefix = 0
+        for a, b in zip(cached.tolist(), tokens):
+            if a != b:
+                break
+            prefix += 1
+        prefix = min(prefix, len(tokens) - 1)  # re-evaluate at least one token: its logits are needed
+        if prefix > 0 and llm._ctx.kv_cache_seq_rm(-1, prefix, -1):
+            llm.n_tokens = prefix
+        else:
+            llm.reset()
+        llm.eval(tokens[llm.n_tokens:])
+
+    def _top(self, row, logprobs: int, context: list[int]) -> tuple[Any, dict[str, float]]:
+        """Log-softmax of one logits row and its `logprobs` most likely tokens as text -> logprob."""
+        import numpy as np
+
+        shifted = row - row.max()
+        log_probs = shifted - np.log(np.exp(shifted).sum())
+        if not logprobs:
+            return log_probs, {}
+        best = np.argpartition(-log_probs, logprobs)[:logprobs]
+        top: dict[str, float] = {}
+        for i in best[np.argsort(-log_probs[best])].tolist():
+            text = self.llm.detokenize([i], prev_tokens=context).decode("utf-8", errors="ignore")
+            top.setdefault(text, float(log_probs[i]))  # two ids with one text: keep the likelier
+        return log_probs, top
+
+    def _greedy(self, prompt: str, max_tokens: int, logprobs: int, stop: list[str], echo: bool) -> Completion:
+        llm = self.llm
+        prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        self._evaluate(prompt_ids)
+        has_bos = prompt_ids[0] == llm.token_bos()
+        first = 1 if has_bos else 0
+        entries: list[TokenLogprob] = []
+        offsets: list[int] = []
+        if echo and logprobs:
+            for position in range(first, len(prompt_ids)):
+                token = prompt_ids[position]
+                context = prompt_ids[first:position]
+                token_text = llm.detokenize([token], prev_tokens=context).decode("utf-8", errors="ignore")
+                offsets.append(len(llm.detokenize(context).decode("utf-8", errors="ignore")))
+                if position == 0:  # no BOS: nothing predicts the first token
+                    entries.append(TokenLogprob(token_text, -math.inf, {}))
+                    continue
+                log_probs, top = self._top(llm.scores[position - 1], logprobs, context)
+                entries.append(TokenLogprob(token_text, float(log_probs[token]), top))
+
+        generated: list[int] = []
+        text, finish = "", "length"
+        while len(generated) < max_tokens:
+            context = prompt_ids[first:] + generated
+            row = llm.scores[llm.n_tokens - 1]
+            token = int(row.argmax())
+            if token == llm.token_eos():
+                finish = "stop"
+                break
+            new_text = llm.detokenize(generated + [token], prev_tokens=prompt_ids[first:]).decode("utf-8", errors="ignore")
+            hit = min((new_text.find(s) for s in stop if s in new_text), default=-1)
+            if hit >= 0:
+                text, finish = new_text[:hit], "stop"
+                break
+            if logprobs:
+                log_probs, top = self._top(row, logprobs, context)
+                token_text = llm.detokenize([token], prev_tokens=context).decode("utf-8", errors="ignore")
+                offsets.append((len(prompt) if echo else 0) + len(text))
+                entries.append(TokenLogprob(token_text, float(log_probs[token]), top))
+            generated.append(token)
+            text = new_text
+            if len(generated) < max_tokens:
+                llm.eval([token])
+        return Completion(
+            text=(prompt + text) if echo else text, logprobs=entries if logprobs else None,
+            prompt_tokens=len(prompt_ids), completion_tokens=len(generated), finish_reason=finish, latency_s=0.0,
+            text_offsets=offsets if logprobs else None,
+        )

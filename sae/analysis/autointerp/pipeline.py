@@ -26,15 +26,17 @@ from sae.analysis.autointerp.records import LatentRecord
 from sae.analysis.autointerp.scorers import (
     EmbeddingScorer, Score, ScorerConfig, detection_score, fuzzing_score,
 )
+from sae.analysis.autointerp.simulation import SimulationConfig, simulation_score
 
-LLM_SCORERS = {"detection": detection_score, "fuzzing": fuzzing_score}
-SCORERS = (*LLM_SCORERS, "embedding")
+LLM_SCORERS = ("detection", "fuzzing", "simulation")
+SCORERS = (*LLM_SCORERS, "embedding", "intervention")
 
 
 @dataclass
 class AutointerpConfig:
     explainer: ExplainerConfig = field(default_factory=ExplainerConfig)
-    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)  # detection, fuzzing and embedding
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
     scorers: tuple[str, ...] = SCORERS
     control: bool = True  # score a shuffled explanation (another latent's) beside each real one
     seed: int = 0
@@ -61,9 +63,22 @@ class LatentResult:
     control_scores: dict[str, dict] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    n_neighbour_negatives: int = 0  # of the negatives, hard ones from decoder neighbours
+    too_few_activations: bool = False
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), allow_nan=True)
+        return json.dumps(json_safe(asdict(self)), allow_nan=False)
+
+
+def json_safe(value):
+    """NaN and infinities (an undefined metric) as null, so every file is strict JSON; the summary counts them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def pair_controls(explanations: list[Explanation], seed: int) -> dict[int, Explanation]:
@@ -75,9 +90,32 @@ def pair_controls(explanations: list[Explanation], seed: int) -> dict[int, Expla
     return {order[i].latent: order[(i + 1) % len(order)] for i in range(len(order))}
 
 
+@dataclass
+class Scorers:
+    """The scorers that need more than the LLM client: MiniLM for embedding, the subject model for intervention."""
+
+    embedding: EmbeddingScorer | None = None
+    intervention: object | None = None  # intervention.InterventionScorer (imported lazily: it needs torch models)
+
+
+async def _run_scorer(name: str, client: Client, text: str, record: LatentRecord, token_strings: TokenStrings,
+                      config: AutointerpConfig, scorers: Scorers) -> Score:
+    if name == "detection":
+        return await detection_score(client, text, record, token_strings, config.scorer)
+    if name == "fuzzing":
+        return await fuzzing_score(client, text, record, token_strings, config.scorer)
+    if name == "simulation":
+        return await simulation_score(client, text, record, token_strings, config.simulation)
+    if name == "embedding":  # in a thread: the event loop keeps serving other latents' requests
+        return await asyncio.to_thread(scorers.embedding.score, text, record)
+    if name == "intervention":
+        return await scorers.intervention.score(client, text, record)
+    raise ValueError(f"unknown scorer {name!r}")
+
+
 async def score_latent(
     client: Client, record: LatentRecord, explanation: Explanation, control: Explanation | None,
-    token_strings: TokenStrings, config: AutointerpConfig, embedding: EmbeddingScorer | None,
+    token_strings: TokenStrings, config: AutointerpConfig, scorers: Scorers,
 ) -> LatentResult:
     result = LatentResult(
         latent=record.latent, fire_count=record.fire_count, max_activation=record.max_activation,
@@ -85,17 +123,15 @@ async def score_latent(
         explanation=explanation.text, explanation_failure=explanation.failure, explanation_detail=explanation.detail,
         control_explanation=control.text if control else None, control_from_latent=control.latent if control else None,
         prompt_tokens=explanation.prompt_tokens, completion_tokens=explanation.completion_tokens,
+        n_neighbour_negatives=record.n_neighbour_negatives, too_few_activations=record.too_few_activations,
     )
     if explanation.text is None:
         return result
     runs = [("scores", explanation.text)] + ([("control_scores", control.text)] if control else [])
     for slot, text in runs:
-        llm = [name for name in config.scorers if name in LLM_SCORERS]
         scores: list[Score] = list(await asyncio.gather(
-            *(LLM_SCORERS[name](client, text, record, token_strings, config.scorer) for name in llm)
+            *(_run_scorer(name, client, text, record, token_strings, config, scorers) for name in config.scorers)
         ))
-        if "embedding" in config.scorers:  # in a thread: the event loop keeps serving other latents' requests
-            scores.append(await asyncio.to_thread(embedding.score, text, record))
         for score in scores:
             getattr(result, slot)[score.scorer] = score.to_dict()
             result.prompt_tokens += score.prompt_tokens
@@ -104,17 +140,20 @@ async def score_latent(
 
 async def interpret(
     client: Client, records: list[LatentRecord], token_strings: TokenStrings, config: AutointerpConfig,
-    embedding: EmbeddingScorer | None = None, results_path: str | Path | None = None,
+    embedding: EmbeddingScorer | None = None, results_path: str | Path | None = None, intervention=None,
 ) -> tuple[list[LatentResult], dict]:
     """Explain and score `records`; write one JSON line per latent (in completion order) and return the
-    results (in latent order) with the summary."""
+    results (in latent order) with the summary. `intervention`: an `intervention.InterventionScorer`."""
     if "embedding" in config.scorers and embedding is None:
         raise ValueError("the embedding scorer is selected but no EmbeddingScorer was given")
+    if "intervention" in config.scorers and intervention is None:
+        raise ValueError("the intervention scorer is selected but no InterventionScorer (subject model + SAE) was given")
+    scorers = Scorers(embedding, intervention)
     started = time.monotonic()
     explanations = await asyncio.gather(*(explain(client, r, token_strings, config.explainer) for r in records))
     controls = pair_controls(explanations, config.seed) if config.control else {}
     tasks = [
-        score_latent(client, r, e, controls.get(r.latent), token_strings, config, embedding)
+        score_latent(client, r, e, controls.get(r.latent), token_strings, config, scorers)
         for r, e in zip(records, explanations)
     ]
     results = []
@@ -152,64 +191,92 @@ class _JsonLines:
             self.path.with_name(self.path.name + ".partial").replace(self.path)
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+def _defined(values: list[float]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: list[float]) -> float | None:
+    defined = _defined(values)
+    return sum(defined) / len(defined) if defined else None
+
+
+def _score_counts(results: list[LatentResult], name: str) -> dict[str, int]:
+    """Failure counts of one scorer over real and control explanations."""
+    counts = {"latents_scored": 0, "examples_asked": 0, "parse_failures": 0, "errors": 0, "missing_predictions": 0}
+    for r in results:
+        if name not in r.scores:
+            continue
+        counts["latents_scored"] += 1
+        for score in (r.scores[name], r.control_scores.get(name)):
+            if score is not None:
+                counts["examples_asked"] += score["n_examples"]
+                counts["parse_failures"] += score["parse_failures"]
+                counts["errors"] += score["errors"]
+                counts["missing_predictions"] += score.get("missing_predictions", 0)
+    return counts
 
 
 def summarize(results: list[LatentResult], seconds: float) -> dict:
-    """Counts of every failure kind, and per scorer the mean of each metric for real and control
-    explanations and their difference (computed over latents that have both)."""
+    """Counts of every failure kind, and per scorer and metric the mean for real and control explanations
+    and their difference (over latents that have both defined). An undefined metric (e.g. precision with no
+    positive prediction, a correlation of constant predictions) is left out of the mean and counted in
+    `undefined`; the summary holds null, never NaN."""
     failures: dict[str, int] = {}
     for r in results:
         if r.explanation_failure:
             failures[r.explanation_failure] = failures.get(r.explanation_failure, 0) + 1
     scorers: dict[str, dict] = {}
     for name in sorted({n for r in results for n in r.scores}):
-        both = [r for r in results if name in r.scores and name in r.control_scores]
-        entry = {
-            "latents_scored": sum(name in r.scores for r in results),
-            "parse_failures": sum(r.scores[name]["parse_failures"] + r.control_scores.get(name, {}).get("parse_failures", 0)
-                                  for r in results if name in r.scores),
-            "errors": sum(r.scores[name]["errors"] + r.control_scores.get(name, {}).get("errors", 0)
-                          for r in results if name in r.scores),
-            "examples_asked": sum(r.scores[name]["n_examples"] + r.control_scores.get(name, {}).get("n_examples", 0)
-                                  for r in results if name in r.scores),
-        }
-        for metric in next(r.scores[name]["metrics"] for r in results if name in r.scores):
-            real = _mean([r.scores[name]["metrics"][metric] for r in results if name in r.scores])
-            entry[metric] = {"real": real}
-            if both:
-                real_paired = _mean([r.scores[name]["metrics"][metric] for r in both])
-                control = _mean([r.control_scores[name]["metrics"][metric] for r in both])
-                entry[metric].update(control=control, real_minus_control=real_paired - control)
+        entry: dict = _score_counts(results, name)
+        scored = [r for r in results if name in r.scores]
+        for metric in scored[0].scores[name]["metrics"]:
+            real = [r.scores[name]["metrics"][metric] for r in scored]
+            values: dict = {"real": _mean(real), "undefined": len(real) - len(_defined(real))}
+            paired = [(r.scores[name]["metrics"][metric], r.control_scores[name]["metrics"][metric])
+                      for r in scored if name in r.control_scores]
+            paired = [(a, b) for a, b in paired if _defined([a]) and _defined([b])]
+            if any(name in r.control_scores for r in scored):
+                control = [r.control_scores[name]["metrics"][metric] for r in scored if name in r.control_scores]
+                values["control"] = _mean(control)
+                values["control_undefined"] = len(control) - len(_defined(control))
+                values["real_minus_control"] = _mean([a - b for a, b in paired])
+                values["latents_paired"] = len(paired)
+            entry[metric] = values
         scorers[name] = entry
-    return {
+    return json_safe({
         "latents": len(results),
         "explained": sum(r.explanation is not None for r in results),
         "explanation_failures": failures,
         "scorers": scorers,
         "seconds": seconds,
-        "latents_per_minute": 60 * len(results) / seconds if seconds > 0 else math.nan,
+        "latents_per_minute": 60 * len(results) / seconds if seconds > 0 else None,
         "prompt_tokens_per_latent": sum(r.prompt_tokens for r in results) / max(1, len(results)),
-    }
+    })
+
+
+def _number(value: float | None, sign: bool = False) -> str:
+    return "n/a" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
 
 
 def summary_table(summary: dict) -> str:
-    """The summary as a Markdown table: one row per scorer and metric, real vs control."""
+    """The summary as a Markdown table: one row per scorer and metric, real vs control and the margin."""
+    rate = summary["latents_per_minute"]
     lines = [
         f"latents {summary['latents']}, explained {summary['explained']}, explanation failures "
-        f"{summary['explanation_failures'] or 'none'}; {summary['latents_per_minute']:.2f} latents/min, "
+        f"{summary['explanation_failures'] or 'none'}; {_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
-        "| scorer | metric | real | control | real − control | parse failures | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| scorer | metric | real | control | real − control (paired latents) | undefined real/control "
+        "| asked | parse failures | errors | missing predictions |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in summary["scorers"].items():
         for metric, values in entry.items():
             if isinstance(values, dict):
                 lines.append(
-                    f"| {name} | {metric} | {values['real']:.3f} | {values.get('control', math.nan):.3f} | "
-                    f"{values.get('real_minus_control', math.nan):+.3f} | {entry['parse_failures']} | {entry['errors']} |"
+                    f"| {name} | {metric} | {_number(values['real'])} | {_number(values.get('control'))} | "
+                    f"{_number(values.get('real_minus_control'), sign=True)} ({values.get('latents_paired', 0)}) | "
+                    f"{values['undefined']}/{values.get('control_undefined', 'n/a')} | {entry['examples_asked']} | "
+                    f"{entry['parse_failures']} | {entry['errors']} | {entry['missing_predictions']} |"
                 )
     return "\n".join(lines)

@@ -6,6 +6,10 @@ keep is non-activating windows, which scorers need as negatives: `NegativePool` 
 uniformly random context windows with every tracked latent's activations there, so a window can be used as
 a negative for exactly the latents that are zero across it. Memory: pool_size * window * latents floats.
 
+With `RecordConfig.neighbour_negatives`, part of the negatives are hard ones (`NeighbourNegatives`): windows
+where a latent's nearest latents by decoder cosine similarity fire most strongly while the latent itself is
+zero throughout, i.e. text about something close that the latent does not respond to.
+
 A latent with fewer firings than `min_examples` gets a record with `too_few_activations` set: it is reported
 in the results, never dropped (delphi crashed or predicted -1 on such latents).
 """
@@ -45,6 +49,8 @@ class LatentRecord:
     quantiles: list[list[Example]] = field(default_factory=list)  # random firings by value interval, highest first
     negatives: list[Example] = field(default_factory=list)  # windows where the latent is zero throughout
     too_few_activations: bool = False
+    n_neighbour_negatives: int = 0  # how many of `negatives` (the first ones) come from decoder neighbours
+    neighbours: list[int] = field(default_factory=list)  # the latents those came from
 
     @property
     def activating(self) -> list[Example]:
@@ -97,6 +103,55 @@ class NegativePool:
         return [_example(self.tokens[j], self.acts[j, :, i]) for j in silent.nonzero().flatten()[:n].tolist()]
 
 
+def decoder_neighbours(decoder: Tensor, latents: Tensor, n: int) -> Tensor:
+    """decoder [d_sae, d_in] -> [len(latents), n] the latents with the most similar decoder directions (cosine),
+    each latent itself excluded."""
+    unit = torch.nn.functional.normalize(decoder.detach().float(), dim=-1)
+    similarity = unit[latents] @ unit.T  # [L, d_sae]
+    similarity[torch.arange(len(latents)), latents] = -math.inf
+    return similarity.topk(n, dim=-1).indices
+
+
+class NeighbourNegatives:
+    """Per tracked latent, the `k` windows where its neighbours' largest activation at the centre token is
+    highest and the latent itself is zero across the whole window. Memory: L * k * window tokens."""
+
+    def __init__(self, neighbours: Tensor, k: int, window_before: int, window_after: int):
+        self.neighbours = neighbours  # [L, n] latent ids
+        self.before, self.after = window_before, window_after
+        n_latents, window = len(neighbours), window_before + window_after + 1
+        self.values = torch.full((n_latents, k), -math.inf)  # neighbour activation at the centre, best kept
+        self.tokens = torch.full((n_latents, k, window), PAD_TOKEN, dtype=torch.int32)
+
+    def update(self, tokens: Tensor, own: Tensor, neighbour_acts: Tensor, valid: Tensor | None) -> None:
+        """tokens [b, t]; own [b, t, L] the tracked latents; neighbour_acts [b, t, L, n] each one's neighbours."""
+        b, t, n_latents = own.shape
+        window = self.before + self.after + 1
+        fires = (own > 0).float().permute(0, 2, 1).reshape(b * n_latents, 1, t)  # [b*L, 1, t]
+        # any firing in [p - before, p + after]: max-pool of the padded sequence
+        padded = torch.nn.functional.pad(fires, (self.before, self.after), value=0.0)
+        fires_near = torch.nn.functional.max_pool1d(padded, window, stride=1).reshape(b, n_latents, t)
+        score = neighbour_acts.float().amax(-1).permute(0, 2, 1)  # [b, L, t]
+        ok = (fires_near == 0) & (score > 0)
+        if valid is not None:
+            ok &= valid.cpu()[:, None, :]
+        score = score.masked_fill(~ok, -math.inf).permute(1, 0, 2).reshape(n_latents, b * t)  # [L, b*t]
+        k = min(self.values.shape[1], b * t)
+        best, rows = score.topk(k, dim=-1)  # [L, k] positions in the flattened batch
+        offsets = torch.arange(-self.before, self.after + 1)
+        centre = rows % t
+        inside = ((centre[..., None] + offsets >= 0) & (centre[..., None] + offsets < t))  # [L, k, window]
+        flat = tokens.reshape(-1).to(torch.int32).cpu()
+        windows = flat[(rows[..., None] + offsets).clamp(0, b * t - 1)].masked_fill(~inside, PAD_TOKEN)
+        values, order = torch.cat([self.values, best], 1).topk(self.values.shape[1], dim=-1)
+        self.tokens = torch.cat([self.tokens, windows], 1).gather(1, order[..., None].expand(-1, -1, window))
+        self.values = values
+
+    def negatives(self, i: int) -> list[Example]:
+        keep = self.values[i].isfinite()
+        return [_example(tokens, torch.zeros(len(tokens))) for tokens in self.tokens[i][keep]]
+
+
 def _example(tokens: Tensor, acts: Tensor) -> Example:
     keep = tokens != PAD_TOKEN
     return Example(tokens[keep].tolist(), acts[keep].tolist())
@@ -112,18 +167,33 @@ class RecordConfig:
     window_after: int = 7
     min_examples: int = 10
     negative_pool: int = 512
+    neighbour_negatives: int = 0  # of n_negatives, how many are hard negatives from decoder neighbours (needs the decoder)
+    n_neighbours: int = 8  # nearest latents by decoder cosine similarity whose firings give those negatives
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.neighbour_negatives <= self.n_negatives:
+            raise ValueError(f"neighbour_negatives must be in [0, n_negatives={self.n_negatives}], "
+                             f"got {self.neighbour_negatives}")
 
 
 def collect_records(
     encode: Callable[[Tensor], Tensor], d_sae: int, batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     latents: Tensor, config: RecordConfig = RecordConfig(), total_batches: int | None = None,
+    decoder: Tensor | None = None,
 ) -> list[LatentRecord]:
     """One pass over (tokens [b, t], SAE inputs [b, t, d_in], valid [b, t]) batches -> a record per latent.
 
-    `encode` maps SAE inputs to dense latent activations [b, t, d_sae] (e.g. `sae.encode`).
+    `encode` maps SAE inputs to dense latent activations [b, t, d_sae] (e.g. `sae.encode`); `decoder`
+    [d_sae, d_in] (e.g. `sae.W_dec`) is needed for neighbour negatives.
     """
     latents = torch.as_tensor(latents, dtype=torch.long)
+    hard = None
+    if config.neighbour_negatives:
+        if decoder is None:
+            raise ValueError("neighbour_negatives needs the SAE's decoder (collect_records(..., decoder=sae.W_dec))")
+        neighbours = decoder_neighbours(decoder, latents, config.n_neighbours)  # [L, n]
+        hard = NeighbourNegatives(neighbours, config.neighbour_negatives, config.window_before, config.window_after)
     stats = LatentStatistics(
         d_sae, latents, k_top=config.n_top, k_sample=config.n_quantile_groups * config.n_per_quantile * 4,
         window_before=config.window_before, window_after=config.window_after, seed=config.seed,
@@ -131,25 +201,34 @@ def collect_records(
     pool = NegativePool(len(latents), config.negative_pool, config.window_before, config.window_after, config.seed)
     with torch.inference_mode():
         for tokens, x, valid in tqdm(batches, desc="activation records", unit="batch", total=total_batches):
-            acts = encode(x)[..., latents.to(x.device)]  # [b, t, L]
+            dense = encode(x)  # [b, t, d_sae]
+            acts = dense[..., latents.to(x.device)]  # [b, t, L]
             stats.update(tokens, acts, valid)
             pool.update(tokens, acts, valid)
+            if hard is not None:
+                hard.update(tokens, acts.float().cpu(), dense[..., hard.neighbours.to(x.device)].float().cpu(), valid)
     if stats.tokens_seen == 0:
         raise ValueError("collect_records: the batches held no tokens")
-    return [_record(stats, pool, i, int(latent), config) for i, latent in enumerate(latents.tolist())]
+    return [_record(stats, pool, hard, i, int(latent), config) for i, latent in enumerate(latents.tolist())]
 
 
-def _record(stats: LatentStatistics, pool: NegativePool, i: int, latent: int, config: RecordConfig) -> LatentRecord:
+def _record(stats: LatentStatistics, pool: NegativePool, hard: NeighbourNegatives | None, i: int, latent: int,
+            config: RecordConfig) -> LatentRecord:
     def examples(items) -> list[Example]:
         return [_example(torch.as_tensor(tokens), torch.as_tensor(acts)) for _, tokens, acts in items]
 
     quantiles = stats.quantile_examples(i, config.n_quantile_groups, config.n_per_quantile)
     fire_count = int(stats.fire_count[i])
+    hard_negatives = hard.negatives(i) if hard is not None else []
+    # Random negatives fill what the neighbours did not; how many came from each is in the record.
+    random_negatives = pool.negatives(i, config.n_negatives - len(hard_negatives))
     return LatentRecord(
         latent=latent, fire_count=fire_count, tokens_seen=stats.tokens_seen,
         max_activation=float(stats.max_activation[i]),
         top=examples(stats.examples(i, "top")),
         quantiles=[examples(group["examples"]) for group in quantiles],
-        negatives=pool.negatives(i, config.n_negatives),
+        negatives=hard_negatives + random_negatives,
         too_few_activations=fire_count < config.min_examples,
+        n_neighbour_negatives=len(hard_negatives),
+        neighbours=hard.neighbours[i].tolist() if hard is not None else [],
     )

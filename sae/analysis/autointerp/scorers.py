@@ -63,6 +63,8 @@ class Score:
     n_with_probability: int = 0  # answers whose logprobs held both "0" and "1" (the AUROC's sample)
     prompt_tokens: int = 0
     failure_details: list[str] = field(default_factory=list)  # a few raw answers / errors, for debugging
+    missing_predictions: int = 0  # simulation: tokens whose prediction the response did not hold
+    info: dict = field(default_factory=dict)  # scorer-specific facts (intervention: alpha, KL, steered texts)
 
     def to_dict(self) -> dict:
         return asdict(self)
