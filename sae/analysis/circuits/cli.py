@@ -27,7 +27,7 @@ from .methods import ALL_METHODS, run_method
 from .patching import exhaustive_head_patching, ground_truth_from_effects
 from .tasks import task_metric, task_solved
 
-TASKS = ("ioi", "greater_than", "docstring", "induction")
+TASKS = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
 
 
 def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
@@ -64,6 +64,8 @@ def build_task(name: str, model, n: int, seed: int) -> tasks.Task:
         return tasks.ioi(model.tokenizer, n, seed)
     if name == "greater_than":
         return tasks.greater_than(model.tokenizer, n, seed)
+    if name == "greater_than_digits":
+        return tasks.greater_than_digits(model.tokenizer, n, seed)
     if name == "docstring":
         return tasks.docstring(model.tokenizer, n, seed)
     # induction on any model: ordinary vocabulary ids (past the special tokens at the start)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import patching
+from . import edges, patching
 from .activations import ForwardCounter, collect_head_results, last_logits_with_ablation
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .patching import MethodScores
@@ -125,6 +125,8 @@ BASELINES = {
     "patching_zero": lambda model, task, seed: patching.exhaustive_head_patching(model, task, "zero"),
     "attribution_patching": lambda model, task, seed: patching.attribution_patching(model, task),
     "eap_ig": lambda model, task, seed: patching.eap_ig_nodes(model, task),
+    "attribution_patching_edges": lambda model, task, seed: edges.attribution_patching_edges(model, task),
+    "eap_ig_edges": lambda model, task, seed: edges.eap_ig_edges(model, task),
     "random": lambda model, task, seed: random_scores(model, seed),
     "layer_index": lambda model, task, seed: layer_index_scores(model),
 }

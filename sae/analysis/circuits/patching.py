@@ -67,21 +67,68 @@ def ground_truth_from_effects(effects: Tensor, clean_metric: float, corrupted_me
     return effects.abs() >= fraction * gap
 
 
-def circuit_faithfulness(model, task: Task, circuit: Tensor, ablation: str = "resample") -> dict[str, float]:
-    """Faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with every head outside `circuit` ablated, and
-    completeness: the same for the complement M∖C (near 0 when the circuit holds everything)."""
+@dataclass
+class AblationReference:
+    """What every faithfulness measurement of one task shares, computed once: the ablation values, the
+    metric of the full model and of the empty circuit, and the full model's last-position log-probs."""
+
+    ablation: str
+    replacement: Tensor | None  # [prompts, pos, layers, heads, d_head], None for zero ablation
+    metric_model: float
+    metric_empty: float
+    logprobs_model: Tensor  # [prompts, vocab]
+    kl_empty: float  # KL(full model || every head ablated), mean over prompts
+    forward_prompts: int
+
+
+def _kl(logprobs_p: Tensor, logprobs_q: Tensor) -> float:
+    """Mean over prompts of KL(p || q) at the last position, from log-probs [prompts, vocab]."""
+    return float((logprobs_p.exp() * (logprobs_p - logprobs_q)).sum(-1).mean())
+
+
+def ablation_reference(model, task: Task, ablation: str = "resample") -> AblationReference:
     counter = ForwardCounter()
     replacement = ablation_values(collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task))
-    everything = torch.ones_like(circuit, dtype=torch.bool)
+    n_layers, n_heads = model_shape(model)
+    nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    full = last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter)
+    empty = last_logits_with_ablation(model, task.clean_tokens, ~nothing, replacement, counter=counter)
+    full_logprobs = full.log_softmax(-1)
+    return AblationReference(ablation, replacement, float(task_metric(task, full).mean()),
+                             float(task_metric(task, empty).mean()), full_logprobs,
+                             _kl(full_logprobs, empty.log_softmax(-1)), counter.forward_prompts)
 
-    def m(ablated: Tensor) -> float:
-        return float(metric_of(model, task, task.clean_tokens, ablated, replacement, counter))
 
-    full, empty = m(~everything), m(everything)
-    in_circuit, complement = m(~circuit), m(circuit)
+def circuit_faithfulness(model, task: Task, circuit: Tensor, ablation: str = "resample",
+                         reference: AblationReference | None = None) -> dict[str, float]:
+    """How well the heads in `circuit` [layers, heads] alone do the task, every other head ablated:
+
+    faithfulness      (m(C) - m(∅)) / (m(M) - m(∅)) of the task metric m (1: as good as the full model M)
+    completeness_gap  the same for the complement M∖C (near 0 when the circuit holds everything)
+    kl_circuit        KL(M || C) of the next-token distributions at the last position (0: identical);
+                      kl_empty is KL(M || ∅) for scale, and kl_faithfulness = 1 - kl_circuit / kl_empty
+    `reference` (from `ablation_reference`) shares the full-model and empty-circuit runs between circuits.
+    """
+    if reference is None:
+        reference = ablation_reference(model, task, ablation)
+    elif reference.ablation != ablation:
+        raise ValueError(f"reference was made with {reference.ablation!r} ablation, asked for {ablation!r}")
+    counter = ForwardCounter()
+    circuit = circuit.bool()
+    logits_circuit = last_logits_with_ablation(model, task.clean_tokens, ~circuit, reference.replacement,
+                                               counter=counter)
+    logits_complement = last_logits_with_ablation(model, task.clean_tokens, circuit, reference.replacement,
+                                                  counter=counter)
+    full, empty = reference.metric_model, reference.metric_empty
+    in_circuit = float(task_metric(task, logits_circuit).mean())
+    complement = float(task_metric(task, logits_complement).mean())
+    kl_circuit = _kl(reference.logprobs_model, logits_circuit.log_softmax(-1))
     return {"metric_model": full, "metric_empty": empty, "metric_circuit": in_circuit,
             "faithfulness": (in_circuit - empty) / (full - empty),
-            "completeness_gap": (complement - empty) / (full - empty), "forward_prompts": counter.forward_prompts}
+            "completeness_gap": (complement - empty) / (full - empty),
+            "kl_circuit": kl_circuit, "kl_empty": reference.kl_empty,
+            "kl_faithfulness": 1 - kl_circuit / reference.kl_empty if reference.kl_empty > 0 else None,
+            "forward_prompts": counter.forward_prompts + reference.forward_prompts}
 
 
 # --- gradient-based baselines -----------------------------------------------------------------------

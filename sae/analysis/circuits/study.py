@@ -15,6 +15,7 @@ resample patching on it, once; methods that do not depend on the seed run once).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import tempfile
@@ -27,7 +28,9 @@ from sae.io import atomic_write_json
 from .activations import last_logits_with_ablation
 from .evaluation import evaluate, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, run_method
-from .patching import circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
+from .controls import reinitialised_copy
+from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
+                       ground_truth_from_effects)
 from .tasks import task_metric
 from .toy_induction import induction_task, train_induction_model
 
@@ -44,19 +47,53 @@ def _load_named(name: str):
     return load_model(name)
 
 
-def patching_ground_truth(model, task) -> tuple[torch.Tensor, dict]:
-    """Ground truth from exhaustive resample patching: [layers, heads] bool, and how it was made."""
-    run = exhaustive_head_patching(model, task, "resample")
-    nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
-    corrupted = float(task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)).mean())
-    truth = ground_truth_from_effects(run.details["effects"], run.details["clean_metric"], corrupted,
-                                      GROUND_TRUTH_FRACTION)
-    info = {"clean_metric": run.details["clean_metric"], "corrupted_metric": corrupted,
-            "effects_resample": run.details["effects"].tolist(), "ground_truth": truth.int().tolist(),
-            "ground_truth_seconds": run.seconds}
+def task_fingerprint(model_name: str, task) -> str:
+    """Identifies a (model, task) pair: the model name and a hash of every token tensor of the task."""
+    digest = hashlib.sha256(model_name.encode())
+    for t in (task.clean_tokens, task.corrupted_tokens, task.good_tokens, task.bad_tokens):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def patching_ground_truth(model, task, cache: Path | None = None, fingerprint: str | None = None
+                          ) -> tuple[torch.Tensor, dict]:
+    """Ground truth from exhaustive resample patching: [layers, heads] bool, and how it was made.
+
+    With `cache`, the patching effects are read from it when its fingerprint matches (same model name and
+    task tokens), else computed and written there; the threshold is applied afresh either way.
+    """
+    if cache is not None and cache.is_file() and json.loads(cache.read_text()).get("fingerprint") == fingerprint:
+        saved = json.loads(cache.read_text())
+        effects, clean, corrupted = torch.tensor(saved["effects_resample"]), saved["clean_metric"], saved["corrupted_metric"]
+        seconds, source = saved["ground_truth_seconds"], f"cached in {cache}"
+    else:
+        run = exhaustive_head_patching(model, task, "resample")
+        nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
+        corrupted = float(task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing,
+                                                                      None)).mean())
+        effects, clean, seconds, source = run.details["effects"], run.details["clean_metric"], run.seconds, "computed"
+        if cache is not None:
+            atomic_write_json(cache, {"fingerprint": fingerprint, "effects_resample": effects.tolist(),
+                                      "clean_metric": clean, "corrupted_metric": corrupted,
+                                      "ground_truth_seconds": seconds})
+    truth = ground_truth_from_effects(effects, clean, corrupted, GROUND_TRUTH_FRACTION)
+    info = {"clean_metric": clean, "corrupted_metric": corrupted, "effects_resample": effects.tolist(),
+            "ground_truth": truth.int().tolist(), "ground_truth_seconds": seconds, "ground_truth_source": source}
     if truth.all() or not truth.any():
         info["error"] = f"ground truth has {int(truth.sum())} of {truth.numel()} heads: no AUC possible"
     return truth, info
+
+
+def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference: AblationReference,
+                      memo: dict) -> dict:
+    """Adds the faithfulness (task metric and KL) of the circuit the method would report: its top |truth|
+    heads, everything else resample-ablated. `memo` reuses the result for a circuit already measured."""
+    found = top_k_mask(torch.tensor(summary["scores"]), int(truth.sum()))
+    key = tuple(found.flatten().tolist())
+    if key not in memo:
+        memo[key] = circuit_faithfulness(model, task, found, "resample", reference)
+    return summary | {"faithfulness_at_k": memo[key]}
 
 
 def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path) -> dict:
@@ -70,12 +107,10 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}}
     if "error" in info:
         return result
+    reference, memo = ablation_reference(model, task, "resample"), {}
     for name in methods:
-        summary = _summary(run_method(name, model, task, seed), truth)
-        # the circuit this method would report: its top |truth| heads, everything else resample-ablated
-        found = top_k_mask(torch.tensor(summary["scores"]), int(truth.sum()))
-        summary["faithfulness_at_k"] = circuit_faithfulness(model, task, found, "resample")
-        result["methods"][name] = summary
+        result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
+                                                    model, task, truth, reference, memo)
     reinit = _load(reinit_dir)
     for name in [m for m in methods if m in CODE_METHODS]:
         result["reinit_control"][name] = _summary(run_method(name, reinit, task, seed, positives_from="all"), truth)
@@ -84,19 +119,43 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
 
 # Methods whose scores do not depend on the seed: run once, reported for every seed.
 DETERMINISTIC = {"patching_resample", "patching_mean", "patching_zero", "attribution_patching", "eap_ig",
-                 "layer_index"}
+                 "attribution_patching_edges", "eap_ig_edges", "layer_index"}
 
 
-def evaluate_model(model, task, methods: list[str], seeds: list[int]) -> list[dict]:
-    """One real model and task: the ground truth once, each seed-dependent method once per seed."""
-    truth, info = patching_ground_truth(model, task)
+def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Path | None = None,
+                   fingerprint: str | None = None, reinit_model=None, previous: list[dict] | None = None
+                   ) -> list[dict]:
+    """One real model and task: the ground truth once, each seed-dependent method once per seed, the
+    faithfulness of every found circuit, and (with `reinit_model`) the re-initialised control for the code
+    methods. `previous` (per-seed results of an earlier run on the same task) is extended: methods it
+    already has are kept, not rerun."""
+    truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
         return [{"seed": s, **info, "methods": {}, "reinit_control": {}} for s in seeds]
-    once = {name: _summary(run_method(name, model, task, 0), truth) | {"deterministic": True}
-            for name in methods if name in DETERMINISTIC}
-    return [{"seed": s, **info, "reinit_control": {},
-             "methods": {name: once[name] if name in once else _summary(run_method(name, model, task, s), truth)
-                         for name in methods}} for s in seeds]
+    old = {r["seed"]: r for r in previous or []}
+    if previous and any(r.get("ground_truth") != info["ground_truth"] for r in previous):
+        raise ValueError("the run to extend has a different ground truth: not the same model and task")
+    reference, memo = ablation_reference(model, task, "resample"), {}
+
+    def summary(name: str, seed: int) -> dict:
+        return with_faithfulness(_summary(run_method(name, model, task, seed), truth), model, task, truth,
+                                 reference, memo)
+
+    once = {name: summary(name, 0) | {"deterministic": True} for name in methods
+            if name in DETERMINISTIC and not all(name in old.get(s, {}).get("methods", {}) for s in seeds)}
+    per_seed = []
+    for s in seeds:
+        done = old.get(s, {"methods": {}, "reinit_control": {}})
+        result = {"seed": s, **info, "methods": dict(done["methods"]), "reinit_control": dict(done["reinit_control"])}
+        for name in methods:
+            if name not in result["methods"]:
+                result["methods"][name] = once[name] if name in once else summary(name, s)
+            if reinit_model is not None and name in CODE_METHODS and name not in result["reinit_control"]:
+                result["reinit_control"][name] = _summary(
+                    run_method(name, reinit_model, task, s, positives_from="all"), truth)
+        per_seed.append(result)
+        print(f"seed {s} done", flush=True)
+    return per_seed
 
 
 def _summary(scores, truth) -> dict:
@@ -117,7 +176,8 @@ def results_table(per_seed: list[dict]) -> str:
     """Markdown: one row per method, mean ± sd over seeds."""
     ok = [r for r in per_seed if "error" not in r]
     lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | faithfulness@k | "
-             "shuffled-label AUC | re-init AUC | forward prompts | backward prompts | seconds |", "|" + " --- |" * 13]
+             "KL(M‖C)@k | shuffled-label AUC | re-init AUC | forward prompts | backward prompts | seconds |",
+             "|" + " --- |" * 14]
     for name in ok[0]["methods"] if ok else []:
         rows = [r["methods"][name] for r in ok]
         reinit = [r["reinit_control"][name]["roc_auc"] for r in ok if name in r["reinit_control"]]
@@ -127,6 +187,8 @@ def results_table(per_seed: list[dict]) -> str:
                  _mean_sd([x["at_k"]["recall"] for x in rows]), _mean_sd([x["at_threshold"]["f1"] for x in rows]),
                  _mean_sd([x["oracle_best_f1"] for x in rows]),
                  _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
+                 _mean_sd([x["faithfulness_at_k"]["kl_circuit"] for x in rows
+                           if "kl_circuit" in x.get("faithfulness_at_k", {})]),
                  _mean_sd([x["controls"]["shuffled_labels_auc"] for x in rows]), _mean_sd(reinit),
                  f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
@@ -148,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each toy model")
     parser.add_argument("--model", help="a real model instead of the toy induction models (e.g. gemma-3-270m)")
     parser.add_argument("--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction")
+    parser.add_argument("--reinit", action="store_true",
+                        help="with --model: also run the code methods on a re-initialised copy (the control)")
+    parser.add_argument("--extend", action="store_true",
+                        help="with --model: keep the methods already in OUT/report.json, run only the others")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         from .cli import build_task
 
         model = _load_named(args.model)
-        per_seed = evaluate_model(model, build_task(args.task, model, args.prompts, 0), args.methods, args.seeds)
+        task = build_task(args.task, model, args.prompts, 0)
+        previous = json.loads((out / "report.json").read_text())["per_seed"] if args.extend else None
+        reinit = reinitialised_copy(model, seed=0) if args.reinit else None
+        per_seed = evaluate_model(model, task, args.methods, args.seeds, out / "ground_truth_cache.json",
+                                  task_fingerprint(args.model, task), reinit, previous)
     else:
         with tempfile.TemporaryDirectory() as work:
             per_seed = [evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work)) for s in args.seeds]

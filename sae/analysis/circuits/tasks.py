@@ -199,6 +199,35 @@ def greater_than(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
                 "prob_diff")
 
 
+def greater_than_digits(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
+    """Greater-than for tokenizers that split numbers into digits (Gemma's): the prompt stops after the
+    century, "The{noun} lasted from the year {XX}{T}{U} to the year {XX}", and the answer is the next
+    digit, the tens digit of the end year. Good: tens digits > T (the end year is later whatever comes
+    next); bad: tens digits < T. The digit T itself is left out (its years can go either way).
+    Corrupted: the start year is {XX}01 (Hanna et al.'s corruption). Metric: prob_diff, as the original.
+    T runs over 1..8 so both answer sets are non-empty.
+    """
+    digits = single_token_ids(tokenizer, [str(d) for d in range(10)], need=10, what="greater-than digits")
+    for year in (f" {century}32", f" {century}"):  # the year must split into single digits, positions line up
+        pieces = [tokenizer.decode([i]) for i in tokenizer.encode(year, add_special_tokens=False)]
+        if pieces[-2:] != list(year[-2:]):
+            raise ValueError(f"greater_than_digits needs a tokenizer that splits years into digits; "
+                             f"{type(tokenizer).__name__} gives {pieces} for {year!r} (use greater_than)")
+    nouns = list(single_token_ids(tokenizer, GREATER_THAN_NOUNS, need=1, what="greater-than nouns"))
+    rng = random.Random(seed)
+    template = "The{noun} lasted from the year {XX}{YY} to the year {XX}"
+    clean, corrupted, good, bad = [], [], [], []
+    for _ in range(n):
+        noun, tens, units = rng.choice(nouns), rng.randint(1, 8), rng.randint(0, 9)
+        clean.append(template.format(noun=noun, XX=century, YY=f"{tens}{units}"))
+        corrupted.append(template.format(noun=noun, XX=century, YY="01"))
+        good.append([digits[str(d)] for d in range(tens + 1, 10)])
+        bad.append([digits[str(d)] for d in range(0, tens)])
+    return Task("greater_than_digits", encode_prompts(tokenizer, clean, "greater-than clean"),
+                encode_prompts(tokenizer, corrupted, "greater-than corrupted"), pad_ids(good), pad_ids(bad),
+                "prob_diff")
+
+
 def induction(vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int | None = None,
               seed: int = 0) -> Task:
     """Repeated random tokens: clean = [A_1..A_half, A_1..A_query] -> A_{query+1}.
