@@ -2,6 +2,7 @@
 
     eval       the SAE spliced into the model on held-out text: CE loss recovered, KL, FVU, L0, density
     steer      steered and unsteered completions side by side, with measured effects
+    steer-study  token latents chosen by a fixed rule, steered: KL, probability of their tokens, completions
     dashboard  a static HTML site of latents (open DIR/index.html in a browser; no server)
     circuits   attention heads a task uses: discrete-SAE head codes, patching baselines, evaluation
     autointerp explain latents with an LLM and score the explanations (real vs shuffled control)
@@ -81,7 +82,8 @@ def options(cls, args: argparse.Namespace):
 @dataclass
 class SteerOptions:
     sae: str
-    latent: int
+    latent: list[int]
+    """One latent, or several steered together (same mode and alpha, each in its own max-activation units)."""
     prompt: list[str] = field(default_factory=list)
     mode: str = "add"
     alpha: list[float] = field(default_factory=list)
@@ -107,7 +109,8 @@ class SteerOptions:
 
 def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sae", help="SAE directory (ours or a supported foreign format)")
-    parser.add_argument("--latent", type=int, required=True)
+    parser.add_argument("--latent", type=int, action="append", required=True,
+                        help="repeatable: several latents are steered together")
     parser.add_argument("--prompt", action="append", default=[], help="repeatable; default: built-in neutral prompts")
     parser.add_argument("--mode", default="add", choices=["add", "clamp", "ablate", "force", "suppress"])
     strength = parser.add_mutually_exclusive_group()
@@ -141,51 +144,54 @@ def run_steer(args: argparse.Namespace) -> int:
 
     opts = options(SteerOptions, args)
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
-    steering.Intervention(opts.latent, opts.mode).check(sae)  # fail before any slow step
+    steering.check_interventions(sae, [steering.Intervention(i, opts.mode) for i in opts.latent])  # fail early
     explanation = opts.explanation
     if opts.explanations:
-        explained = read_explanations(opts.explanations).get(opts.latent)
-        if explained is None or explained.explanation is None:
-            raise UsageError(f"{opts.explanations}: no explanation for latent {opts.latent}")
-        explanation = explained.explanation
+        explained = [read_explanations(opts.explanations).get(i) for i in opts.latent]
+        if any(e is None or e.explanation is None for e in explained):
+            raise UsageError(f"{opts.explanations}: no explanation for latent(s) {opts.latent}")
+        explanation = "; ".join(e.explanation for e in explained)
     embed = steering.sentence_embedder() if explanation else None
 
     # The latent on ordinary text: its max activation (the unit of alpha) and the tokens that follow its
     # top activations (whose probability steering should raise).
     batches = text_token_batches(model, opts.dataset, opts.stat_tokens, opts.context_size)
-    stats = collect_statistics(sae, model_batches(model, sae, batches), latents=[opts.latent],
+    stats = collect_statistics(sae, model_batches(model, sae, batches), latents=opts.latent,
                                total_batches=len(batches), k_top=20, k_sample=1, window_before=0, window_after=1)
-    concept_tokens = stats.following_tokens(0)
-    max_activation = opts.max_activation if opts.max_activation is not None else stats.max_activation[0].item()
-    print(f"latent {opts.latent}: max activation {stats.max_activation[0].item():.4g} on {stats.tokens_seen} tokens "
-          f"of {opts.dataset}; tokens after its top activations: {[model.tokenizer.decode([t]) for t in concept_tokens]}")
-    if opts.mode in ("add", "clamp") and opts.strength is None and max_activation <= 0:
-        raise UsageError(f"latent {opts.latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
+    concept_tokens = list(dict.fromkeys(t for i in range(len(opts.latent)) for t in stats.following_tokens(i)))
+    maxima = [opts.max_activation if opts.max_activation is not None else m for m in stats.max_activation.tolist()]
+    for i, latent in enumerate(opts.latent):
+        print(f"latent {latent}: max activation {stats.max_activation[i].item():.4g} on {stats.tokens_seen} tokens of "
+              f"{opts.dataset}; tokens after its top activations: {[model.tokenizer.decode([t]) for t in stats.following_tokens(i)]}")
+        if opts.mode in ("add", "clamp") and opts.strength is None and maxima[i] <= 0:
+            raise UsageError(f"latent {latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
 
+    # settings: (alpha or None, one strength per latent)
     if opts.mode in ("ablate", "force", "suppress"):
-        settings = [(None, 0.0)]
+        settings = [(None, [0.0] * len(opts.latent))]
     elif opts.strength is not None:
-        settings = [(None, opts.strength)]
+        settings = [(None, [opts.strength] * len(opts.latent))]
     elif opts.target_kl is not None:
         alpha, kl = steering.calibrate_to_kl(model, sae, opts.latent, opts.target_kl, mode=opts.mode,
-                                             max_activation=max_activation)
+                                             max_activation=maxima)
         print(f"calibrated alpha {alpha:.4g} (mean next-token KL {kl:.4g} on {len(steering.NEUTRAL_PROMPTS)} neutral prompts)")
-        settings = [(alpha, steering.strength_in_units(alpha, max_activation))]
+        settings = [(alpha, [steering.strength_in_units(alpha, m) for m in maxima])]
     else:
-        settings = [(a, steering.strength_in_units(a, max_activation)) for a in opts.alpha or [2.0]]
+        settings = [(a, [steering.strength_in_units(a, m) for m in maxima]) for a in opts.alpha or [2.0]]
 
     comparisons = []
     for prompt in opts.prompt or list(steering.NEUTRAL_PROMPTS[:3]):
-        for alpha, strength in settings:
+        for alpha, strengths in settings:
+            interventions = [steering.Intervention(i, opts.mode, s) for i, s in zip(opts.latent, strengths)]
             result = steering.compare(
-                model, sae, prompt, steering.Intervention(opts.latent, opts.mode, strength), alpha=alpha,
+                model, sae, prompt, interventions, alpha=alpha,
                 max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=opts.seed,
                 explanation=explanation, embed=embed, concept_tokens=concept_tokens,
             )
             print(steering.format_comparison(result) + "\n")
             comparisons.append(result.to_dict())
     if opts.out:
-        atomic_write_json(opts.out, {"options": asdict(opts), "max_activation": max_activation,
+        atomic_write_json(opts.out, {"options": asdict(opts), "max_activation": maxima[0], "max_activations": maxima,
                                      "explanation": explanation, "sae_cfg": to_dict(sae.cfg), "comparisons": comparisons})
         print(f"wrote {opts.out}")
     return 0
@@ -330,6 +336,21 @@ def run_circuits(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- steer-study (sae/analysis/steering_study.py) --------------------------------------------------
+
+
+def add_steer_study_arguments(parser: argparse.ArgumentParser) -> None:
+    from sae.analysis.steering_study import add_steer_study_arguments as add
+
+    add(parser)
+
+
+def run_steer_study(args: argparse.Namespace) -> int:
+    from sae.analysis.steering_study import run_steer_study as run
+
+    return run(args)
+
+
 # --- autointerp (sae/analysis/autointerp/cli.py) --------------------------------------------------
 
 
@@ -350,6 +371,8 @@ def run_autointerp(args: argparse.Namespace) -> int:
 SUBCOMMANDS = {
     "eval": (add_eval_arguments, run_eval, "evaluate an SAE with the model in the loop on held-out text"),
     "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
+    "steer-study": (add_steer_study_arguments, run_steer_study,
+                    "steer a random sample of token latents (chosen by a fixed rule) and measure the effects"),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
     "circuits": (add_circuits_arguments, run_circuits, "find the attention heads a task uses"),
     "autointerp": (add_autointerp_arguments, run_autointerp, "explain and score latents with an LLM"),

@@ -125,6 +125,7 @@ def test_pages_load_in_chromium_without_errors_and_show_highlighted_tokens(dashb
     page = run_chromium(f"file://{dashboard_dir}/latent.html#4", "--dump-dom")
     assert console_messages(page) == [], console_messages(page)
     assert "Top activations" in page.stdout and "Top logits" in page.stdout and "Steering" in page.stdout
+    assert "<th>perplexity (clean model)</th>" in page.stdout and "<th>concept score</th>" in page.stdout
     assert page.stdout.count('class="tok center"') >= 5 and "<svg" in page.stdout
     assert 'data-tip="' in page.stdout, "hovering a token shows it with its activation"
 
@@ -186,3 +187,78 @@ def test_logit_effects_fold_the_final_norm(tiny_lm_dir):
     assert correlation > 0.9, correlation
     unfolded = torch.corrcoef(torch.stack([change, direction @ tiny_lm.W_U.detach()]))[0, 1]
     assert unfolded < correlation - 0.1, "the check tells a folded norm from a bare W_U"
+
+
+def test_explanations_written_by_autointerp_are_read_and_shown(tmp_path):
+    """The dashboard reads the explanations.jsonl that `analyze.py autointerp` writes (its own writer)."""
+    from sae.analysis.autointerp.cli import write_reports
+    from sae.analysis.autointerp.pipeline import LatentResult, summarize
+
+    results = [
+        LatentResult(latent=7, fire_count=10, max_activation=3.0, n_activating_examples=5, n_negative_examples=5,
+                     explanation="the keyword raise", explanation_failure=None, explanation_detail="",
+                     scores={"detection": {"metrics": {"accuracy": 0.75, "auroc": float("nan")}, "n_examples": 10,
+                                           "parse_failures": 0, "errors": 0}}),
+        LatentResult(latent=9, fire_count=3, max_activation=1.0, n_activating_examples=3, n_negative_examples=3,
+                     explanation=None, explanation_failure="no answer", explanation_detail=""),
+    ]
+    write_reports(tmp_path, results, summarize(results, seconds=1.0), {})
+    explanations = read_explanations(tmp_path / "explanations.jsonl")
+    assert explanations[7].explanation == "the keyword raise"
+    assert explanations[7].scores == {"detection_accuracy": 0.75}, "undefined (NaN) scores are left out"
+    assert explanations[9].explanation is None and explanations[9].scores == {}
+
+
+def test_steering_several_latents_together_is_shown_on_each_page(tmp_path):
+    from sae.analysis.dashboard import read_steering_examples
+
+    path = tmp_path / "steer.json"
+    path.write_text(json.dumps({"comparisons": [{"latent": 3, "latents": [3, 8], "prompt": "p"}, {"latent": 5, "prompt": "q"}]}))
+    by_latent = read_steering_examples([path])
+    assert [c["prompt"] for c in by_latent[3]] == [c["prompt"] for c in by_latent[8]] == ["p"]
+    assert [c["prompt"] for c in by_latent[5]] == ["q"]
+    path.write_text(json.dumps({"comparisons": [{"prompt": "p"}]}))
+    with pytest.raises(ValueError, match="comparison 0 names no integer latent"):
+        read_steering_examples([path])
+
+
+N_MANY = 2000
+
+
+@pytest.fixture(scope="module")
+def many_latent_dashboard(tiny_lm, tmp_path_factory):
+    """2,000 latents of random statistics (the writer's cost does not depend on where they came from)."""
+    generator = torch.Generator().manual_seed(3)
+    sae = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=N_MANY, k=8, hookpoint=HOOK), seed=0)
+    stats = LatentStatistics(N_MANY, k_top=10, k_sample=16, window_before=8, window_after=2)
+    for _ in range(4):
+        tokens = torch.randint(3, 300, (8, 32), generator=generator)
+        acts = torch.randn(8, 32, N_MANY, generator=generator).sub(1.5).relu()  # [b, t, L], about 7% firing
+        stats.update(tokens, acts)
+    out = tmp_path_factory.mktemp("many")
+    write_dashboard(out, sae, stats, tiny_lm.tokenizer, unembedding=Unembedding(tiny_lm), model_name="tiny")
+    return out
+
+
+def test_thousands_of_latents_are_split_into_small_files(many_latent_dashboard):
+    chunks = sorted((many_latent_dashboard / "data").glob("chunk_*.js"))
+    assert len(chunks) == -(-N_MANY // 64), "64 latents per data file by default"
+    sizes = [c.stat().st_size for c in chunks]
+    index_size = (many_latent_dashboard / "index_data.js").stat().st_size
+    assert max(sizes) < 2 * sum(sizes) / len(sizes), "no chunk is much bigger than the others"
+    assert index_size < sum(sizes) / 4, "the index holds one short row per latent, not the examples"
+    assert '"latents":{"1984":' in chunks[-1].read_text()[:200], "the last chunk holds the last latents"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+def test_thousands_of_latents_load_in_chromium(many_latent_dashboard):
+    index = run_chromium(f"file://{many_latent_dashboard}/index.html#sort=latent&asc=1", "--dump-dom")
+    assert console_messages(index) == [], console_messages(index)
+    assert f"{N_MANY} latents of {N_MANY}" in index.stdout
+    assert index.stdout.count('href="latent.html#') == 200, "the index draws 200 rows at a time"
+    assert f"show more ({N_MANY - 200} hidden)" in index.stdout
+    found = run_chromium(f"file://{many_latent_dashboard}/index.html#q=1999", "--dump-dom")
+    assert console_messages(found) == [] and found.stdout.count('href="latent.html#') == 1
+    last = run_chromium(f"file://{many_latent_dashboard}/latent.html#1999", "--dump-dom")
+    assert console_messages(last) == [], console_messages(last)
+    assert "Latent 1999" in last.stdout and "Top activations" in last.stdout

@@ -223,7 +223,7 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
     sae.cfg.model_name = str(tiny_lm_dir)
     sae.save(tmp_path / "sae")
     _, acts = tiny_lm.run_with_cache(tiny_lm.to_tokens("import os\nfor i in range(10):\n    print(i)"), names_filter=[HOOK])
-    latent = int(sae.encode(acts[HOOK][0, 1:]).gt(0).sum(0).argmax())  # one that fires on code
+    latent, other = sae.encode(acts[HOOK][0, 1:]).gt(0).sum(0).topk(2).indices.tolist()  # two that fire on code
     out = tmp_path / "steer.json"
     code = main(["steer", str(tmp_path / "sae"), "--latent", str(latent), "--prompt", "def f(x):", "--alpha", "1",
                  "--alpha", "4", "--max-new-tokens", "5", "--stat-tokens", "512", "--context-size", "32", "--out", str(out)])
@@ -238,6 +238,12 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
                  "--tokens", "512", "--context-size", "32", "--steering", str(out)]) == 0
     chunk = (tmp_path / "dash" / "data" / "chunk_00000.js").read_text()
     assert '"steering":[{"prompt":"def f(x):"' in chunk
+
+    both = tmp_path / "both.json"
+    assert main(["steer", str(tmp_path / "sae"), "--latent", str(latent), "--latent", str(other), "--prompt", "def f(x):",
+                 "--alpha", "2", "--max-new-tokens", "5", "--stat-tokens", "512", "--context-size", "32", "--out", str(both)]) == 0
+    together = json.loads(both.read_text())
+    assert together["comparisons"][0]["latents"] == [latent, other] and len(together["max_activations"]) == 2
 
     assert main(["steer", str(tmp_path / "sae"), "--latent", "999", "--alpha", "1"]) == 1
     assert "latent 999 is out of range" in capsys.readouterr().err

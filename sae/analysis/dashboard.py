@@ -76,7 +76,8 @@ def read_explanations(path: str | Path) -> dict[int, Explanation]:
 
 
 def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
-    """Steering comparisons (files written by `analyze.py steer`), grouped by latent."""
+    """Steering comparisons (files written by `analyze.py steer`), grouped by latent; a comparison that
+    steered several latents together is shown on each of their pages."""
     by_latent: dict[int, list[dict]] = {}
     for path in paths:
         try:
@@ -85,8 +86,12 @@ def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict) or not isinstance(data.get("comparisons"), list):
             raise ValueError(f"{path}: expected the output of analyze.py steer (an object with \"comparisons\")")
-        for comparison in data["comparisons"]:
-            by_latent.setdefault(comparison["latent"], []).append(comparison)
+        for number, comparison in enumerate(data["comparisons"]):
+            latents = comparison.get("latents") or [comparison.get("latent")]  # several when steered together
+            if not all(isinstance(latent, int) for latent in latents):
+                raise ValueError(f"{path}: comparison {number} names no integer latent")
+            for latent in latents:
+                by_latent.setdefault(latent, []).append(comparison)
     return by_latent
 
 

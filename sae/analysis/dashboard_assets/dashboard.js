@@ -154,12 +154,22 @@ const SAE_DASHBOARD = (() => {
   }
 
   function steeringTable(examples) {
-    const head = el("tr", {}, ...["prompt", "mode, α", "unsteered", "steered", "KL", "act. clean→steered text", "ppl"].map((h) => el("th", { text: h })));
-    return el("table", { class: "steer" }, head, ...examples.map((s) => el("tr", {},
-      el("td", { text: s.prompt }), el("td", { text: `${s.mode} ${s.alpha === null ? fmt(s.strength) : "α=" + fmt(s.alpha)}` }),
-      el("td", { text: s.unsteered.text }), el("td", { text: s.steered.text }), el("td", { class: "num", text: fmt(s.next_token_kl) }),
-      el("td", { class: "num", text: `${fmt(s.unsteered.latent_activation_mean)} → ${fmt(s.steered.latent_activation_mean)}` }),
-      el("td", { class: "num", text: `${fmt(s.unsteered.perplexity)} → ${fmt(s.steered.perplexity)}` }))));
+    const columns = ["prompt", "steered", "unsteered completion", "steered completion", "KL",
+      "latent act. on text", "perplexity (clean model)", "p(top logit tokens)", "concept score"];
+    const arrow = (a, b) => (a === null || a === undefined) ? "" : `${fmt(a)} → ${fmt(b)}`;
+    const how = (s) => {
+      const latents = s.latents && s.latents.length > 1 ? `latents ${s.latents.join(", ")}: ` : "";
+      return latents + `${s.mode} ${s.alpha === null ? fmt(s.strength) : "α=" + fmt(s.alpha)}`;
+    };
+    return el("table", { class: "steer" }, el("tr", {}, ...columns.map((h) => el("th", { text: h }))),
+      ...examples.map((s) => el("tr", {},
+        el("td", { text: s.prompt }), el("td", { text: how(s) }),
+        el("td", { class: "completion", text: s.unsteered.text }), el("td", { class: "completion", text: s.steered.text }),
+        el("td", { class: "num", text: fmt(s.next_token_kl) }),
+        el("td", { class: "num", text: arrow(s.unsteered.latent_activation_mean, s.steered.latent_activation_mean) }),
+        el("td", { class: "num", text: arrow(s.unsteered.perplexity, s.steered.perplexity) }),
+        el("td", { class: "num", text: arrow(s.top_logit_prob_clean, s.top_logit_prob_steered) }),
+        el("td", { class: "num", text: arrow(s.unsteered.concept_score, s.steered.concept_score) }))));
   }
 
   return {
