@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,16 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path):
     assert result.returncode != 0
     assert "batch 10 (tokens 5,120 onward): 1 NaN/inf values in rows [0]" in result.stderr
     assert "rank [1] met bad data" in result.stderr  # rank 0 stops too, instead of waiting on rank 1
+
+
+def test_rank_0_failing_to_save_fails_the_job_promptly(tmp_path):
+    # The other rank waits at the barrier after the checkpoint; torchrun stops it when rank 0 exits.
+    started = time.monotonic()
+    result = run(tmp_path, 256, "--fail-save-at-step", "16")
+    seconds = time.monotonic() - started
+    assert result.returncode != 0
+    assert "rank 0: injected failure writing the checkpoint of step 16" in result.stderr
+    assert seconds < 90, f"{seconds:.0f} s"  # the process group's own timeout would take 10 minutes
 
 
 def test_resume_after_sigterm_under_torchrun_is_exact(tmp_path):
