@@ -32,6 +32,8 @@ class Distributed:
             return cls()
         if not dist.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
+            if backend == "nccl":  # NCCL collectives run on the current device: each rank's own GPU
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=timeout)
             # Leaving the group before the interpreter tears down: a gloo group still alive at exit
             # aborts the process ("terminate called without an active exception") after a clean run.
