@@ -1,20 +1,25 @@
-"""Does steering with a token latent make the model write its token? A study whose choice of latents is
-fixed before any steering result is seen (`analyze.py steer-study`).
+"""Does steering with a token latent make the model write the token that follows it? A study whose choice
+of latents is fixed before any steering result is seen (`analyze.py steer-study`).
 
 Choice of latents (`token_latents`, then a seeded random sample of them):
   1. the latent's top `TOP_EXAMPLES` activations on the statistics text are all filled, and at least
-     `MIN_SHARE` of them sit on one token (its "concept token");
-  2. that token decodes to a word of at least 3 letters (so "contains the token" means something in text);
-  3. the token is among the top `LOGIT_TOP` tokens of the latent's decoder direction through the final
-     norm and unembedding (the latent reads the token and also writes it).
+     `MIN_SHARE` of them sit on one token (it reads one token);
+  2. at least `MIN_FOLLOWER_SHARE` of them are followed by one token (its "concept token"), which decodes
+     to a word of at least 3 letters (so "the completion contains it" means something in text).
+
+A first rule, fixed the same way, asked instead that the token read be among the top 10 tokens of the
+decoder direction through the final norm and unembedding (as Neuronpedia's logit lists show): on the
+default layer-6 Gemma 3 270M SAE no latent met it (of 806 that read or precede one word, the best rank
+was 12); twelve layers later, the direct logit effects of a layer-6 direction are mostly noise tokens.
 
 For each chosen latent, on the built-in neutral prompts (`steering.NEUTRAL_PROMPTS`), adding alpha times
-its max activation along its decoder direction:
+its max activation along its decoder direction at every position:
   - next-token KL(clean || steered) for each alpha of a sweep (is it monotone?);
-  - the summed next-token probability of its top logit tokens, clean, steered, and under a control: a
-    random other latent's decoder direction added with the same strength;
-  - greedy completions of every prompt, unsteered, steered and control: how many contain the concept
-    word, their perplexity under the clean model, and the latent's activation on them.
+  - the next-token probability of its concept token, and the summed probability of its top-10 direct
+    logit tokens, clean, steered, and under a control: a random other latent's decoder direction added
+    with the same strength;
+  - greedy completions of every prompt at each completion alpha, unsteered, steered and control: how
+    many contain the concept word, their perplexity under the clean model, the latent's activation on them.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.analysis.features import LatentStatistics, Unembedding
+from sae.analysis.features import PAD_TOKEN, LatentStatistics, Unembedding
 from sae.analysis.steering import (
     NEUTRAL_PROMPTS, Intervention, completion_effects, generate, next_token_log_probs, strength_in_units,
 )
 
 TOP_EXAMPLES = 20
 MIN_SHARE = 0.8
+MIN_FOLLOWER_SHARE = 0.5
 LOGIT_TOP = 10
 
 
@@ -42,35 +48,43 @@ LOGIT_TOP = 10
 class TokenLatent:
     latent: int
     token: int
-    """The concept token: the commonest token at its top activations."""
-    word: str
-    """The token's text without surrounding spaces."""
+    """The token it reads: the commonest token at its top activations."""
     token_share: float
-    logit_rank: int
-    """Rank (0 = first) of the token among the decoder direction's logit effects."""
+    concept: int
+    """The concept token: the commonest token right after its top activations."""
+    word: str
+    """The concept token's text without surrounding spaces."""
+    concept_share: float
     max_activation: float
     density: float
 
 
-def token_latents(stats: LatentStatistics, sae, unembedding: Unembedding, tokenizer) -> list[TokenLatent]:
-    """Every tracked latent that meets the three conditions of the module docstring, by latent id."""
+def _commonest(tokens: list[int]) -> tuple[int, float]:
+    token = max(set(tokens), key=lambda t: (tokens.count(t), -t))
+    return token, tokens.count(token) / TOP_EXAMPLES
+
+
+def token_latents(stats: LatentStatistics, tokenizer) -> list[TokenLatent]:
+    """Every tracked latent that meets the conditions of the module docstring, by latent id
+    (`stats` needs window_after >= 1)."""
+    after = stats.center + 1
+    if after >= stats.top.tokens.shape[2]:
+        raise ValueError("token_latents needs statistics with window_after >= 1")
     chosen = []
     for i in range(len(stats.latents)):
-        examples = stats.examples(i)
+        examples = stats.examples(i)[:TOP_EXAMPLES]
         if len(examples) < TOP_EXAMPLES:
             continue
-        centre = [tokens[stats.center] for _, tokens, _ in examples[:TOP_EXAMPLES]]
-        token = max(set(centre), key=lambda t: (centre.count(t), -t))
-        share = centre.count(token) / len(centre)
-        word = tokenizer.decode([token]).strip()
-        if share < MIN_SHARE or not (word.isalpha() and len(word) >= 3):
+        token, share = _commonest([tokens[stats.center] for _, tokens, _ in examples])
+        following = [tokens[after] for _, tokens, _ in examples if tokens[after] != PAD_TOKEN]
+        if share < MIN_SHARE or not following:
             continue
-        latent = stats.latents[i].item()
-        top = unembedding.logits(sae.W_dec[latent].detach()).topk(LOGIT_TOP).indices.tolist()
-        if token not in top:
+        concept, concept_share = _commonest(following)
+        word = tokenizer.decode([concept]).strip()
+        if concept_share < MIN_FOLLOWER_SHARE or not (word.isalpha() and len(word) >= 3):
             continue
-        chosen.append(TokenLatent(latent, token, word, share, top.index(token), stats.max_activation[i].item(),
-                                  stats.fire_count[i].item() / stats.tokens_seen))
+        chosen.append(TokenLatent(stats.latents[i].item(), token, share, concept, word, concept_share,
+                                  stats.max_activation[i].item(), stats.fire_count[i].item() / stats.tokens_seen))
     return chosen
 
 
@@ -104,17 +118,18 @@ class LatentSteeringResult:
     alphas: list[float]
     kl: list[float]
     """Mean next-token KL(clean || steered) on the neutral prompts, per alpha."""
+    p_concept_clean: float
+    p_concept: list[float]
+    """Next-token probability of the concept token, mean over prompt positions, per alpha."""
+    p_concept_control: list[float]
     top_logit_tokens: list[str]
     p_top_clean: float
     p_top: list[float]
-    """Summed probability of the top logit tokens, mean over prompt positions, per alpha."""
+    """Summed probability of the top-10 direct logit tokens, mean over prompt positions, per alpha."""
     p_top_control: list[float]
-    p_word_clean: float
-    p_word: list[float]
-    """Probability of the concept token itself, per alpha."""
-    completion_alpha: float
-    completions: dict[str, CompletionSet] = field(default_factory=dict)
-    """unsteered, steered, control."""
+    unsteered: CompletionSet
+    completions: list[dict] = field(default_factory=list)
+    """Per completion alpha: {"alpha": a, "steered": CompletionSet, "control": CompletionSet}."""
 
     @property
     def kl_monotone(self) -> bool:
@@ -141,16 +156,16 @@ def measure_completions(model, sae, prompts: list[str], generated: list[Tensor],
 
 def steer_latent(
     model, sae, latent: TokenLatent, control_latent: int, prompts: list[str], alphas: list[float],
-    completion_alpha: float, max_new_tokens: int, clean: list[Tensor] | None = None,
+    completion_alphas: list[float], max_new_tokens: int, clean: list[Tensor] | None = None,
     unsteered: CompletionSet | None = None,
 ) -> LatentSteeringResult:
     """All measurements of the module docstring for one latent (`clean`: the prompts' clean log-probs)."""
     prompt_tokens = [model.to_tokens(p) for p in prompts]
     clean = clean or [next_token_log_probs(model, sae, t, None) for t in prompt_tokens]
     clean_lp = torch.cat(clean)  # [positions, vocab]
-    top = Unembedding(model).logits(sae.W_dec[latent.latent].detach()).topk(LOGIT_TOP).indices.to(clean_lp.device)
+    top = Unembedding(model).logits(sae.W_dec[latent.latent].detach()).topk(LOGIT_TOP).indices.tolist()
     probability = lambda lp, ids: lp[:, ids].exp().sum(-1).mean().item()  # noqa: E731
-    kl, p_top, p_top_control, p_word = [], [], [], []
+    kl, p_concept, p_concept_control, p_top, p_top_control = [], [], [], [], []
     for alpha in alphas:
         strength = strength_in_units(alpha, latent.max_activation)
         steered = torch.cat([next_token_log_probs(model, sae, t, Intervention(latent.latent, "add", strength))
@@ -158,37 +173,45 @@ def steer_latent(
         control = torch.cat([next_token_log_probs(model, sae, t, Intervention(control_latent, "add", strength))
                              for t in prompt_tokens])
         kl.append(F.kl_div(steered, clean_lp, log_target=True, reduction="batchmean").item())
+        p_concept.append(probability(steered, [latent.concept]))
+        p_concept_control.append(probability(control, [latent.concept]))
         p_top.append(probability(steered, top))
         p_top_control.append(probability(control, top))
-        p_word.append(probability(steered, [latent.token]))
 
-    strength = strength_in_units(completion_alpha, latent.max_activation)
-    completions = {
-        "unsteered": unsteered or _completions(model, sae, prompts, None, latent, max_new_tokens),
-        "steered": _completions(model, sae, prompts, Intervention(latent.latent, "add", strength), latent, max_new_tokens),
-        "control": _completions(model, sae, prompts, Intervention(control_latent, "add", strength), latent, max_new_tokens),
-    }
-    decode = lambda ids: [model.tokenizer.decode([t]) for t in ids]  # noqa: E731
+    unsteered = unsteered or _completions(model, sae, prompts, None, latent, max_new_tokens)
+    completions = []
+    for alpha in completion_alphas:
+        strength = strength_in_units(alpha, latent.max_activation)
+        completions.append({"alpha": alpha, **{
+            name: _completions(model, sae, prompts, Intervention(which, "add", strength), latent, max_new_tokens)
+            for name, which in (("steered", latent.latent), ("control", control_latent))}})
     return LatentSteeringResult(
-        latent, control_latent, list(alphas), kl, decode(top.tolist()), probability(clean_lp, top), p_top, p_top_control,
-        probability(clean_lp, [latent.token]), p_word, completion_alpha, completions,
+        latent, control_latent, list(alphas), kl, probability(clean_lp, [latent.concept]), p_concept, p_concept_control,
+        [model.tokenizer.decode([t]) for t in top], probability(clean_lp, top), p_top, p_top_control, unsteered, completions,
     )
 
 
-def results_table(results: list[LatentSteeringResult], prompts: int) -> str:
-    """Markdown: one row per latent at the completion alpha, then the totals."""
-    head = ("| latent | token (share, logit rank) | KL monotone | p(top-10 logit tokens) clean → steered (control) "
-            "| p(token) clean → steered | completions with the word: unsteered / steered / control "
-            f"(of {prompts}) | perplexity unsteered / steered |")
-    lines = [head, "|" + "---|" * 7]
+def results_table(results: list[LatentSteeringResult], prompts: int, tokenizer) -> str:
+    """Markdown: one row per latent (probabilities at the largest completion alpha), then nothing else."""
+    alphas = [c["alpha"] for c in results[0].completions]
+    at = alphas[-1]
+    words = " / ".join(f"α={a:g} steered, control" for a in alphas)
+    lines = [
+        f"| latent | reads → concept (shares) | KL monotone | p(concept) clean → α={at:g} (control) "
+        f"| p(top-10 logit tokens) clean → α={at:g} (control) | completions with the word (of {prompts}): unsteered / {words} "
+        f"| perplexity: unsteered / {' / '.join(f'α={a:g}' for a in alphas)} |",
+        "|" + "---|" * 7,
+    ]
     for r in results:
-        a = r.alphas.index(r.completion_alpha)
-        c = r.completions
+        i = r.alphas.index(at)
+        read = tokenizer.decode([r.latent.token]).strip() or repr(tokenizer.decode([r.latent.token]))
+        counts = " / ".join(f"{c['steered'].with_word}, {c['control'].with_word}" for c in r.completions)
+        perplexities = " / ".join(f"{c['steered'].perplexity:.1f}" for c in r.completions)
         lines.append(
-            f"| {r.latent.latent} | `{r.latent.word}` ({r.latent.token_share:.2f}, {r.latent.logit_rank}) "
-            f"| {'yes' if r.kl_monotone else 'no'} | {r.p_top_clean:.4f} → {r.p_top[a]:.4f} ({r.p_top_control[a]:.4f}) "
-            f"| {r.p_word_clean:.2e} → {r.p_word[a]:.2e} | {c['unsteered'].with_word} / {c['steered'].with_word} / "
-            f"{c['control'].with_word} | {c['unsteered'].perplexity:.1f} / {c['steered'].perplexity:.1f} |"
+            f"| {r.latent.latent} | `{read}` → `{r.latent.word}` ({r.latent.token_share:.2f}, {r.latent.concept_share:.2f}) "
+            f"| {'yes' if r.kl_monotone else 'no'} | {r.p_concept_clean:.2e} → {r.p_concept[i]:.2e} ({r.p_concept_control[i]:.2e}) "
+            f"| {r.p_top_clean:.2e} → {r.p_top[i]:.2e} ({r.p_top_control[i]:.2e}) "
+            f"| {r.unsteered.with_word} / {counts} | {r.unsteered.perplexity:.1f} / {perplexities} |"
         )
     return "\n".join(lines)
 
@@ -202,12 +225,12 @@ class StudyOptions:
     out: str
     cache: str | None = None
     dataset: str = "python-stdlib"
-    tokens: int = 262144
+    tokens: int = 131072
     context_size: int = 128
     latents: int = 8
     seed: int = 0
     alpha: list[float] = field(default_factory=list)
-    completion_alpha: float = 4.0
+    completion_alpha: list[float] = field(default_factory=list)
     max_new_tokens: int = 24
     model: str | None = None
     device: str = "cpu"
@@ -219,13 +242,14 @@ def add_steer_study_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cache", help="activation cache for the latent statistics (no model forward)")
     source.add_argument("--dataset", default="python-stdlib", help="text to run the model over for the statistics")
-    parser.add_argument("--tokens", type=int, default=262144, help="tokens for the latent statistics")
+    parser.add_argument("--tokens", type=int, default=131072, help="tokens for the latent statistics")
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--latents", type=int, default=8, help="how many qualifying latents to steer (random sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that sample and of the control latents")
     parser.add_argument("--alpha", type=float, action="append", default=[],
                         help="alphas of the KL/probability sweep (repeatable; default 0.5 1 2 4 8)")
-    parser.add_argument("--completion-alpha", type=float, default=4.0, help="alpha of the greedy completions (one of --alpha)")
+    parser.add_argument("--completion-alpha", type=float, action="append", default=[],
+                        help="alphas of the greedy completions, each one of --alpha (repeatable; default 4 8)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--model")
     parser.add_argument("--device", default="cpu")
@@ -239,9 +263,10 @@ def run_steer_study(args: argparse.Namespace) -> int:
     from sae.io import atomic_write_json, atomic_write_text
 
     opts = options(StudyOptions, args)
-    alphas = opts.alpha or [0.5, 1.0, 2.0, 4.0, 8.0]
-    if opts.completion_alpha not in alphas:
-        raise ValueError(f"--completion-alpha {opts.completion_alpha} is not one of the sweep's alphas {alphas}")
+    alphas = sorted(opts.alpha or [0.5, 1.0, 2.0, 4.0, 8.0])
+    completion_alphas = sorted(opts.completion_alpha or [4.0, 8.0])
+    if not set(completion_alphas) <= set(alphas):
+        raise ValueError(f"--completion-alpha {completion_alphas} are not all among the sweep's alphas {alphas}")
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     started = time.time()
     if opts.cache:
@@ -250,61 +275,76 @@ def run_steer_study(args: argparse.Namespace) -> int:
         token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
         batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset
     stats = collect_statistics(sae, batches, total_batches=total, k_top=TOP_EXAMPLES, k_sample=1,
-                               window_before=0, window_after=0)
-    candidates = token_latents(stats, sae, Unembedding(model), model.tokenizer)
+                               window_before=0, window_after=1)
+    candidates = token_latents(stats, model.tokenizer)
     chosen = sample(candidates, opts.latents, opts.seed)
     print(f"{len(candidates)} latents qualify on {stats.tokens_seen} tokens; steering {[c.latent for c in chosen]}")
     if not chosen:
         raise ValueError("no latent meets the study's conditions (see sae/analysis/steering_study.py)")
+    controls = control_latents(stats, candidates, len(chosen), opts.seed)
 
-    fired = (stats.fire_count > 0).nonzero().flatten().tolist()
-    excluded = {c.latent for c in candidates}
-    pool = [i for i in fired if i not in excluded]
-    controls = torch.randperm(len(pool), generator=torch.Generator().manual_seed(opts.seed + 1))[: len(chosen)]
     prompts = list(NEUTRAL_PROMPTS)
     clean = [next_token_log_probs(model, sae, model.to_tokens(p), None) for p in prompts]
-    unsteered_texts = [generate(model, sae, p, None, opts.max_new_tokens) for p in prompts]
-
+    unsteered_tokens = [generate(model, sae, p, None, opts.max_new_tokens) for p in prompts]
     results = []
-    for latent, control in zip(chosen, controls.tolist()):
-        unsteered = measure_completions(model, sae, prompts, unsteered_texts, latent)
-        result = steer_latent(model, sae, latent, pool[control], prompts, alphas, opts.completion_alpha,
-                              opts.max_new_tokens, clean, unsteered)
-        results.append(result)
-        print(results_table([result], len(prompts)).splitlines()[-1], flush=True)
+    for latent, control in zip(chosen, controls):
+        unsteered = measure_completions(model, sae, prompts, unsteered_tokens, latent)
+        results.append(steer_latent(model, sae, latent, control, prompts, alphas, completion_alphas,
+                                    opts.max_new_tokens, clean, unsteered))
+        print(results_table(results[-1:], len(prompts), model.tokenizer).splitlines()[-1], flush=True)
 
     out = Path(opts.out)
-    table = results_table(results, len(prompts))
+    table = results_table(results, len(prompts), model.tokenizer)
     summary = summarise(results, len(prompts))
     atomic_write_json(out / "study.json", {
         "options": asdict(opts), "alphas": alphas, "source": source, "tokens": stats.tokens_seen,
-        "qualifying_latents": len(candidates), "conditions": {"top_examples": TOP_EXAMPLES, "min_share": MIN_SHARE,
-                                                              "logit_top": LOGIT_TOP},
+        "qualifying_latents": len(candidates), "prompts": prompts,
+        "conditions": {"top_examples": TOP_EXAMPLES, "min_share": MIN_SHARE, "min_follower_share": MIN_FOLLOWER_SHARE},
         "summary": summary, "results": [asdict(r) for r in results], "seconds": time.time() - started,
     })
     atomic_write_text(out / "study.md", table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n")
     print(table)
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
-    print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
+    print(f"wrote {out / 'study.json'} and {out / 'study.md'} in {time.time() - started:.0f} s")
     return 0
 
 
+def control_latents(stats: LatentStatistics, candidates: list[TokenLatent], n: int, seed: int) -> list[int]:
+    """n random latents that fired and are not candidates (seeded apart from the sample of candidates)."""
+    excluded = {c.latent for c in candidates}
+    pool = [latent for latent, count in zip(stats.latents.tolist(), stats.fire_count.tolist())
+            if count > 0 and latent not in excluded]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:n]
+    return [pool[j] for j in order.tolist()]
+
+
 def summarise(results: list[LatentSteeringResult], prompts: int) -> dict:
-    """Totals over the latents at the completion alpha."""
-    a = [r.alphas.index(r.completion_alpha) for r in results]
-    ratio = lambda x, y: x / y if y > 0 else float("inf")  # noqa: E731
-    rises = [ratio(r.p_top[i], r.p_top_clean) for r, i in zip(results, a)]
-    control_rises = [ratio(r.p_top_control[i], r.p_top_clean) for r, i in zip(results, a)]
-    total = lambda name: sum(r.completions[name].with_word for r in results)  # noqa: E731
-    return {
-        "latents": len(results),
-        "kl_monotone": sum(r.kl_monotone for r in results),
-        "p_top_rise_median": float(torch.tensor(rises).median()),
-        "p_top_rise_min": min(rises),
-        "p_top_control_rise_median": float(torch.tensor(control_rises).median()),
-        "p_top_steered_above_control": sum(r.p_top[i] > r.p_top_control[i] for r, i in zip(results, a)),
-        "completions_with_word": f"unsteered {total('unsteered')}, steered {total('steered')}, control "
-                                 f"{total('control')} of {prompts * len(results)}",
-        "perplexity_geomean": {name: float(torch.tensor([r.completions[name].perplexity for r in results]).log().mean().exp())
-                               for name in ("unsteered", "steered", "control")},
-    }
+    """Totals over the latents: probabilities at each completion alpha, completions with the word."""
+    summary: dict = {"latents": len(results), "kl_monotone": sum(r.kl_monotone for r in results)}
+    for block in results[0].completions:
+        a = block["alpha"]
+        i = results[0].alphas.index(a)
+        rise = lambda x: float(torch.tensor([getattr(r, x)[i] / getattr(r, x + "_clean") for r in results]).median())  # noqa: E731
+        control = lambda x: float(torch.tensor([getattr(r, x + "_control")[i] / getattr(r, x + "_clean")  # noqa: E731
+                                                for r in results]).median())
+        at = [next(c for c in r.completions if c["alpha"] == a) for r in results]
+        summary[f"alpha {a:g}"] = {
+            "p_concept_rise_median": rise("p_concept"), "p_concept_control_rise_median": control("p_concept"),
+            "p_concept_above_control": sum(r.p_concept[i] > r.p_concept_control[i] for r in results),
+            "p_top_rise_median": rise("p_top"), "p_top_control_rise_median": control("p_top"),
+            "p_top_above_control": sum(r.p_top[i] > r.p_top_control[i] for r in results),
+            "completions_with_word": {"unsteered": sum(r.unsteered.with_word for r in results),
+                                      "steered": sum(c["steered"].with_word for c in at),
+                                      "control": sum(c["control"].with_word for c in at),
+                                      "of": prompts * len(results)},
+            "perplexity_geomean": {
+                "unsteered": _geomean([r.unsteered.perplexity for r in results]),
+                "steered": _geomean([c["steered"].perplexity for c in at]),
+                "control": _geomean([c["control"].perplexity for c in at]),
+            },
+        }
+    return summary
+
+
+def _geomean(values: list[float]) -> float:
+    return float(torch.tensor(values).log().mean().exp())
