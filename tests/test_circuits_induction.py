@@ -98,3 +98,28 @@ def test_circuits_command_writes_report_and_heatmaps(trained, tmp_path):
     assert report["methods"]["attribution_patching"]["backward_prompts"] == 40
     for name in ("oneill", "attribution_patching"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        faithfulness = report["methods"][name]["faithfulness_at_k"]
+        assert faithfulness["kl_circuit"] >= 0 and faithfulness["kl_empty"] > 0
+
+
+def test_analyze_py_circuits_end_to_end(trained, tmp_path):
+    """The documented command, as a user runs it: report.json with an edge method's top edges, and PNGs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, info = trained
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "circuits"
+    done = subprocess.run([sys.executable, str(repo / "analyze.py"), "circuits", "--task", "induction", "--model",
+                           str(info["directory"]), "--prompts", "30", "--methods", "attribution_patching_edges",
+                           "random", "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    edges = report["methods"]["attribution_patching_edges"]["top_edges"]
+    assert edges and {"from", "to", "estimate"} <= set(edges[0])
+    assert all(e["to"] == "logits" or int(e["to"].split(".")[0]) > int(e["from"].split(".")[0]) for e in edges)
+    assert report["methods"]["attribution_patching_edges"]["evaluation"]["roc_auc"] > 0.6
+    assert (out / "attribution_patching_edges.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["ground_truth"]["source"].startswith("exhaustive resample patching")

@@ -22,9 +22,9 @@ from sae.io import atomic_write_bytes, atomic_write_json
 
 from . import ground_truth, tasks
 from .activations import last_logits_with_ablation
-from .evaluation import evaluate
+from .evaluation import evaluate, top_k_mask
 from .methods import ALL_METHODS, run_method
-from .patching import exhaustive_head_patching, ground_truth_from_effects
+from .patching import ablation_reference, circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
 from .tasks import task_metric, task_solved
 
 TASKS = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
@@ -94,14 +94,21 @@ def main_circuits(args: argparse.Namespace) -> dict:
     report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "task_check": check,
               "ground_truth": truth_info,
               "methods": {}}
+    reference = ablation_reference(model, task, "resample") if truth is not None else None
     for name in args.methods:
         started = time.perf_counter()
         scores = run_method(name, model, task, args.seed)
         entry = {"scores": scores.scores.tolist(), "seconds": scores.seconds,
                  "forward_prompts": scores.forward_prompts, "backward_prompts": scores.backward_prompts,
                  "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))}}
+        if "edge_estimates" in scores.details:
+            entry["top_edges"] = top_edges(scores.details["edge_estimates"], scores.details["edge_valid"],
+                                           model.cfg.n_heads)
         if truth is not None:
             entry["evaluation"] = evaluate(scores.scores, truth)
+            # the circuit this method would report (its top |truth| heads), everything else resample-ablated
+            found = top_k_mask(scores.scores, int(truth.sum()))
+            entry["faithfulness_at_k"] = circuit_faithfulness(model, task, found, "resample", reference)
         report["methods"][name] = entry
         atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{args.task}: {name}", truth))
         auc = entry.get("evaluation", {}).get("roc_auc")
@@ -124,6 +131,19 @@ def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
         print(f"ground truth from patching has {int(mask.sum())} of {mask.numel()} heads: no evaluation")
         return None, info | {"error": "ground truth has a single class"}
     return mask, info
+
+
+def top_edges(estimate: torch.Tensor, valid: torch.Tensor, n_heads: int, n: int = 20) -> list[dict]:
+    """The n edges with the largest |estimate| as {"from": "L.h", "to": "L.h" or "logits", "estimate"}."""
+    magnitude = (estimate.abs() * valid).flatten()
+    order = magnitude.argsort(descending=True)[: min(n, int(valid.sum()))]
+    width = estimate.shape[1]
+
+    def head(index: int) -> str:
+        return "logits" if index == width - 1 else f"{index // n_heads}.{index % n_heads}"
+
+    return [{"from": head(int(i) // width), "to": head(int(i) % width), "estimate": float(estimate.flatten()[i])}
+            for i in order]
 
 
 def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = None) -> bytes:

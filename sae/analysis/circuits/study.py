@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sae.io import atomic_write_json
+from sae.io import atomic_write_bytes, atomic_write_json
 
 from .activations import last_logits_with_ablation
 from .evaluation import evaluate, top_k_mask
@@ -96,11 +96,19 @@ def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference
     return summary | {"faithfulness_at_k": memo[key]}
 
 
-def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path) -> dict:
+# The toy models: "2l4h" is 2 layers x 4 heads trained on induction only (its circuit is all of layer 1 plus
+# 1-2 heads of layer 0); "2l8h_distractors" has 8 heads per layer and half its training rows follow a
+# second rule (after <ret>, copy the first token), which grows heads that are active on the induction
+# prompts but not needed by them.
+TOYS = {"2l4h": {"n_layers": 2, "n_heads": 4, "retrieval_fraction": 0.0},
+        "2l8h_distractors": {"n_layers": 2, "n_heads": 8, "retrieval_fraction": 0.5}}
+
+
+def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h") -> dict:
     """One toy model per seed: train it, find its ground truth, run and evaluate every method."""
     trained_dir, reinit_dir = work / f"trained_{seed}", work / f"reinit_{seed}"
-    training = train_induction_model(trained_dir, steps=steps, seed=seed)
-    train_induction_model(reinit_dir, seed=seed, trained=False)
+    training = train_induction_model(trained_dir, steps=steps, seed=seed, **TOYS[toy])
+    train_induction_model(reinit_dir, seed=seed, trained=False, **TOYS[toy])
     model = _load(trained_dir)
     task = induction_task(n_prompts, seed=1000 + seed)  # prompts never seen in training (fresh seed)
     truth, info = patching_ground_truth(model, task)
@@ -123,12 +131,14 @@ DETERMINISTIC = {"patching_resample", "patching_mean", "patching_zero", "attribu
 
 
 def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Path | None = None,
-                   fingerprint: str | None = None, reinit_model=None, previous: list[dict] | None = None
-                   ) -> list[dict]:
+                   fingerprint: str | None = None, reinit_model=None, previous: list[dict] | None = None,
+                   reinit_methods: list[str] | None = None, save=None) -> list[dict]:
     """One real model and task: the ground truth once, each seed-dependent method once per seed, the
     faithfulness of every found circuit, and (with `reinit_model`) the re-initialised control for the code
-    methods. `previous` (per-seed results of an earlier run on the same task) is extended: methods it
-    already has are kept, not rerun."""
+    methods (or only `reinit_methods`). `previous` (per-seed results of an earlier run on the same task) is
+    extended: methods it already has are kept, not rerun. `save(per_seed)` is called after every seed, so
+    an interrupted run can be resumed with `previous`."""
+    reinit_methods = [m for m in (reinit_methods or CODE_METHODS) if m in CODE_METHODS]
     truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
         return [{"seed": s, **info, "methods": {}, "reinit_control": {}} for s in seeds]
@@ -150,11 +160,13 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
         for name in methods:
             if name not in result["methods"]:
                 result["methods"][name] = once[name] if name in once else summary(name, s)
-            if reinit_model is not None and name in CODE_METHODS and name not in result["reinit_control"]:
+            if reinit_model is not None and name in reinit_methods and name not in result["reinit_control"]:
                 result["reinit_control"][name] = _summary(
                     run_method(name, reinit_model, task, s, positives_from="all"), truth)
         per_seed.append(result)
         print(f"seed {s} done", flush=True)
+        if save is not None:
+            save(per_seed + [old[t] for t in seeds if t > s and t in old])
     return per_seed
 
 
@@ -208,10 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each toy model")
+    parser.add_argument("--toy", default="2l4h", choices=list(TOYS), help="which toy model (without --model)")
     parser.add_argument("--model", help="a real model instead of the toy induction models (e.g. gemma-3-270m)")
     parser.add_argument("--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction")
     parser.add_argument("--reinit", action="store_true",
                         help="with --model: also run the code methods on a re-initialised copy (the control)")
+    parser.add_argument("--reinit-methods", nargs="+", choices=list(CODE_METHODS),
+                        help="with --reinit: only these code methods (default: every code method asked for)")
     parser.add_argument("--extend", action="store_true",
                         help="with --model: keep the methods already in OUT/report.json, run only the others")
     args = parser.parse_args(argv)
@@ -225,15 +240,24 @@ def main(argv: list[str] | None = None) -> None:
         previous = json.loads((out / "report.json").read_text())["per_seed"] if args.extend else None
         reinit = reinitialised_copy(model, seed=0) if args.reinit else None
         per_seed = evaluate_model(model, task, args.methods, args.seeds, out / "ground_truth_cache.json",
-                                  task_fingerprint(args.model, task), reinit, previous)
+                                  task_fingerprint(args.model, task), reinit, previous, args.reinit_methods,
+                                  save=lambda partial: write_report(out, args, partial))
     else:
         with tempfile.TemporaryDirectory() as work:
-            per_seed = [evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work)) for s in args.seeds]
+            per_seed = []
+            for s in args.seeds:
+                per_seed.append(evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work), args.toy))
+                write_report(out, args, per_seed)  # after every seed, so a long run shows progress
+    print(write_report(out, args, per_seed))
+
+
+def write_report(out: Path, args: argparse.Namespace, per_seed: list[dict]) -> str:
+    """report.json and table.md in `out` (atomically; called after every seed of a real-model run)."""
     table = results_table(per_seed)
     atomic_write_json(out / "report.json", {"args": vars(args), "ground_truth_fraction": GROUND_TRUTH_FRACTION,
                                             "per_seed": per_seed, "table": table})
-    (out / "table.md").write_text(table + "\n")
-    print(table)
+    atomic_write_bytes(out / "table.md", (table + "\n").encode())
+    return table
 
 
 if __name__ == "__main__":

@@ -18,11 +18,16 @@ N_TOKENS = 128  # with 48 tokens, 4,000 steps gave no previous-token head; with 
 HALF = 10
 
 
-def _tokenizer(n_tokens: int):
+RETRIEVE = "<ret>"  # distractor rule: after this token, predict the first token of the sequence
+
+
+def _tokenizer(n_tokens: int, with_retrieve: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<bos>": 0, **{f"t{i}": i + 1 for i in range(n_tokens)}, "<unk>": n_tokens + 1}
+    if with_retrieve:  # only then: the vocabulary size (and so the initialisation) of the plain toy stays as it was
+        vocab[RETRIEVE] = n_tokens + 2
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<bos>", unk_token="<unk>")
@@ -67,20 +72,42 @@ def repeated_sequences(n: int, n_tokens: int, generator: torch.Generator, length
     return rows, targets
 
 
+def retrieval_sequences(n: int, n_tokens: int, retrieve_id: int, generator: torch.Generator,
+                        length: int = 1 + 2 * HALF + 4, n_queries: int = 3) -> torch.Tensor:
+    """The distractor rule: random tokens with `n_queries` <ret> tokens at random positions (>= 3); the
+    token after each <ret> is the sequence's first token. -> tokens [n, length]. A model trained on both
+    grows heads that attend to the first token: active on induction prompts too (whose first token is
+    what the corruption changes) but not needed there, which is what makes them distractors."""
+    rows = torch.randint(1, n_tokens + 1, (n, length), generator=generator)
+    rows[:, 0] = 0
+    for row in rows:
+        for position in torch.randperm(length - 4, generator=generator)[:n_queries] + 2:
+            row[position] = retrieve_id
+            row[position + 1] = row[1]
+    return rows
+
+
 def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2, n_heads: int = 4,
-                          d_model: int = 64, batch_size: int = 64, seed: int = 0, trained: bool = True) -> dict:
+                          d_model: int = 64, batch_size: int = 64, seed: int = 0, trained: bool = True,
+                          retrieval_fraction: float = 0.0) -> dict:
     """Train (or, with trained=False, only initialise: the re-initialised control) and save to `directory`.
 
+    retrieval_fraction > 0 mixes in that fraction of `retrieval_sequences` (the distractor rule).
     Returns the loss on the induction targets at the end: about log(n_tokens) without induction, near 0 with it.
     """
     directory = Path(directory)
-    tokenizer = _tokenizer(N_TOKENS)
+    tokenizer = _tokenizer(N_TOKENS, with_retrieve=retrieval_fraction > 0)
     model = _attention_only_model(n_layers, n_heads, d_model, len(tokenizer), seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
     curve = []  # loss on the induction targets, every 50 steps
     for step in range(steps if trained else 0):
         tokens, induction_targets = repeated_sequences(batch_size, N_TOKENS, generator)
+        n_retrieval = int(round(retrieval_fraction * batch_size))
+        if n_retrieval:  # replace the first rows by distractor-rule rows (no induction targets in them)
+            tokens[:n_retrieval] = retrieval_sequences(n_retrieval, N_TOKENS, N_TOKENS + 2, generator,
+                                                       tokens.shape[1])
+            induction_targets[:n_retrieval] = False
         logits = model(tokens).logits[:, :-1]
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
         loss = losses.mean()
@@ -92,7 +119,8 @@ def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2,
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return {"induction_loss": curve[-1] if curve else None, "loss_curve": curve,
-            "steps": steps if trained else 0, "seed": seed}
+            "steps": steps if trained else 0, "seed": seed, "n_layers": n_layers, "n_heads": n_heads,
+            "d_model": d_model, "retrieval_fraction": retrieval_fraction}
 
 
 def induction_task(n: int, seed: int = 0, query: int = 6) -> Task:
