@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 import sae
-from cache import ActivationReader, build_cache, read_manifest, verify_cache
-from sae.run_config import load_run_config
-from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
+from cache import ActivationReader, read_manifest, verify_cache
+from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -59,12 +58,16 @@ tokens = 500
     return path
 
 
-def single_process_cache(config: Path, tmp_path: Path, model) -> dict:
-    run = load_run_config(config, [f"cache.dir={tmp_path / 'single'}"])
-    return read_manifest(build_cache(run, model, progress=False))
+def single_process_cache(config: Path, tmp_path: Path) -> dict:
+    """The same cache from one `python -m cache` process, with the workers' thread count (bitwise comparable)."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "cache", str(config), "--set", f"cache.dir={tmp_path / 'single'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_manifest(tmp_path / "single")
 
 
-def test_train_py_under_torchrun_caches_trains_and_evaluates_once(tmp_path, tiny_lm, tiny_lm_dir):
+def test_train_py_under_torchrun_caches_trains_and_evaluates_once(tmp_path, tiny_lm_dir):
     config = write_config(tmp_path, tiny_lm_dir)
     result = torchrun("train.py", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,7 +79,7 @@ def test_train_py_under_torchrun_caches_trains_and_evaluates_once(tmp_path, tiny
     # Each rank cached its own shards; merged, they are the cache one process writes, byte for byte.
     merged = verify_cache(tmp_path / "cache", progress=False)
     assert not list((tmp_path / "cache").glob("manifest.part*"))
-    single = single_process_cache(config, tmp_path, tiny_lm)
+    single = single_process_cache(config, tmp_path)
     assert merged["shards"] == single["shards"] and merged["norm_stats"] == single["norm_stats"]
     # Data parallel from the sharded reader: both ranks' rows count, 2 x 128 per step.
     state = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
@@ -97,7 +100,7 @@ def _parts_listing(cache_dir: Path) -> dict[str, list]:
     return listing
 
 
-def test_distributed_cache_resumes_per_rank_after_a_kill(tmp_path, tiny_lm, tiny_lm_dir):
+def test_distributed_cache_resumes_per_rank_after_a_kill(tmp_path, tiny_lm_dir):
     config = write_config(tmp_path, tiny_lm_dir, tokens=30_000)
     job = torchrun("-m", "cache", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -117,7 +120,7 @@ def test_distributed_cache_resumes_per_rank_after_a_kill(tmp_path, tiny_lm, tiny
     by_file = {s["file"]: s for s in merged["shards"]}
     for shards in before.values():  # each rank kept what it had listed
         assert all(by_file[s["file"]] == s for s in shards)
-    single = single_process_cache(config, tmp_path, tiny_lm)
+    single = single_process_cache(config, tmp_path)
     assert merged["shards"] == single["shards"] and merged["complete"]
     assert not list((tmp_path / "cache").glob(".*.tmp")) and not list((tmp_path / "cache").glob("manifest.part*"))
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,17 @@ class BothRanksRows:
             yield torch.cat(parts)
 
 
-def test_each_sae_equals_training_it_alone_on_the_same_tokens(cache_dir, distributed_run, tmp_path):
+@pytest.fixture
+def one_thread():
+    """The torchrun workers' thread count, so that the in-process reference is bitwise comparable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_each_sae_equals_training_it_alone_on_the_same_tokens(cache_dir, distributed_run, tmp_path, one_thread):
     for hookpoint in HOOKS:
         source = BothRanksRows(cache_dir, hookpoint)
         cfg = sae.SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=hookpoint)
@@ -96,6 +107,7 @@ def test_owners_balance_cost():
     assert assign_owners(["a", "b", "c"], {"a": 1, "b": 1, "c": 1}, 4) == {"a": 0, "b": 1, "c": 2}
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_exact(cache_dir, distributed_run, tmp_path):
     stopped = run_script(cache_dir, tmp_path, "--stop-at", "7")
     assert stopped.returncode != 0 and "checkpoints saved" in stopped.stderr, stopped.stderr[-3000:]
@@ -107,6 +119,7 @@ def test_resume_after_sigterm_is_exact(cache_dir, distributed_run, tmp_path):
         assert all(torch.equal(a[n], b[n]) for n in a), hookpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, message", [
     ((), "rank 1: injected read failure at batch 5"),  # while routing: rank 0 waits in a gather
     (("--fail-at-save",), "rank 1: injected failure while saving"),  # rank 0 waits at the final barrier
@@ -132,3 +145,19 @@ def test_run_config_one_sae_per_hookpoint(tiny_lm_dir, tmp_path):
         tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": "all", "hookpoint": HOOKS[0]})
     with pytest.raises(ConfigError, match="distinct"):
         tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": [HOOKS[0], HOOKS[0]]})
+
+
+def test_module_trainer_in_one_process_is_a_trainer_per_hookpoint(cache_dir, tmp_path, one_thread):
+    from sae.distributed import Distributed
+    from sae.routing import ModuleTrainer
+
+    train_cfg = sae.TrainConfig(batch_size=BATCH, out_dir=str(tmp_path / "modules"), compute_dtype="float32",
+                                log_every=4, dead_after_tokens=2048, lr=2e-3)
+    cfgs = {h: [sae.SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=h)] for h in HOOKS}
+    trained = ModuleTrainer(cfgs, train_cfg, Distributed()).fit(MultiHookpointReader(cache_dir, HOOKS, batch_size=BATCH))
+    assert list(trained) == HOOKS  # one process owns every hookpoint; routing is the identity
+    for h in HOOKS:
+        reference = sae.Trainer(cfgs[h], replace(train_cfg, out_dir=str(tmp_path / "alone" / h)), Distributed())
+        (alone,) = reference.fit(ActivationReader(cache_dir, h, batch_size=BATCH))
+        for (name, a), b in zip(alone.named_parameters(), trained[h][0].parameters()):
+            assert torch.equal(a, b), (h, name)
