@@ -243,3 +243,58 @@ def test_standard_tasks_on_the_gemma_tokenizer(gemma_tokenizer):
     assert signature.split(",")[2] == answer and answer not in tok.decode(doc.corrupted_tokens[0])
     with pytest.raises(ValueError, match="split numbers into digits"):
         tasks.greater_than(tok, 4)
+
+
+def test_greater_than_digits_on_the_gemma_tokenizer(gemma_tokenizer):
+    tok = gemma_tokenizer
+    task = tasks.greater_than_digits(tok, 20, seed=3)
+    assert task.clean_tokens.shape == task.corrupted_tokens.shape
+    assert tok.decode(task.corrupted_tokens[0]).endswith("from the year 1701 to the year 17")
+    for i in range(20):
+        start_year = tok.decode(task.clean_tokens[i]).split("from the year 17")[1][:2]
+        good = {tok.decode([t]) for t in task.good_tokens[i].tolist() if t >= 0}
+        bad = {tok.decode([t]) for t in task.bad_tokens[i].tolist() if t >= 0}
+        tens = int(start_year[0])
+        assert good == {str(d) for d in range(tens + 1, 10)} and bad == {str(d) for d in range(tens)}
+    with pytest.raises(ValueError, match="splits years into digits"):
+        tasks.greater_than_digits(word_tokenizer(["The", "17", "01", *map(str, range(10))]), 2)
+
+
+# --- faithfulness, KL and the re-initialised control ---------------------------------------------------
+
+def _tiny_task(model, n: int = 4) -> tasks.Task:
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randint(3, 300, (n, 6), generator=generator)
+    corrupted = torch.randint(3, 300, (n, 6), generator=generator)
+    good, bad = torch.randint(3, 300, (n, 1), generator=generator), torch.randint(3, 300, (n, 1), generator=generator)
+    return tasks.Task("tiny", clean, corrupted, good, bad, "logit_diff")
+
+
+def test_faithfulness_with_a_shared_reference_and_kl(tiny_lm):
+    from sae.analysis.circuits.patching import ablation_reference, circuit_faithfulness
+
+    task = _tiny_task(tiny_lm)
+    shape = (tiny_lm.cfg.n_layers, tiny_lm.cfg.n_heads)
+    everything, circuit = torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+    circuit[0, 0] = True
+    reference = ablation_reference(tiny_lm, task, "resample")
+    assert circuit_faithfulness(tiny_lm, task, circuit, "resample", reference)["faithfulness"] == pytest.approx(
+        circuit_faithfulness(tiny_lm, task, circuit, "resample")["faithfulness"])
+    full = circuit_faithfulness(tiny_lm, task, everything, "resample", reference)
+    assert full["faithfulness"] == pytest.approx(1.0) and full["kl_circuit"] == pytest.approx(0.0, abs=1e-5)
+    empty = circuit_faithfulness(tiny_lm, task, ~everything, "resample", reference)
+    assert empty["kl_circuit"] == pytest.approx(reference.kl_empty, rel=1e-4) and empty["kl_empty"] > 0
+    with pytest.raises(ValueError, match="zero"):
+        circuit_faithfulness(tiny_lm, task, circuit, "zero", reference)
+
+
+def test_reinitialised_copy_redraws_matrices_only(tiny_lm):
+    from sae.analysis.circuits.controls import reinitialised_copy
+
+    fresh = reinitialised_copy(tiny_lm, seed=0)
+    for (name, old), new in zip(tiny_lm.named_parameters(), fresh.parameters()):
+        if old.ndim >= 2:
+            assert not torch.equal(old, new), name
+            assert float(new.float().std()) == pytest.approx(float(old.float().std()), rel=0.2), name
+        else:
+            assert torch.equal(old, new), name
