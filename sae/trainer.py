@@ -241,7 +241,7 @@ class Trainer:
                 m.window[key] = m.window.get(key, 0.0) + value.detach()
             m.window["loss"] = m.window.get("loss", 0.0) + loss.detach()
             m.window_steps += 1
-            m.window_tokens += len(x)
+            m.window_tokens += len(x) * self.dist.world_size  # fires above are summed over ranks too
 
     def _check_batch(self, batch: Tensor, index: int, tokens_before: int) -> Tensor:
         """The batch as float32 on the device, or an error naming it if its shape or values are bad."""
