@@ -5,9 +5,12 @@
 
 Per seed: train a toy attention-only model (toy_induction.py), take the ground truth from exhaustive
 resample patching (heads whose |effect| >= 10% of the clean-corrupted gap, fixed in advance), run every
-method, and evaluate. The re-initialised control runs the code methods on the untrained model (which
+method, and evaluate. The re-initialised control runs the code methods on an untrained model (which
 solves nothing, so all clean prompts are its positives) and scores them against the trained model's
-ground truth. `patching_resample` defines the ground truth, so its own AUC of 1 is not a result.
+ground truth. Two untrained models: `reinit_control` is an independent initialisation (another seed), the
+control proper, whose heads have nothing to do with the trained model's; `init_control` is the trained
+model's own starting point (same seed), a diagnostic: a head's circuit role can be seeded by its initial
+weights, so AUC away from 0.5 there is not by itself an artefact of the method. `patching_resample` defines the ground truth, so its own AUC of 1 is not a result.
 With `--model NAME --task TASK` the table is made for a real model instead (ground truth from exhaustive
 resample patching on it, once; methods that do not depend on the seed run once).
 """
@@ -32,9 +35,10 @@ from .controls import reinitialised_copy
 from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
                        ground_truth_from_effects)
 from .tasks import task_metric
-from .toy_induction import induction_task, train_induction_model
+from .toy_induction import TOYS, induction_task, train_induction_model
 
 GROUND_TRUTH_FRACTION = 0.1
+REINIT_SEED_OFFSET = 10_000  # the independent re-initialisation of toy seed s uses seed s + this
 
 
 def _load(directory: Path):
@@ -96,32 +100,26 @@ def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference
     return summary | {"faithfulness_at_k": memo[key]}
 
 
-# The toy models: "2l4h" is 2 layers x 4 heads trained on induction only (its circuit is all of layer 1 plus
-# 1-2 heads of layer 0); "2l8h_distractors" has 8 heads per layer and half its training rows follow a
-# second rule (after <ret>, copy the first token), which grows heads that are active on the induction
-# prompts but not needed by them.
-TOYS = {"2l4h": {"n_layers": 2, "n_heads": 4, "retrieval_fraction": 0.0},
-        "2l8h_distractors": {"n_layers": 2, "n_heads": 8, "retrieval_fraction": 0.5}}
-
-
 def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h") -> dict:
     """One toy model per seed: train it, find its ground truth, run and evaluate every method."""
-    trained_dir, reinit_dir = work / f"trained_{seed}", work / f"reinit_{seed}"
+    trained_dir, reinit_dir, init_dir = work / f"trained_{seed}", work / f"reinit_{seed}", work / f"init_{seed}"
     training = train_induction_model(trained_dir, steps=steps, seed=seed, **TOYS[toy])
-    train_induction_model(reinit_dir, seed=seed, trained=False, **TOYS[toy])
+    train_induction_model(reinit_dir, seed=REINIT_SEED_OFFSET + seed, trained=False, **TOYS[toy])
+    train_induction_model(init_dir, seed=seed, trained=False, **TOYS[toy])
     model = _load(trained_dir)
     task = induction_task(n_prompts, seed=1000 + seed)  # prompts never seen in training (fresh seed)
     truth, info = patching_ground_truth(model, task)
-    result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}}
+    result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}, "init_control": {}}
     if "error" in info:
         return result
     reference, memo = ablation_reference(model, task, "resample"), {}
     for name in methods:
         result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
                                                     model, task, truth, reference, memo)
-    reinit = _load(reinit_dir)
-    for name in [m for m in methods if m in CODE_METHODS]:
-        result["reinit_control"][name] = _summary(run_method(name, reinit, task, seed, positives_from="all"), truth)
+    for key, directory in (("reinit_control", reinit_dir), ("init_control", init_dir)):
+        untrained = _load(directory)
+        for name in [m for m in methods if m in CODE_METHODS]:
+            result[key][name] = _summary(run_method(name, untrained, task, seed, positives_from="all"), truth)
     return result
 
 
@@ -146,6 +144,8 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
     if previous and any(r.get("ground_truth") != info["ground_truth"] for r in previous):
         raise ValueError("the run to extend has a different ground truth: not the same model and task")
     reference, memo = ablation_reference(model, task, "resample"), {}
+    # the yardstick for every method's faithfulness: the ground-truth circuit's own
+    info = info | {"ground_truth_faithfulness": circuit_faithfulness(model, task, truth, "resample", reference)}
 
     def summary(name: str, seed: int) -> dict:
         return with_faithfulness(_summary(run_method(name, model, task, seed), truth), model, task, truth,

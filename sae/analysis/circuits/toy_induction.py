@@ -126,3 +126,11 @@ def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2,
 def induction_task(n: int, seed: int = 0, query: int = 6) -> Task:
     """The induction task in this model's vocabulary (token ids 1..N_TOKENS, BOS = 0)."""
     return induction(list(range(1, N_TOKENS + 1)), n, half=HALF, query=query, bos=0, seed=seed)
+
+
+# The toy models: "2l4h" is 2 layers x 4 heads trained on induction only (its circuit is all of layer 1 plus
+# 1-2 heads of layer 0); "2l8h_distractors" has 8 heads per layer and half its training rows follow a
+# second rule (after <ret>, copy the first token), which grows heads that are active on the induction
+# prompts but not needed by them.
+TOYS = {"2l4h": {"n_layers": 2, "n_heads": 4, "retrieval_fraction": 0.0},
+        "2l8h_distractors": {"n_layers": 2, "n_heads": 8, "retrieval_fraction": 0.5}}
