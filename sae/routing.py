@@ -9,12 +9,14 @@ hookpoint per step, (world_size - 1) / world_size of the batch's bytes into each
 
 The model forward is paid once per token at caching time (`cache.distributed`), where each rank caches
 a disjoint slice of the stream. Each hookpoint trains under `out_dir/<hookpoint>/` (its SAEs, its
-checkpoint, its metrics.jsonl), so a resumed job finds every SAE's state whichever rank owns it.
+checkpoint, its metrics.jsonl), so a resumed job finds every SAE's state whichever rank owns it; a job
+killed between two ranks' checkpoints resumes every hookpoint from the last step all of them saved.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -30,7 +32,9 @@ from torch import Tensor
 from .config import SAEConfig, TrainConfig
 from .distributed import Distributed
 from .model import SparseAutoencoder
-from .trainer import Trainer, TrainingError, _stop_requests, resolve_device
+from .trainer import CHECKPOINT_DIR, Trainer, TrainingError, _stop_requests, resolve_device
+
+PREVIOUS_CHECKPOINT = CHECKPOINT_DIR + ".previous"
 
 
 class HookpointBatches(Protocol):
@@ -97,12 +101,14 @@ class ModuleTrainer:
         self.sae_cfgs = dict(sae_cfgs)
         costs = {h: sum(c.d_in * c.d_sae for c in cfgs) for h, cfgs in sae_cfgs.items()}
         self.owners = assign_owners(list(sae_cfgs), costs, self.dist.world_size)
-        self.trainers = {  # this rank's hookpoints; Distributed(): their SAEs are not replicated
-            h: Trainer(cfgs, replace(cfg, out_dir=str(hookpoint_dir(cfg.out_dir, h)), device=str(self.device)), Distributed())
-            for h, cfgs in sae_cfgs.items() if self.owners[h] == self.dist.rank
-        }
+        self.trainers = {h: self._new_trainer(h) for h in sae_cfgs if self.owners[h] == self.dist.rank}
         self.step = 0
         self._stop_signal: int | None = None  # set by _stop_requests on SIGINT/SIGTERM
+
+    def _new_trainer(self, hookpoint: str) -> Trainer:
+        """The trainer of one owned hookpoint; Distributed(): its SAEs are not replicated, so it has no collectives."""
+        cfg = replace(self.cfg, out_dir=str(hookpoint_dir(self.cfg.out_dir, hookpoint)), device=str(self.device))
+        return Trainer(self.sae_cfgs[hookpoint], cfg, Distributed())
 
     def fit(self, reader: HookpointBatches) -> dict[str, list[SparseAutoencoder]]:
         """Train this rank's SAEs on every rank's rows; returns them (raw units, also saved) by hookpoint."""
@@ -111,8 +117,7 @@ class ModuleTrainer:
             raise ValueError(f"the reader has no hookpoint(s) {missing}")
         total = self.cfg.total_tokens or len(reader) * reader.batch_size * self.dist.world_size
         rows_per_step = reader.batch_size * self.dist.world_size
-        resumed = {h: t.load_checkpoint() for h, t in self.trainers.items()}
-        self.step = self._agreed_start_step()
+        resumed = self._load_consistent_checkpoints()
         batches = (route_to_owners(b, self.owners, self.dist, self.device) for b in reader.batches(self.step))
         batches = self._init_unresumed(batches, resumed, rows_per_step)
         logs = {h: t._open_log() for h, t in self.trainers.items()}
@@ -123,8 +128,7 @@ class ModuleTrainer:
                     break
                 checked, error = self._check(batch)
                 if self._ranks_agree_to_stop(error):
-                    for t in self.trainers.values():
-                        t.save_checkpoint()
+                    self._save_checkpoints()
                     raise SystemExit(f"stopped at step {self.step}; checkpoints saved under {self.cfg.out_dir}/<hookpoint>/")
                 for h, t in self.trainers.items():
                     x = checked[h] * t.input_scale
@@ -134,9 +138,9 @@ class ModuleTrainer:
                     t.tokens += len(x)
                     if t.step % self.cfg.log_every == 0:
                         t._log(logs[h], None, None, total)
-                    if t.step % self.cfg.checkpoint_every == 0:
-                        t.save_checkpoint()
                 self.step += 1
+                if self.step % self.cfg.checkpoint_every == 0:
+                    self._save_checkpoints()
         seconds = time.perf_counter() - started
         if self.step * rows_per_step < total:
             print(f"data ran out after {self.step * rows_per_step:,} of {total:,} tokens")
@@ -145,21 +149,56 @@ class ModuleTrainer:
             t._log(logs[h], None, None, total)
             logs[h].close()
             trained[h] = t._save_final(seconds, (self.step - step_at_start) * rows_per_step)
-            t.save_checkpoint()
-        self.dist.barrier()  # every SAE is on disk when fit returns, on every rank
+        self._save_checkpoints()  # its barrier: every SAE is on disk when fit returns, on every rank
         return trained
 
-    def _agreed_start_step(self) -> int:
-        """The step every rank resumes from; hookpoints checkpointed at different steps (a kill during a save)
-        cannot be combined, and say so instead of feeding mismatched batches."""
+    # -- checkpoints: every hookpoint at the same step, whatever moment a kill comes --
+
+    def _save_checkpoints(self) -> None:
+        """Each hookpoint's checkpoint at this step, its last one kept as checkpoint.previous until every
+        rank has saved: a job killed in between resumes all hookpoints from that last common step."""
+        for t in self.trainers.values():
+            current, previous = t.out_dir / CHECKPOINT_DIR, t.out_dir / PREVIOUS_CHECKPOINT
+            if current.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                current.rename(previous)
+            t.save_checkpoint()
+        self.dist.barrier()
+        for t in self.trainers.values():  # every hookpoint is at this step now
+            shutil.rmtree(t.out_dir / PREVIOUS_CHECKPOINT, ignore_errors=True)
+
+    def _load_consistent_checkpoints(self) -> dict[str, bool]:
+        """Load every owned hookpoint's checkpoint and set self.step to the step all ranks resume from.
+        Hookpoints a kill left one save ahead go back to their previous checkpoint (or to a fresh start
+        when that save was their first). Returns which hookpoints resumed."""
+        for t in self.trainers.values():
+            current, previous = t.out_dir / CHECKPOINT_DIR, t.out_dir / PREVIOUS_CHECKPOINT
+            if previous.exists() and not current.exists():  # killed between the rename and the new save
+                previous.rename(current)
+        resumed = {h: t.load_checkpoint() for h, t in self.trainers.items()}
+        highest, lowest = self._step_bounds()
+        if highest != lowest:
+            for h, t in list(self.trainers.items()):
+                if t.step == highest:
+                    shutil.rmtree(t.out_dir / CHECKPOINT_DIR)
+                    if (t.out_dir / PREVIOUS_CHECKPOINT).exists():
+                        (t.out_dir / PREVIOUS_CHECKPOINT).rename(t.out_dir / CHECKPOINT_DIR)
+                    self.trainers[h] = t = self._new_trainer(h)
+                    resumed[h] = t.load_checkpoint()
+                    print(f"{h}: back to the checkpoint of step {t.step}, the last one every hookpoint has")
+            highest, lowest = self._step_bounds()
+            if highest != lowest:
+                raise TrainingError(f"the hookpoints' checkpoints under {self.cfg.out_dir} are at steps {lowest} to "
+                                    f"{highest} and cannot be brought to one step; delete them to start afresh")
+        self.step = highest
+        return resumed
+
+    def _step_bounds(self) -> tuple[int, int]:
+        """Highest and lowest step over every rank's hookpoints (a rank without any counts as neither)."""
         steps = [t.step for t in self.trainers.values()]
         bounds = torch.tensor([max(steps, default=-1), -min(steps, default=2**62)], dtype=torch.int64, device=self.device)
         self.dist.max_(bounds)
-        highest, lowest = int(bounds[0]), -int(bounds[1])
-        if highest != lowest:
-            raise TrainingError(f"the hookpoints' checkpoints under {self.cfg.out_dir} are at different steps "
-                                f"({lowest} to {highest}); delete the newer ones' checkpoint folders to resume from {lowest}")
-        return highest
+        return int(bounds[0]), -int(bounds[1])
 
     def _init_unresumed(self, batches: Iterator[dict[str, Tensor]], resumed: dict[str, bool], rows_per_step: int
                         ) -> Iterator[dict[str, Tensor]]:

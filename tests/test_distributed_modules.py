@@ -1,6 +1,7 @@
 """Module distribution under a real torchrun (gloo, 2 processes): one SAE per hookpoint, each on its own
 rank, activations of every rank's share of the cache routed to the owner."""
 
+import json
 import os
 import subprocess
 import sys
@@ -117,6 +118,22 @@ def test_resume_after_sigterm_is_exact(cache_dir, distributed_run, tmp_path):
     for hookpoint in HOOKS:
         a, b = weights(distributed_run, hookpoint), weights(tmp_path, hookpoint)
         assert all(torch.equal(a[n], b[n]) for n in a), hookpoint
+
+
+@pytest.mark.slow
+def test_a_kill_between_two_ranks_checkpoints_resumes_from_the_last_common_step(cache_dir, distributed_run, tmp_path):
+    failed = run_script(cache_dir, tmp_path, "--fail-on-rank", "1", "--fail-checkpoint-at", "8")
+    assert failed.returncode != 0 and "injected failure writing the checkpoint of step 8" in failed.stderr
+    ahead = tmp_path / HOOKS[0]  # rank 0 saved step 8; rank 1 died with its step-4 checkpoint set aside
+    assert json.loads((ahead / "checkpoint" / "state.json").read_text())["step"] == 8
+    assert not (tmp_path / HOOKS[1] / "checkpoint").exists() and (tmp_path / HOOKS[1] / "checkpoint.previous").exists()
+    resumed = run_script(cache_dir, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{HOOKS[0]}: back to the checkpoint of step 4" in resumed.stdout
+    for hookpoint in HOOKS:
+        a, b = weights(distributed_run, hookpoint), weights(tmp_path, hookpoint)
+        assert all(torch.equal(a[n], b[n]) for n in a), hookpoint
+    assert not list(tmp_path.glob("*/checkpoint.previous"))
 
 
 @pytest.mark.slow

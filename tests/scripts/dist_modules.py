@@ -7,6 +7,7 @@
 import argparse
 import os
 import signal
+import time
 
 import sae
 from cache import MultiHookpointReader
@@ -21,6 +22,8 @@ parser.add_argument("--fail-on-rank", type=int, default=None, help="this rank ra
 parser.add_argument("--fail-at", type=int, default=5)
 parser.add_argument("--fail-at-save", action="store_true", help="the failing rank raises while saving its SAEs instead")
 parser.add_argument("--stop-at", type=int, default=None, help="rank 0 sends itself SIGTERM at this batch")
+parser.add_argument("--fail-checkpoint-at", type=int, default=None,
+                    help="the failing rank dies writing the checkpoint of this step, after the other rank wrote its own")
 args = parser.parse_args()
 rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -28,7 +31,7 @@ rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZ
 class Reader(MultiHookpointReader):
     def batches(self, start=0):
         for i, batch in enumerate(super().batches(start), start):
-            if args.fail_on_rank == rank and i == args.fail_at and not args.fail_at_save:
+            if args.fail_on_rank == rank and i == args.fail_at and not args.fail_at_save and args.fail_checkpoint_at is None:
                 raise OSError(f"rank {rank}: injected read failure at batch {i}")
             if args.stop_at == i and rank == 0:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -45,5 +48,13 @@ if args.fail_at_save and args.fail_on_rank == rank:
         def broken_save(*a, **k):
             raise OSError(f"rank {rank}: injected failure while saving")
         t._save_final = broken_save
+if args.fail_checkpoint_at is not None and args.fail_on_rank == rank:
+    for t in trainer.trainers.values():
+        def write_or_die(final, t=t, write=t._write_checkpoint):
+            if t.step == args.fail_checkpoint_at:
+                time.sleep(2)  # the other rank's checkpoint of this step lands first
+                raise OSError(f"rank {rank}: injected failure writing the checkpoint of step {t.step}")
+            write(final)
+        t._write_checkpoint = write_or_die
 trained = trainer.fit(reader)
 print(f"rank {rank} trained {sorted(trained)}", flush=True)
