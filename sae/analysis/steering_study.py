@@ -127,7 +127,8 @@ class LatentSteeringResult:
     p_top: list[float]
     """Summed probability of the top-10 direct logit tokens, mean over prompt positions, per alpha."""
     p_top_control: list[float]
-    unsteered: CompletionSet
+    unsteered: CompletionSet | None
+    """None when no completions were asked for."""
     completions: list[dict] = field(default_factory=list)
     """Per completion alpha: {"alpha": a, "steered": CompletionSet, "control": CompletionSet}."""
 
@@ -178,7 +179,8 @@ def steer_latent(
         p_top.append(probability(steered, top))
         p_top_control.append(probability(control, top))
 
-    unsteered = unsteered or _completions(model, sae, prompts, None, latent, max_new_tokens)
+    if completion_alphas and unsteered is None:
+        unsteered = _completions(model, sae, prompts, None, latent, max_new_tokens)
     completions = []
     for alpha in completion_alphas:
         strength = strength_in_units(alpha, latent.max_activation)
