@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient, RequestFailed
-from sae.analysis.autointerp.explainer import EXPLANATION_PREFIX, ExplainerConfig, explain, explainer_prompt, parse_explanation
+from sae.analysis.autointerp.explainer import EXPLANATION_PREFIX, ExplainerConfig, explainer_prompt, parse_explanation
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, pair_controls, summary_table
 from sae.analysis.autointerp.prompts import mark_tokens
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records

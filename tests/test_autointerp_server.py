@@ -155,7 +155,7 @@ def test_explain_and_score_concept_latents_end_to_end(server, gemma_token_string
     embedding_summary = summary["scorers"]["embedding"]["auroc"]
     # The bar: with the small local model, real explanations clearly beat the shuffled control.
     assert embedding_summary["real_minus_control"] > 0.1, embedding_summary
-    assert not math.isnan(summary["scorers"]["detection"]["balanced_accuracy"]["real"])
+    assert summary["scorers"]["detection"]["balanced_accuracy"]["real"] is not None  # defined: null would mean undefined
 
 
 @pytest.fixture(scope="module")
