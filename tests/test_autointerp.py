@@ -268,6 +268,7 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
     assert by_latent[0].explanation is None and by_latent[0].explanation_failure == "parse"
     assert by_latent[3].explanation_failure == "too_few_activations" and by_latent[3].fire_count == 1
     assert summary["explanation_failures"] == {"parse": 1, "too_few_activations": 1} and summary["explained"] == 2
+    assert summary["explanations_copying_a_demonstration"] == 0
     for latent in (1, 2):
         for slot in ("scores", "control_scores"):
             score = getattr(by_latent[latent], slot)["detection"]

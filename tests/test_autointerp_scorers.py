@@ -211,7 +211,8 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
 
     def reply(n, path, body):
         if body["prompt"].endswith("Explanation: the feature responds to"):
-            return 200, completion_payload(" cats" if "<<" in body["prompt"][-200:] else " x"), 0
+            # the first explanation repeats a demonstration's (counted, still scored)
+            return 200, completion_payload(" Names of fruits" if n == 0 else " cats"), 0
         return 200, completion_payload(" 0", {" 0": -0.1, " 1": -2.5}), 0
 
     config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=3, n_negative=3))
@@ -228,6 +229,7 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
         r = by_latent[latent]
         assert r.too_few_activations and r.explanation_failure == "too_few_activations" and r.scores == {}
     assert summary["explanation_failures"] == {"too_few_activations": 2}
+    assert summary["explanations_copying_a_demonstration"] == 1 and summary["explained"] == 2
     lines = "\n".join(r.to_json() for r in results)
     assert "NaN" not in lines and "-1" not in re.sub(r"-1\d|-1\.\d", "", lines)
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sae.analysis.autointerp.clients import Client
-from sae.analysis.autointerp.explainer import ExplainerConfig, Explanation, explain
+from sae.analysis.autointerp.explainer import DEMONSTRATIONS, ExplainerConfig, Explanation, explain
 from sae.analysis.autointerp.prompts import TokenStrings
 from sae.analysis.autointerp.records import LatentRecord
 from sae.analysis.autointerp.scorers import (
@@ -243,10 +243,13 @@ def summarize(results: list[LatentResult], seconds: float) -> dict:
                 values["latents_paired"] = len(paired)
             entry[metric] = values
         scorers[name] = entry
+    demonstrated = {explanation.lower() for _, explanation in DEMONSTRATIONS}
     return json_safe({
         "latents": len(results),
         "explained": sum(r.explanation is not None for r in results),
         "explanation_failures": failures,
+        # Kept and scored, but a small model that repeats a demonstration has likely not read the examples.
+        "explanations_copying_a_demonstration": sum((r.explanation or "").lower() in demonstrated for r in results),
         "scorers": scorers,
         "seconds": seconds,
         "latents_per_minute": 60 * len(results) / seconds if seconds > 0 else None,
@@ -262,7 +265,8 @@ def summary_table(summary: dict) -> str:
     """The summary as a Markdown table: one row per scorer and metric, real vs control and the margin."""
     rate = summary["latents_per_minute"]
     lines = [
-        f"latents {summary['latents']}, explained {summary['explained']}, explanation failures "
+        f"latents {summary['latents']}, explained {summary['explained']} "
+        f"({summary['explanations_copying_a_demonstration']} copying a demonstration), explanation failures "
         f"{summary['explanation_failures'] or 'none'}; {_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
