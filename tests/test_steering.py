@@ -203,6 +203,10 @@ def test_kl_grows_with_alpha_and_calibrates_to_a_target(tiny_lm):
                                 max_activation=1.0, iterations=14)
     assert kl == pytest.approx(kls[3], rel=0.02)
     assert alpha == pytest.approx(2.0, rel=0.02)
+    alpha, kl = calibrate_to_kl(tiny_lm, sae, [3, 5], target_kl=kls[3], prompts=("def main():", "class A:\n"),
+                                max_activation=[1.0, 2.0])  # two latents together, each in its own units
+    together = mean_kl(tiny_lm, sae, prompts[:2], [Intervention(3, "add", alpha), Intervention(5, "add", 2 * alpha)])
+    assert kl == pytest.approx(kls[3], rel=0.02) and together == pytest.approx(kl, rel=1e-4)
 
 
 def test_compare_reports_both_completions_and_effects(tiny_lm):
