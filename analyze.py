@@ -370,7 +370,7 @@ def run_autointerp(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS = {
     "eval": (add_eval_arguments, run_eval, "evaluate an SAE with the model in the loop on held-out text"),
-    "steer": (add_steer_arguments, run_steer, "steer the model with one latent and measure the effects"),
+    "steer": (add_steer_arguments, run_steer, "steer the model with one or more latents and measure the effects"),
     "steer-study": (add_steer_study_arguments, run_steer_study,
                     "steer a random sample of token latents (chosen by a fixed rule) and measure the effects"),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
