@@ -187,9 +187,10 @@ def _mean_sd(values: list[float]) -> str:
 def results_table(per_seed: list[dict]) -> str:
     """Markdown: one row per method, mean ± sd over seeds."""
     ok = [r for r in per_seed if "error" not in r]
+    with_init = any(r.get("init_control") for r in ok)  # toys: the trained model's own initialisation too
     lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | faithfulness@k | "
-             "KL(M‖C)@k | shuffled-label AUC | re-init AUC | forward prompts | backward prompts | seconds |",
-             "|" + " --- |" * 14]
+             "KL(M‖C)@k | shuffled-label AUC | re-init AUC | " + ("own-init AUC | " if with_init else "")
+             + "forward prompts | backward prompts | seconds |", "|" + " --- |" * (15 if with_init else 14)]
     for name in ok[0]["methods"] if ok else []:
         rows = [r["methods"][name] for r in ok]
         reinit = [r["reinit_control"][name]["roc_auc"] for r in ok if name in r["reinit_control"]]
@@ -202,10 +203,18 @@ def results_table(per_seed: list[dict]) -> str:
                  _mean_sd([x["faithfulness_at_k"]["kl_circuit"] for x in rows
                            if "kl_circuit" in x.get("faithfulness_at_k", {})]),
                  _mean_sd([x["controls"]["shuffled_labels_auc"] for x in rows]), _mean_sd(reinit),
+                 *([_mean_sd([r["init_control"][name]["roc_auc"] for r in ok if name in r.get("init_control", {})])]
+                   if with_init else []),
                  f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['seconds'] for x in rows):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    truth_faithfulness = [r["ground_truth_faithfulness"] for r in ok if "ground_truth_faithfulness" in r]
+    if truth_faithfulness:
+        lines += ["", "Ground-truth circuit itself: faithfulness "
+                  + _mean_sd([f["faithfulness"] for f in truth_faithfulness]) + ", KL(M‖C) "
+                  + _mean_sd([f["kl_circuit"] for f in truth_faithfulness]) + ", KL(M‖∅) "
+                  + _mean_sd([f["kl_empty"] for f in truth_faithfulness]) + "."]
     failed = [r for r in per_seed if "error" in r]
     if failed:
         lines.append("")
