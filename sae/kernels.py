@@ -37,14 +37,16 @@ class SparseCode(NamedTuple):
 def latent_major(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
     """The code as a CSR matrix [d_sae, tokens] (one row per latent), ready for `csr @ dense`.
 
-    Transposing a token-major code needs one sort of tokens * k indices; a stable sort keeps
-    the result, and so every gradient, deterministic.
+    Transposing a token-major code needs one sort of its tokens * k latent ids; a stable sort keeps
+    the result, and so every gradient, deterministic. Sorting them as int32 is ~3x faster on CPU.
     """
     tokens, k = indices.shape
     flat = indices.flatten()
-    order = flat.argsort(stable=True)
-    token_ids = torch.arange(tokens, device=indices.device).repeat_interleave(k)[order]
-    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=indices.device)
+    narrow = max(d_sae, flat.numel()) < 2**31
+    index_dtype = torch.int32 if narrow else torch.int64
+    order = flat.to(index_dtype).sort(stable=True).indices
+    token_ids = order.div(k, rounding_mode="floor").to(index_dtype)
+    crow = torch.zeros(d_sae + 1, dtype=index_dtype, device=indices.device)
     crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
     return torch.sparse_csr_tensor(crow, token_ids, values.flatten()[order], (d_sae, tokens), check_invariants=False)
 
@@ -85,12 +87,49 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     return SparseDecode.apply(values, indices, W_dec)
 
 
+def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of pre: [rows, d] -> (values, indices): [rows, k], unsorted.
+
+    Exact, and cheaper than `pre.topk` on wide rows: split each row into G = d / S interleaved groups
+    (entry j is in group j mod G), keep the k groups with the largest maxima, and select among their
+    k * S entries. Those k groups hold k entries at least as large as the k-th largest group maximum,
+    so every entry of the row's top k lies in them. The group maxima are one vectorised pass; only
+    k * S of the d entries reach the (scalar) selection. Ties may be broken differently from `topk`.
+    """
+    rows, d = pre.shape
+    S = _GROUP_SIZE
+    if d % S or d // S < max(4 * k, 256):  # measured: on narrower rows plain topk is as fast or faster
+        return pre.topk(k, dim=-1, sorted=False)
+    G = d // S
+    grouped = pre.view(rows, S, G)  # grouped[r, s, g] = pre[r, s * G + g]
+    groups = grouped.amax(dim=1).topk(k, dim=-1, sorted=False).indices  # [rows, k]
+    candidates = grouped.gather(2, groups[:, None, :].expand(rows, S, k))  # [rows, S, k]
+    values, position = candidates.view(rows, S * k).topk(k, dim=-1, sorted=False)
+    slot, group = position.div(k, rounding_mode="floor"), position.remainder(k)
+    return values, slot * G + groups.gather(1, group)
+
+
+_GROUP_SIZE = 16  # measured on CPU, d_sae 8192, k 32: 4 to 16 best, 64 slower than plain topk;
+# the selection takes 0.8x the time of `topk` at d_sae 8192 and 0.5x at d_sae 65536
+
+
+def encoder_rows_per_chunk(d_sae: int, device: torch.device) -> int:
+    """How many tokens' pre-activations to hold at once in the encoder.
+
+    On CPU a ~8 MB chunk stays in cache between the matmul that writes it and the selection that
+    reads it, and one reused buffer avoids faulting in a fresh [tokens, d_sae] block every step;
+    on CUDA one chunk of the whole batch is fastest.
+    """
+    return 1 << 62 if device.type == "cuda" else max(1, (1 << 22) // d_sae)
+
+
 class TopKEncode(torch.autograd.Function):
     """The k largest pre-activations per token, and optionally an auxiliary top-k over a subset.
 
     pre = (x - pre_bias) @ W_enc^T + b_enc runs densely in `compute_dtype` (bf16 is ~4x faster than
-    fp32 on CPU and GPU); selection happens there too; the selected values come back in the dtype of
-    `x`. The auxiliary selection (AuxK's dead latents) reuses the same pre-activations.
+    fp32 on CPU and GPU), a chunk of tokens at a time, and is never stored whole: selection happens
+    on each chunk; the selected values come back in the dtype of `x`. The auxiliary selection
+    (AuxK's dead latents) reuses the same pre-activations.
 
     Backward: dL/dpre is non-zero only at the k (+ k_aux) selected entries per token, so
     dW_enc = S^T @ (x - pre_bias) is a CSR product and db_enc a scatter-add; dpre_bias is then
@@ -111,17 +150,25 @@ class TopKEncode(torch.autograd.Function):
         k_aux: int,
     ):
         x_c = x if pre_bias is None else x - pre_bias
-        pre = F.linear(x_c.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        selected = [(values, indices)]
-        if aux_latents is not None and k_aux > 0:
-            aux_values, aux_pos = pre.index_select(1, aux_latents).topk(k_aux, dim=-1, sorted=False)
-            selected.append((aux_values, aux_latents[aux_pos]))
+        tokens, d_sae = len(x), W_enc.shape[0]
+        x_low, W_low_t, b_low = x_c.to(compute_dtype), W_enc.to(compute_dtype).T, b_enc.to(compute_dtype)
+        widths = [k] + ([k_aux] if aux_latents is not None and k_aux > 0 else [])
+        values = [torch.empty(tokens, w, dtype=compute_dtype, device=x.device) for w in widths]
+        indices = [torch.empty(tokens, w, dtype=torch.int64, device=x.device) for w in widths]
+        step = min(tokens, encoder_rows_per_chunk(d_sae, x.device))
+        pre_chunk = torch.empty(step, d_sae, dtype=compute_dtype, device=x.device)
+        for start in range(0, tokens, step):
+            rows = slice(start, min(start + step, tokens))
+            pre = torch.addmm(b_low, x_low[rows], W_low_t, out=pre_chunk[: rows.stop - start])
+            values[0][rows], indices[0][rows] = top_k(pre, k)
+            if len(widths) > 1:
+                values[1][rows], aux_pos = top_k(pre.index_select(1, aux_latents), k_aux)
+                indices[1][rows] = aux_latents[aux_pos]
         outputs = []
-        for vals, idx in selected:
+        for vals, idx in zip(values, indices):
             vals = vals.to(x.dtype)
             outputs += [vals.relu() if relu else vals, idx]
-        all_indices = torch.cat(outputs[1::2], dim=1)
+        all_indices = torch.cat(indices, dim=1) if len(indices) > 1 else indices[0]
         # Where ReLU clipped a value its gradient is zero; remember which entries pass gradient.
         passes = torch.cat([v > 0 for v in outputs[0::2]], dim=1) if relu else None
         ctx.save_for_backward(x_c, W_enc, all_indices, passes)

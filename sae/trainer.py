@@ -250,6 +250,8 @@ class Trainer:
             shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
             raise TrainingError(f"{where}: expected activations [batch, {self.d_in}], got {shape}")
         x = batch.to(self.device, torch.float32, non_blocking=True)
+        if torch.isfinite(x.sum()):  # one pass; only a batch that fails it gets the full check
+            return x
         bad = ~torch.isfinite(x)
         if bad.any():
             rows = bad.any(dim=1).nonzero().flatten()
@@ -426,7 +428,7 @@ def _project_out_radial_grad(W_dec: torch.nn.Parameter) -> None:
     """Remove the part of each decoder row's gradient along the row: rows stay unit norm to first order."""
     if W_dec.grad is not None:
         with torch.no_grad():
-            W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+            W_dec.grad.addcmul_(torch.linalg.vecdot(W_dec.grad, W_dec)[:, None], W_dec, value=-1)
 
 
 class _stop_requests:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae.kernels import dense_decode, dense_topk_encode, sparse_decode, topk_encode
+from sae.kernels import dense_decode, dense_topk_encode, encoder_rows_per_chunk, sparse_decode, top_k, topk_encode
 
 TOKENS, D_IN, D_SAE, K = 96, 24, 160, 6
 
@@ -69,3 +69,33 @@ def test_fewer_aux_candidates_than_k_aux():
     _, none = topk_encode(x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K,
                           aux_latents=torch.tensor([], dtype=torch.long), k_aux=10)
     assert none is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d, k", [(8192, 32), (4096, 7), (4096, 64), (100, 5)])
+def test_top_k_selects_exactly_the_k_largest(d, k, dtype):
+    g = torch.Generator().manual_seed(d + k)
+    pre = torch.randn(64, d, generator=g).to(dtype)
+    pre[:4] = pre[:4].round()  # rows full of ties
+    pre[4] = -pre[4].abs()  # all negative
+    pre[5, : k + 3] = 50.0  # the largest entries all in few groups
+    values, indices = top_k(pre, k)
+    expected = pre.topk(k, dim=-1).values
+    assert torch.equal(values.sort(-1, descending=True).values, expected)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+def test_encoder_chunks_agree_with_dense_reference():
+    """Wide enough that the batch spans several pre-activation chunks and top_k's grouped path runs."""
+    d_sae, d_in, k = 1 << 16, 8, 4
+    tokens = 2 * encoder_rows_per_chunk(d_sae, torch.device("cpu")) + 5
+    g = torch.Generator().manual_seed(3)
+    x, W, b = torch.randn(tokens, d_in, generator=g), torch.randn(d_sae, d_in, generator=g), torch.randn(d_sae, generator=g)
+    aux = torch.arange(0, d_sae, 3)
+    sparse, sparse_aux = topk_encode(x, W, b, k, aux_latents=aux, k_aux=6)
+    dense, dense_aux = dense_topk_encode(x, W, b, k, aux_latents=aux, k_aux=6)
+    for got, want in [(sparse, dense), (sparse_aux, dense_aux)]:
+        order_got, order_want = got.indices.sort(-1), want.indices.sort(-1)
+        assert torch.equal(order_got.values, order_want.values)
+        assert torch.allclose(got.values.gather(1, order_got.indices), want.values.gather(1, order_want.indices))
