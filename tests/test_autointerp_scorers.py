@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient
+from sae.analysis.autointerp.explainer import (
+    DEMONSTRATIONS, EXPLANATION_PREFIX, ExplainerConfig, copied_demonstration, explainer_prompt, without_demonstration,
+)
 from sae.analysis.autointerp.intervention import JUDGE_SUFFIX, InterventionConfig, InterventionScorer
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, summary_table
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
@@ -211,8 +214,7 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
 
     def reply(n, path, body):
         if body["prompt"].endswith("Explanation: the feature responds to"):
-            # the first explanation repeats a demonstration's (counted, still scored)
-            return 200, completion_payload(" Names of fruits" if n == 0 else " cats"), 0
+            return 200, completion_payload(" cats"), 0
         return 200, completion_payload(" 0", {" 0": -0.1, " 1": -2.5}), 0
 
     config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=3, n_negative=3))
@@ -229,9 +231,55 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
         r = by_latent[latent]
         assert r.too_few_activations and r.explanation_failure == "too_few_activations" and r.scores == {}
     assert summary["explanation_failures"] == {"too_few_activations": 2}
-    assert summary["explanations_copying_a_demonstration"] == 1 and summary["explained"] == 2
+    assert summary["explanations_copying_a_demonstration"] == 0 and summary["explained"] == 2
     lines = "\n".join(r.to_json() for r in results)
     assert "NaN" not in lines and "-1" not in re.sub(r"-1\d|-1\.\d", "", lines)
+
+
+# --- explainer: copied demonstrations -----------------------------------------------------------------------------
+
+
+def test_an_answer_copying_a_demonstration_is_retried_once_then_counted_as_a_failure():
+    """Latent 0 ('cat') first answers with the last demonstration's explanation, then (asked again with other
+    demonstrations) with its own; latent 1 ('dog') repeats a demonstration both times and is a counted failure,
+    never scored. The retry's prompt leaves the copied demonstration out."""
+    dog = cat_record(1)
+    dog.top = [Example([0, 5, 2 + i, 3], [0.0, 1.0 + i, 0.0, 0.0]) for i in range(4)]
+    records = [cat_record(0), dog]
+    last_demonstration = DEMONSTRATIONS[-1][1]
+    explainer_prompts: list[str] = []
+
+    def reply(n, path, body):
+        prompt = body["prompt"]
+        if prompt.endswith(EXPLANATION_PREFIX):
+            explainer_prompts.append(prompt)
+            if "<<dog>>" in prompt.rsplit("\n\n", 1)[1]:
+                return 200, completion_payload(' "LEN" calls in Python code.'), 0  # any case, trailing period
+            copied = last_demonstration in prompt
+            return 200, completion_payload(f" {last_demonstration}" if copied else " cats"), 0
+        return 200, completion_payload(" 1", {" 1": -0.1, " 0": -2.5}), 0
+
+    config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=2, n_negative=2))
+    (results, summary), _ = run_with_server(reply, lambda c: interpret(c, records, token_strings, config))
+    cat, dog_result = results
+    assert cat.explanation == "cats" and cat.explanation_retries == 1 and "detection" in cat.scores
+    assert dog_result.explanation is None and dog_result.explanation_failure == "copied_demonstration"
+    assert dog_result.explanation_retries == 1 and dog_result.scores == {}
+    assert dog_result.explanation_detail == '"LEN" calls in Python code'
+    assert len(explainer_prompts) == 4  # two per latent: the first answer and one retry, no more
+    retry_prompts = [p for p in explainer_prompts if last_demonstration not in p]
+    assert len(retry_prompts) == 1  # the cat retry; the dog's retry left out the "len" demonstration instead
+    assert summary["explanation_failures"] == {"copied_demonstration": 1}
+    assert summary["explanation_retries_after_a_copy"] == 2 and summary["explanations_copying_a_demonstration"] == 0
+    assert copied_demonstration("Names of fruits") is None and copied_demonstration(f"{last_demonstration}.")
+
+
+def test_explainer_prompt_lists_marked_tokens_with_counts():
+    record = cat_record(0)
+    prompt = explainer_prompt(record, token_strings, ExplainerConfig())
+    assert prompt.rsplit("\n", 2)[-2] == 'Marked tokens (count): "cat" (4)'
+    shorter = explainer_prompt(record, token_strings, ExplainerConfig(), without_demonstration(DEMONSTRATIONS[0][1]))
+    assert DEMONSTRATIONS[0][1] not in shorter and shorter.count("Examples:") == len(DEMONSTRATIONS)
 
 
 # --- decoder-neighbour negatives ---------------------------------------------------------------------------------

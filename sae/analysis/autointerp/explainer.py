@@ -22,28 +22,31 @@ INSTRUCTIONS = (
     "active are marked <<like this>>. Explain in a few words what the feature responds to."
 )
 
-# Demonstrations fix the answer format for small base models. A 270M model copies the form of the last
-# demonstration, so they vary in form (a category, a function, a topic, a word) and end with the form that
-# fits most token-level latents. Topics are kept away from the concepts the tests use.
+# Demonstrations fix the answer format for small base models. Gemma 3 270M copied a demonstration's
+# explanation verbatim for 5 of 6 latents of the default SAE when the explanations were abstract ("the built-in
+# function len"); here each explanation starts by quoting its own most frequent marked tokens, so the form a
+# small model copies is "quote the marked tokens of these examples", which grounds it in the latent's own
+# evidence (the LLM still writes the explanation). Topics are kept away from the concepts the tests use.
 DEMONSTRATIONS = (
     (["I bought three <<apples>> and two <<pears>> at the market",
       "She put a <<banana>> in her lunch box",
       "The <<orange>> tree in the garden grew tall",
       "a bowl of <<cherries>> and <<grapes>>"],
-     "names of fruits"),
+     '"apples", "pears" and other fruit names'),
     (["    n = <<len>>(self.items)",
       "if <<len>>(args) > 2:\\n",
       "    total += <<len>>(line)"],
-     "the built-in function len"),
+     '"len" calls in Python code'),
     (["It will <<rain>> tomorrow",
       "a <<sunny>> and <<windy>> afternoon",
       "the <<snow>> kept falling"],
-     "weather words"),
+     '"rain", "snow" and other weather words'),
     (["He said <<that>> he would come",
       "It is clear <<that>> the plan failed",
       "They hoped <<that>> it would rain"],
-     'the word "that"'),
+     '"that" in English sentences'),
 )
+Demonstration = tuple[list[str], str]
 
 # The prompt ends mid-sentence, so a base model continues on the same line instead of starting another
 # list of examples (Gemma 3 270M did that for 6 of 8 latents when the prompt ended at "Explanation:").
@@ -56,10 +59,11 @@ _ECHO = re.compile(r"^(examples?|features?|explanations?|text|answer)\b|^\d+\.",
 class Explanation:
     latent: int
     text: str | None
-    failure: str | None = None  # None | "parse" | "error" | "too_few_activations"
-    detail: str = ""  # the raw answer (parse failure) or the error message
+    failure: str | None = None  # None | "parse" | "error" | "too_few_activations" | "copied_demonstration"
+    detail: str = ""  # the raw answer (parse failure, copy) or the error message
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retries: int = 0  # requests made again because the answer repeated a demonstration's explanation
 
 
 @dataclass
@@ -89,22 +93,26 @@ def choose_examples(record: LatentRecord, n: int, rng: random.Random) -> list:
     return unique
 
 
-def marked_summary(texts: list[str], limit: int = 10) -> str:
-    """'Marked tokens: a, b, ...': the distinct <<marked>> spans of the examples, most frequent first.
+def marked_summary(texts: list[str], limit: int = 8) -> str:
+    """'Marked tokens (count): "a" (5), "b" (2), ...': the distinct <<marked>> spans, most frequent first.
 
     Why: a small model (Gemma 3 270M) mostly copies the demonstrations' explanations when it has to find the
-    common thread across 20 windows itself; a line naming the marked spans gives it something to generalise.
+    common thread across 20 windows itself; a line naming the marked spans and how often each is marked gives it
+    this latent's own evidence right before the answer.
     """
     counts = Counter(span.strip() for text in texts for span in _MARKED.findall(text))
-    return "Marked tokens: " + ", ".join(span for span, _ in counts.most_common(limit))
+    return "Marked tokens (count): " + ", ".join(f'"{span}" ({n})' for span, n in counts.most_common(limit))
 
 
-def explainer_prompt(record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> str:
+def explainer_prompt(
+    record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig,
+    demonstrations: tuple[Demonstration, ...] = DEMONSTRATIONS,
+) -> str:
     rng = random.Random(config.seed * 1_000_003 + record.latent)
     blocks = [INSTRUCTIONS]
     examples = choose_examples(record, config.n_examples, rng)
     rendered = [render_example(e, token_strings, record.max_activation, config.show_values) for e in examples]
-    for texts, explanation in [*DEMONSTRATIONS, (rendered, None)]:
+    for texts, explanation in [*demonstrations, (rendered, None)]:
         lines = [f"{i + 1}. {text}" for i, text in enumerate(texts)]
         if config.list_marked:
             lines.append(marked_summary(texts))
@@ -130,19 +138,43 @@ def parse_explanation(answer: str) -> str | None:
     return text
 
 
+def copied_demonstration(text: str) -> str | None:
+    """The demonstration explanation that `text` repeats (case and a trailing period ignored), or None.
+    Checked against every demonstration, also those a retry's prompt leaves out."""
+    key = text.strip().rstrip(".").strip().lower()
+    return next((explanation for _, explanation in DEMONSTRATIONS if explanation.lower() == key), None)
+
+
+def without_demonstration(copied: str) -> tuple[Demonstration, ...]:
+    """The demonstrations without the copied one, the rest in reverse order: a different last demonstration,
+    whose form a small base model follows most."""
+    return tuple(d for d in reversed(DEMONSTRATIONS) if d[1] != copied)
+
+
 async def explain(client: Client, record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> Explanation:
+    """One explanation; an answer that repeats a demonstration is asked again once with another demonstration
+    set (counted in `retries`), and if that repeats one too it is a "copied_demonstration" failure, never kept."""
     if record.too_few_activations:
         return Explanation(record.latent, None, "too_few_activations", f"{record.fire_count} firings")
-    prompt = explainer_prompt(record, token_strings, config)
-    try:
-        if config.use_chat:
-            completion = await client.chat(split_few_shot(prompt), config.max_tokens)
-        else:
-            completion = await client.complete(prompt, config.max_tokens, stop=["\n"])
-    except RequestFailed as e:
-        return Explanation(record.latent, None, "error", str(e))
-    text = parse_explanation(completion.text)
-    return Explanation(
-        record.latent, text, None if text else "parse", "" if text else completion.text,
-        completion.prompt_tokens, completion.completion_tokens,
-    )
+    demonstrations, retries, prompt_tokens, completion_tokens = DEMONSTRATIONS, 0, 0, 0
+    while True:
+        prompt = explainer_prompt(record, token_strings, config, demonstrations)
+        try:
+            if config.use_chat:
+                completion = await client.chat(split_few_shot(prompt), config.max_tokens)
+            else:
+                completion = await client.complete(prompt, config.max_tokens, stop=["\n"])
+        except RequestFailed as e:
+            return Explanation(record.latent, None, "error", str(e), prompt_tokens, completion_tokens, retries)
+        prompt_tokens += completion.prompt_tokens
+        completion_tokens += completion.completion_tokens
+        text = parse_explanation(completion.text)
+        if text is None:
+            return Explanation(record.latent, None, "parse", completion.text, prompt_tokens, completion_tokens, retries)
+        copied = copied_demonstration(text)
+        if copied is None:
+            return Explanation(record.latent, text, None, "", prompt_tokens, completion_tokens, retries)
+        if retries == 1:
+            return Explanation(record.latent, None, "copied_demonstration", text, prompt_tokens, completion_tokens,
+                               retries)
+        demonstrations, retries = without_demonstration(copied), retries + 1

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sae.analysis.autointerp.clients import Client
-from sae.analysis.autointerp.explainer import DEMONSTRATIONS, ExplainerConfig, Explanation, explain
+from sae.analysis.autointerp.explainer import ExplainerConfig, Explanation, copied_demonstration, explain
 from sae.analysis.autointerp.prompts import TokenStrings
 from sae.analysis.autointerp.records import LatentRecord
 from sae.analysis.autointerp.scorers import (
@@ -57,6 +57,7 @@ class LatentResult:
     explanation: str | None
     explanation_failure: str | None
     explanation_detail: str
+    explanation_retries: int = 0  # explainer requests repeated because the answer copied a demonstration
     control_explanation: str | None = None
     control_from_latent: int | None = None
     scores: dict[str, dict] = field(default_factory=dict)
@@ -121,6 +122,7 @@ async def score_latent(
         latent=record.latent, fire_count=record.fire_count, max_activation=record.max_activation,
         n_activating_examples=len(record.activating), n_negative_examples=len(record.negatives),
         explanation=explanation.text, explanation_failure=explanation.failure, explanation_detail=explanation.detail,
+        explanation_retries=explanation.retries,
         control_explanation=control.text if control else None, control_from_latent=control.latent if control else None,
         prompt_tokens=explanation.prompt_tokens, completion_tokens=explanation.completion_tokens,
         n_neighbour_negatives=record.n_neighbour_negatives, too_few_activations=record.too_few_activations,
@@ -243,13 +245,15 @@ def summarize(results: list[LatentResult], seconds: float) -> dict:
                 values["latents_paired"] = len(paired)
             entry[metric] = values
         scorers[name] = entry
-    demonstrated = {explanation.lower() for _, explanation in DEMONSTRATIONS}
     return json_safe({
         "latents": len(results),
         "explained": sum(r.explanation is not None for r in results),
         "explanation_failures": failures,
-        # Kept and scored, but a small model that repeats a demonstration has likely not read the examples.
-        "explanations_copying_a_demonstration": sum((r.explanation or "").lower() in demonstrated for r in results),
+        # The explainer asks again once when an answer repeats a demonstration and fails the latent if the
+        # retry repeats one too ("copied_demonstration" above), so kept explanations should never copy one.
+        "explanation_retries_after_a_copy": sum(r.explanation_retries for r in results),
+        "explanations_copying_a_demonstration": sum(copied_demonstration(r.explanation or "") is not None
+                                                    for r in results),
         "scorers": scorers,
         "seconds": seconds,
         "latents_per_minute": 60 * len(results) / seconds if seconds > 0 else None,
@@ -266,7 +270,8 @@ def summary_table(summary: dict) -> str:
     rate = summary["latents_per_minute"]
     lines = [
         f"latents {summary['latents']}, explained {summary['explained']} "
-        f"({summary['explanations_copying_a_demonstration']} copying a demonstration), explanation failures "
+        f"({summary['explanations_copying_a_demonstration']} copying a demonstration, "
+        f"{summary['explanation_retries_after_a_copy']} retries after a copy), explanation failures "
         f"{summary['explanation_failures'] or 'none'}; {_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
