@@ -147,7 +147,7 @@ def test_explain_and_score_concept_latents_end_to_end(server, gemma_token_string
     for r in results:
         assert r.fire_count > 0 and r.n_negative_examples > 0
         if r.explanation is None:
-            assert r.explanation_failure in ("parse", "error") and r.scores == {}
+            assert r.explanation_failure in ("parse", "error", "copied_demonstration") and r.scores == {}
             continue
         detection = r.scores["detection"]
         assert detection["n_scored"] + detection["parse_failures"] + detection["errors"] == detection["n_examples"] == 8
