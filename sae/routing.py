@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -32,7 +31,7 @@ from torch import Tensor
 from .config import SAEConfig, TrainConfig
 from .distributed import Distributed
 from .model import SparseAutoencoder
-from .trainer import CHECKPOINT_DIR, Trainer, TrainingError, _stop_requests, resolve_device
+from .trainer import CHECKPOINT_DIR, Trainer, TrainingError, _stop_requests, agree_on_stop, resolve_device
 
 PREVIOUS_CHECKPOINT = CHECKPOINT_DIR + ".previous"
 
@@ -224,16 +223,5 @@ class ModuleTrainer:
         return checked, None
 
     def _ranks_agree_to_stop(self, error: TrainingError | None) -> bool:
-        """As in `Trainer`: before a step, every rank learns if any met bad data or was asked to stop."""
-        flags = torch.zeros(2, self.dist.world_size, device=self.device)  # on the GPU for NCCL
-        flags[0, self.dist.rank] = error is not None
-        flags[1, self.dist.rank] = self._stop_signal is not None
-        self.dist.sum_(flags)
-        if error is not None:
-            raise error
-        failed = flags[0].nonzero().flatten().tolist()
-        if failed:
-            raise TrainingError(f"step {self.step}: rank {failed} met bad data (see its error); all ranks stop")
-        if flags[1].any() and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM
+        self._stop_signal = agree_on_stop(self.dist, self.device, self.step, error, self._stop_signal)
         return self._stop_signal is not None

@@ -198,20 +198,8 @@ class Trainer:
         return models
 
     def _ranks_agree_to_stop(self, error: TrainingError | None) -> bool:
-        """Before a step's collectives, every rank learns whether any rank met bad data or was asked
-        to stop, so all ranks stop together instead of waiting forever on a missing peer (dist)."""
-        flags = torch.zeros(2, self.dist.world_size, device=self.device)
-        flags[0, self.dist.rank] = error is not None
-        flags[1, self.dist.rank] = self._stop_signal is not None
-        self.dist.sum_(flags)
-        if error is not None:
-            raise error
-        failed = flags[0].nonzero().flatten().tolist()
-        if failed:
-            raise TrainingError(f"step {self.step}: rank {failed} met bad data (see its error); all ranks stop; "
-                                f"the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
-        if flags[1].any() and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # a peer was asked to stop: stop with it
+        self._stop_signal = agree_on_stop(self.dist, self.device, self.step, error, self._stop_signal,
+                                          f"; the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
         return self._stop_signal is not None
 
     def _train_step(self, m: Member, x: Tensor, total: int) -> None:
@@ -422,6 +410,27 @@ class Trainer:
         if self._stop_signal == signal.SIGINT:
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to {where}")
         raise SystemExit(f"terminated at step {self.step}; checkpoint saved to {where}")
+
+
+def agree_on_stop(dist: Distributed, device: torch.device, step: int, error: TrainingError | None,
+                  stop_signal: int | None, failure_note: str = "") -> int | None:
+    """Before a step's collectives, every rank learns whether any rank met bad data or was asked to
+    stop, so all ranks stop together instead of waiting forever on a missing peer (dist).
+
+    Raises this rank's error, or a TrainingError naming the ranks that failed; -> the signal to stop
+    on (a peer's request becomes SIGTERM here), or None to go on."""
+    flags = torch.zeros(2, dist.world_size, device=device)  # on the GPU for NCCL
+    flags[0, dist.rank] = error is not None
+    flags[1, dist.rank] = stop_signal is not None
+    dist.sum_(flags)
+    if error is not None:
+        raise error
+    failed = flags[0].nonzero().flatten().tolist()
+    if failed:
+        raise TrainingError(f"step {step}: rank {failed} met bad data (see its error); all ranks stop{failure_note}")
+    if flags[1].any() and stop_signal is None:
+        return signal.SIGTERM
+    return stop_signal
 
 
 def _project_out_radial_grad(W_dec: torch.nn.Parameter) -> None:
