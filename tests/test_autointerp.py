@@ -56,6 +56,8 @@ def test_mark_tokens_merges_runs_and_keeps_spaces_outside():
     ("1. the <<cat>> sat", None),  # echoes an example instead of explaining
     ("Examples:", None),
     (' the word "2006"', 'the word "2006"'),  # quotes inside the answer stay balanced
+    (' "system" in code\\n    if (all is', '"system" in code'),  # ran on past a written newline into code
+    (' "\\n" at the ends of lines', '"\\n" at the ends of lines'),  # a quoted newline is part of the answer
 ])
 def test_parse_explanation(answer, expected):
     assert parse_explanation(answer) == expected
@@ -98,6 +100,24 @@ def test_collect_records_top_quantiles_negatives_and_rare_latents():
     assert cat.quantiles[0][0].max_act >= cat.quantiles[-1][-1].max_act  # highest interval first
     assert cat.negatives and all(1 not in e.tokens and max(e.acts) == 0 for e in cat.negatives)
     assert rare.fire_count == 1 and rare.too_few_activations and rare.top[0].max_act == 5.0
+
+
+def test_each_latent_draws_its_own_random_negatives():
+    """Eight latents that never fire share one pool of 64 windows; each draws 4 negatives of its own (taking the
+    pool's first silent windows gave every latent the same ones), and the same seed draws the same again."""
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(2, len(WORDS), (4, 40), generator=generator), torch.zeros(4, 40, 8),
+                torch.ones(4, 40, dtype=torch.bool)) for _ in range(4)]
+    config = RecordConfig(n_negatives=4, window_before=3, window_after=1, negative_pool=64)
+
+    def negative_sets() -> list[set[tuple[int, ...]]]:
+        records = collect_records(lambda x: x, 8, iter(batches), torch.arange(8), config)
+        return [{tuple(e.tokens) for e in r.negatives} for r in records]
+
+    sets = negative_sets()
+    assert all(len(s) == 4 for s in sets)
+    assert len({frozenset(s) for s in sets}) == 8  # no two latents got the same windows
+    assert sets == negative_sets()
 
 
 # --- the HTTP client against a scripted loopback server ---------------------------------------------------
@@ -345,7 +365,8 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
 
 def test_embedding_scorer_ranks_examples_by_the_explanation():
     """all-MiniLM-L6-v2 (real weights): a latent on animal sentences, negatives about money. The right
-    explanation ranks every activating example above the negatives; the wrong one does not."""
+    explanation ranks every activating example above the negatives; the wrong one does not. Whole sentences are
+    embedded (a cut at a random position could leave a negative with only 'the')."""
     from sae.analysis.autointerp.scorers import EmbeddingScorer, minilm_embedder
 
     words = ["the", "dog", "barked", "at", "cat", "horse", "ran", "across", "field", "bird", "sang", "in", "tree",
@@ -361,10 +382,33 @@ def test_embedding_scorer_ranks_examples_by_the_explanation():
     money = ["the bank raised interest rates", "stock prices fell", "the loan was repaid", "taxes raised the rates"]
     record = LatentRecord(0, 50, 1000, 1.0, top=[example(s, s.split()[1]) for s in animals],
                           negatives=[example(s, None) for s in money])
-    scorer = EmbeddingScorer(minilm_embedder(), lambda ids: [" " + words[i] for i in ids], ScorerConfig(n_positive=4, n_negative=4))
+    scorer = EmbeddingScorer(minilm_embedder(), lambda ids: [" " + words[i] for i in ids], ScorerConfig(embedding_window=None))
     right, wrong = scorer.score("animals", record), scorer.score("finance and money", record)
     assert right.n_examples == 8 and right.metrics["auroc"] == 1.0
     assert wrong.metrics["auroc"] == 0.0
+
+
+def test_embedding_scorer_embeds_the_text_around_each_peak():
+    """With a window of 1 token before and 0 after, an activating example is embedded as the two tokens ending at
+    its peak, a negative as at most two tokens ending at some position; `None` embeds whole windows."""
+    from sae.analysis.autointerp.scorers import EmbeddingScorer, crop_example
+
+    assert crop_example(Example([1, 2, 3, 4, 5], [0, 0, 0, 0, 0]), 0, 2, 1).tokens == [1, 2]
+    embedded: list[str] = []
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        embedded.extend(texts)
+        return torch.ones(len(texts), 2)
+
+    record = LatentRecord(0, 50, 1000, 1.0, top=[Example([2, 3, 1, 4, 5], [0.0, 0.0, 2.0, 0.5, 0.0])],
+                          negatives=[Example([6, 7, 8, 9], [0.0] * 4)])
+    EmbeddingScorer(embed, token_strings, ScorerConfig(embedding_window=(1, 0))).score("cats", record)
+    positive, negative = embedded[0], embedded[1]
+    assert positive == "".join(token_strings([3, 1]))
+    assert 1 <= len(negative.split()) <= 2 and negative in "".join(token_strings([6, 7, 8, 9]))
+    embedded.clear()
+    EmbeddingScorer(embed, token_strings, ScorerConfig(embedding_window=None)).score("cats", record)
+    assert embedded[:2] == ["".join(token_strings([2, 3, 1, 4, 5])), "".join(token_strings([6, 7, 8, 9]))]
 
 
 def test_answer_is_read_after_a_separate_space_token():

@@ -311,3 +311,14 @@ def test_neighbour_negatives_are_windows_where_a_similar_latent_fires_and_the_la
         collect_records(lambda x: x, 3, iter(batches), torch.tensor([0]), config)
     with pytest.raises(ValueError, match="neighbour_negatives"):
         RecordConfig(n_negatives=2, neighbour_negatives=3)
+
+
+def test_paired_interval_brackets_the_mean_difference():
+    from sae.analysis.autointerp.pipeline import paired_interval
+
+    assert paired_interval([0.2]) is None
+    assert paired_interval([0.1] * 10) == pytest.approx([0.1, 0.1])
+    low, high = paired_interval([0.3, -0.3] * 10)
+    assert low < 0 < high
+    low, high = paired_interval([0.5, 0.1, 0.3, 0.2, 0.4] * 4)
+    assert 0.1 < low < 0.3 < high < 0.5

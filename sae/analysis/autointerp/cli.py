@@ -55,6 +55,8 @@ class AutointerpOptions:
     n_examples: int = 20
     n_score: int = 10  # activating and as many non-activating examples per scorer
     n_simulation: int = 4  # activating and as many non-activating examples simulated (one request each)
+    n_embedding: int = 20  # activating and as many non-activating examples for the embedding scorer (no LLM)
+    embedding_window: str = "6,1"  # tokens before,after each example's peak that the embedding scorer embeds; "full"
     neighbour_negatives: int = 0  # of the 2 * n_score negatives kept per latent, how many from decoder neighbours
     target_kl: float = 0.5  # intervention scorer: steering strength calibrated to this next-token KL
     min_examples: int = 10
@@ -85,6 +87,19 @@ def parse_latent_spec(spec: str) -> list[int]:
     return list(dict.fromkeys(latents))
 
 
+def parse_window(spec: str) -> tuple[int, int] | None:
+    """'6,1' -> (6, 1); 'full' -> None."""
+    if spec == "full":
+        return None
+    try:
+        before, after = (int(part) for part in spec.split(","))
+    except ValueError:
+        raise ValueError(f'--embedding-window {spec!r}: expected "BEFORE,AFTER" (e.g. "6,1") or "full"') from None
+    if before < 0 or after < 0:
+        raise ValueError(f"--embedding-window {spec!r}: token counts must be >= 0")
+    return before, after
+
+
 def add_autointerp_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = AutointerpOptions("", "", "")
     parser.add_argument("sae", help="SAE directory (ours or a supported foreign format)")
@@ -106,6 +121,10 @@ def add_autointerp_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-score", type=int, default=defaults.n_score, help="activating (and non-activating) examples per scorer")
     parser.add_argument("--n-simulation", type=int, default=defaults.n_simulation,
                         help="activating (and non-activating) examples per latent for the simulation scorer")
+    parser.add_argument("--n-embedding", type=int, default=defaults.n_embedding,
+                        help="activating (and non-activating) examples for the embedding scorer")
+    parser.add_argument("--embedding-window", default=defaults.embedding_window,
+                        help='tokens "BEFORE,AFTER" the peak embedded by the embedding scorer, or "full" (default %(default)s)')
     parser.add_argument("--neighbour-negatives", type=int, default=defaults.neighbour_negatives,
                         help="hard negatives per latent from its nearest latents by decoder cosine (default none)")
     parser.add_argument("--target-kl", type=float, default=defaults.target_kl,
@@ -140,7 +159,8 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     scorers = tuple(s.strip() for s in opts.scorers.split(",") if s.strip())
     config = AutointerpConfig(
         explainer=ExplainerConfig(n_examples=opts.n_examples, show_values=opts.show_values, use_chat=opts.use_chat, seed=opts.seed),
-        scorer=ScorerConfig(n_positive=opts.n_score, n_negative=opts.n_score, use_chat=opts.use_chat, seed=opts.seed),
+        scorer=ScorerConfig(n_positive=opts.n_score, n_negative=opts.n_score, use_chat=opts.use_chat, seed=opts.seed,
+                            n_embedding=opts.n_embedding, embedding_window=parse_window(opts.embedding_window)),
         simulation=SimulationConfig(n_positive=opts.n_simulation, n_negative=opts.n_simulation, seed=opts.seed),
         scorers=scorers, control=not opts.no_control, seed=opts.seed,
     )
@@ -152,7 +172,7 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     latents = torch.tensor(parse_latent_spec(opts.latents))
     if latents.max() >= model.cfg.d_sae:
         raise ValueError(f"--latents {opts.latents}: latent {int(latents.max())} >= d_sae {model.cfg.d_sae}")
-    n_negatives = max(2 * opts.n_score, 2 * opts.n_simulation)
+    n_negatives = max(2 * opts.n_score, 2 * opts.n_simulation, opts.n_embedding)
     records = collect_records(
         model.encode, model.cfg.d_sae, cache_batches(opts.cache, model, max_tokens=opts.tokens), latents,
         RecordConfig(n_negatives=n_negatives, neighbour_negatives=opts.neighbour_negatives,

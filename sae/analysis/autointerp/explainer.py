@@ -52,6 +52,7 @@ Demonstration = tuple[list[str], str]
 # list of examples (Gemma 3 270M did that for 6 of 8 latents when the prompt ended at "Explanation:").
 EXPLANATION_PREFIX = "Explanation: the feature responds to"
 _MARKED = re.compile(r"<<(.+?)>>")
+_RUN_ON = re.compile(r"\\n(?=\s|$)")
 _ECHO = re.compile(r"^(examples?|features?|explanations?|text|answer)\b|^\d+\.", re.IGNORECASE)
 
 
@@ -122,11 +123,15 @@ def explainer_prompt(
 
 
 def parse_explanation(answer: str) -> str | None:
-    """The first line of the answer, without quotes or a repeated 'Explanation:'; None if nothing usable."""
+    """The first line of the answer (up to a written "\\n" before whitespace), without quotes or a repeated 'Explanation:';
+    None if nothing usable."""
     lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
     if not lines:
         return None
-    text = lines[0]
+    # Examples show newlines as a visible "\\n" (prompts.one_line); an answer that writes one followed by
+    # indentation has run on into code (seen: '"system" in the language model\\n    if (all is'), so it ends
+    # there. A quoted "\\n" (an explanation of a newline latent) is kept.
+    text = _RUN_ON.split(lines[0], maxsplit=1)[0]
     for prefix in (EXPLANATION_PREFIX, "Explanation:"):  # a model may repeat the prompt's prefix
         if text.lower().startswith(prefix.lower()):
             text = text[len(prefix):].strip()

@@ -202,6 +202,19 @@ def _mean(values: list[float]) -> float | None:
     return sum(defined) / len(defined) if defined else None
 
 
+def paired_interval(differences: list[float], seed: int = 0, resamples: int = 10_000) -> list[float] | None:
+    """95 % bootstrap interval (percentiles) of the mean of per-latent real - control differences: with a few
+    dozen latents the mean alone does not say whether a margin is more than the draw of latents."""
+    if len(differences) < 2:
+        return None
+    import torch
+
+    values = torch.tensor(differences, dtype=torch.float64)
+    rows = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values[rows].mean(1)
+    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+
+
 def _score_counts(results: list[LatentResult], name: str) -> dict[str, int]:
     """Failure counts of one scorer over real and control explanations."""
     counts = {"latents_scored": 0, "examples_asked": 0, "parse_failures": 0, "errors": 0, "missing_predictions": 0}
@@ -242,7 +255,10 @@ def summarize(results: list[LatentResult], seconds: float) -> dict:
                 values["control"] = _mean(control)
                 values["control_undefined"] = len(control) - len(_defined(control))
                 values["real_minus_control"] = _mean([a - b for a, b in paired])
+                values["real_minus_control_ci95"] = paired_interval([a - b for a, b in paired])
                 values["latents_paired"] = len(paired)
+                values["real_higher"] = sum(a > b for a, b in paired)  # latents where the real explanation wins
+                values["control_higher"] = sum(a < b for a, b in paired)
             entry[metric] = values
         scorers[name] = entry
     return json_safe({
@@ -265,6 +281,11 @@ def _number(value: float | None, sign: bool = False) -> str:
     return "n/a" if value is None else (f"{value:+.3f}" if sign else f"{value:.3f}")
 
 
+def _interval(values: dict) -> str:
+    interval = values.get("real_minus_control_ci95")
+    return "" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
 def summary_table(summary: dict) -> str:
     """The summary as a Markdown table: one row per scorer and metric, real vs control and the margin."""
     rate = summary["latents_per_minute"]
@@ -275,16 +296,19 @@ def summary_table(summary: dict) -> str:
         f"{summary['explanation_failures'] or 'none'}; {_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
-        "| scorer | metric | real | control | real − control (paired latents) | undefined real/control "
+        "| scorer | metric | real | control | real − control [95 % bootstrap] | latents real / control higher "
+        "| undefined real/control "
         "| asked | parse failures | errors | missing predictions |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, entry in summary["scorers"].items():
         for metric, values in entry.items():
             if isinstance(values, dict):
                 lines.append(
                     f"| {name} | {metric} | {_number(values['real'])} | {_number(values.get('control'))} | "
-                    f"{_number(values.get('real_minus_control'), sign=True)} ({values.get('latents_paired', 0)}) | "
+                    f"{_number(values.get('real_minus_control'), sign=True)} {_interval(values)} | "
+                    f"{values.get('real_higher', 'n/a')} / {values.get('control_higher', 'n/a')} "
+                    f"of {values.get('latents_paired', 0)} | "
                     f"{values['undefined']}/{values.get('control_undefined', 'n/a')} | {entry['examples_asked']} | "
                     f"{entry['parse_failures']} | {entry['errors']} | {entry['missing_predictions']} |"
                 )

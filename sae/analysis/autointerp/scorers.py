@@ -78,6 +78,13 @@ class ScorerConfig:
     n_positive: int = 10
     n_negative: int = 10
     logprobs: int = 10  # top alternatives asked for the answer token (0: no AUROC)
+    # The embedding scorer asks no LLM, so it can afford more examples (its AUROC over 10 + 10 moved by
+    # 0.1-0.3 between random draws). It embeds only the text around each example's peak (6 tokens before,
+    # 1 after; a random position in a negative): in a 32-token window of code the tokens a latent responds to
+    # are lost among the others (on latents 0:16 of the default SAE, explanations' mean AUROC 0.50 on full
+    # windows, 0.57 on 8 tokens). None: the whole window.
+    n_embedding: int = 20
+    embedding_window: tuple[int, int] | None = (6, 1)
     use_chat: bool = False
     seed: int = 0
 
@@ -211,6 +218,16 @@ def minilm_embedder() -> Embedder:
     return lambda texts: torch.nn.functional.normalize(embed(texts).float(), dim=-1)
 
 
+def crop_example(example: Example, centre: int, before: int, after: int) -> Example:
+    """The tokens from `centre - before` to `centre + after` (clipped to the example)."""
+    start, end = max(0, centre - before), min(len(example.tokens), centre + after + 1)
+    return Example(example.tokens[start:end], example.acts[start:end])
+
+
+def _peak(example: Example) -> int:
+    return max(range(len(example.acts)), key=example.acts.__getitem__)
+
+
 class EmbeddingScorer:
     """AUROC of activating vs non-activating examples by cosine similarity to the explanation.
 
@@ -224,7 +241,14 @@ class EmbeddingScorer:
 
     def _examples(self, record: LatentRecord) -> tuple[Tensor, list[int]]:
         if record.latent not in self.example_cache:
-            positives, negatives = scoring_examples(record, self.config)
+            config = self.config
+            rng = random.Random(config.seed * 1_000_003 + record.latent)
+            positives = rng.sample(record.activating, min(config.n_embedding, len(record.activating)))
+            negatives = rng.sample(record.negatives, min(config.n_embedding, len(record.negatives)))
+            if config.embedding_window is not None:
+                before, after = config.embedding_window
+                positives = [crop_example(e, _peak(e), before, after) for e in positives]
+                negatives = [crop_example(e, rng.randrange(len(e.tokens)), before, after) for e in negatives]
             texts = [render_plain(e, self.token_strings) for e in positives + negatives]
             embeddings = self.embed(texts) if texts else torch.zeros(0, 1)
             self.example_cache[record.latent] = (embeddings, [1] * len(positives) + [0] * len(negatives))
