@@ -58,6 +58,8 @@ def test_mark_tokens_merges_runs_and_keeps_spaces_outside():
     (' the word "2006"', 'the word "2006"'),  # quotes inside the answer stay balanced
     (' "system" in code\\n    if (all is', '"system" in code'),  # ran on past a written newline into code
     (' "\\n" at the ends of lines', '"\\n" at the ends of lines'),  # a quoted newline is part of the answer
+    (' "sys" in code\\n"', '"sys" in code'),
+    ('._" (26), "_" (3), "append" (1),', None),  # repeats the prompt's marked-token counts
 ])
 def test_parse_explanation(answer, expected):
     assert parse_explanation(answer) == expected

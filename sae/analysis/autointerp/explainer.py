@@ -52,8 +52,9 @@ Demonstration = tuple[list[str], str]
 # list of examples (Gemma 3 270M did that for 6 of 8 latents when the prompt ended at "Explanation:").
 EXPLANATION_PREFIX = "Explanation: the feature responds to"
 _MARKED = re.compile(r"<<(.+?)>>")
-_RUN_ON = re.compile(r"\\n(?=\s|$)")
+_RUN_ON = re.compile(r"(?<![\"'`])\\n")
 _ECHO = re.compile(r"^(examples?|features?|explanations?|text|answer)\b|^\d+\.", re.IGNORECASE)
+_COUNTS = re.compile(r"[\"']\s*\(\d+\)")  # the prompt's marked-token counts repeated: '"x" (26), "y" (3)
 
 
 @dataclass
@@ -123,14 +124,14 @@ def explainer_prompt(
 
 
 def parse_explanation(answer: str) -> str | None:
-    """The first line of the answer (up to a written "\\n" before whitespace), without quotes or a repeated 'Explanation:';
+    """The first line of the answer (up to a written, unquoted "\\n"), without quotes or a repeated 'Explanation:';
     None if nothing usable."""
     lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
     if not lines:
         return None
-    # Examples show newlines as a visible "\\n" (prompts.one_line); an answer that writes one followed by
-    # indentation has run on into code (seen: '"system" in the language model\\n    if (all is'), so it ends
-    # there. A quoted "\\n" (an explanation of a newline latent) is kept.
+    # Examples show newlines as a visible "\\n" (prompts.one_line); an answer that writes one has run on into
+    # code (seen: '"system" in the language model\\n    if (all is'), so it ends there. A quoted "\\n" (the
+    # explanation of a newline latent) is kept.
     text = _RUN_ON.split(lines[0], maxsplit=1)[0]
     for prefix in (EXPLANATION_PREFIX, "Explanation:"):  # a model may repeat the prompt's prefix
         if text.lower().startswith(prefix.lower()):
@@ -138,7 +139,7 @@ def parse_explanation(answer: str) -> str | None:
     text = text.strip().rstrip(".").strip()
     if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'`":  # only a quote that wraps the whole answer
         text = text[1:-1].strip().rstrip(".")
-    if not text or _ECHO.match(text) or "<<" in text:
+    if not text or _ECHO.match(text) or _COUNTS.search(text) or "<<" in text:
         return None
     return text
 
