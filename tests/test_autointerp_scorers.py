@@ -322,3 +322,74 @@ def test_paired_interval_brackets_the_mean_difference():
     assert low < 0 < high
     low, high = paired_interval([0.5, 0.1, 0.3, 0.2, 0.4] * 4)
     assert 0.1 < low < 0.3 < high < 0.5
+
+
+# --- resuming a killed run ------------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAfter:
+    """Returns the first `answers` answers of the real client, then raises `Killed` instead of the next one: the
+    run dies mid-way, as under kill -9, with whatever it had written on disk."""
+
+    def __init__(self, client, answers: int):
+        self.client, self.answers, self.answered = client, answers, 0
+
+    async def complete(self, *args, **kwargs):
+        completion = await self.client.complete(*args, **kwargs)
+        self.answered += 1
+        if self.answered > self.answers:
+            raise Killed
+        return completion
+
+
+def detection_reply(n, path, body):
+    if body["prompt"].endswith(EXPLANATION_PREFIX):
+        return 200, completion_payload(" cats"), 0
+    answer = " 1" if " cat" in final_text(body["prompt"]) else " 0"
+    return 200, completion_payload(answer, {answer: -0.1, " 1" if answer == " 0" else " 0": -2.5}), 0
+
+
+def test_a_killed_run_resumes_without_asking_again_and_ends_as_an_uninterrupted_run(tmp_path):
+    """Six latents, detection with 2 + 2 examples (8 requests per latent with the control), one request at a time.
+    A run killed at its 43rd answer (6 explanations, then the 24 real scores are queued before any control, so
+    latents 0-2 are finished) leaves the explanations and 3 scored latents on disk, and here a torn last line; the second
+    run asks nothing for those and its results equal an uninterrupted run's. Resuming with other settings is an
+    error that names what differs."""
+    records = [cat_record(i) for i in range(6)]
+    config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=2, n_negative=2))
+    path = tmp_path / "results.jsonl"
+
+    def run(config, killed_after: int | None = None, results_path=path):
+        async def go(url):
+            async with OpenAIClient(url, max_concurrency=1) as client:
+                client = KilledAfter(client, killed_after) if killed_after else client
+                return await interpret(client, records, token_strings, config, None, results_path,
+                                       run_settings={"sae": "x"})
+
+        with ScriptedServer(detection_reply) as server:
+            return asyncio.run(go(server.url)), server
+
+    (reference, _), _ = run(config, results_path=None)
+    with pytest.raises(Killed):
+        run(config, killed_after=42)
+    partial = path.with_name("results.jsonl.partial")
+    scored_before = len(partial.read_text().splitlines())
+    assert not path.exists() and scored_before == 3
+    with open(partial, "a") as file:
+        file.write('{"latent": 5, "fire_')  # killed in the middle of a line
+
+    other = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=3, n_negative=2))
+    with pytest.raises(ValueError, match=r"config\.scorer\.n_positive"):
+        run(other)
+    (resumed, summary), server = run(config)
+    prompts = [body["prompt"] for _, _, body in server.requests]
+    assert not any(p.endswith(EXPLANATION_PREFIX) for p in prompts)  # every explanation was on disk
+    assert len(prompts) == 8 * (6 - scored_before)
+    assert summary["latents_resumed"] == scored_before
+    assert [r.to_json() for r in resumed] == [r.to_json() for r in reference]
+    assert sorted(json.loads(line)["latent"] for line in path.read_text().splitlines()) == list(range(6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]

@@ -193,7 +193,7 @@ async def autointerp_from_cache(opts: AutointerpOptions) -> tuple[list[LatentRes
     out.mkdir(parents=True, exist_ok=True)  # the local server's log goes here before any result does
     async with llm_client(opts) as client:
         results, summary = await interpret(client, records, token_strings, config, embedding, out / "results.jsonl",
-                                           intervention)
+                                           intervention, run_settings=result_settings(opts))
     write_reports(out, results, summary, asdict(opts))
     return results, summary
 
@@ -224,6 +224,13 @@ async def llm_client(opts: AutointerpOptions):
         yield LlamaCppClient(str(default_gguf_path()))
     else:
         raise ValueError(f"--backend {opts.backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def result_settings(opts: AutointerpOptions) -> dict:
+    """The options the results depend on (a killed run resumes only with the same ones); how requests are
+    made (concurrency, rate, timeout, device) may change between the two."""
+    operational = {"out", "concurrency", "requests_per_second", "timeout", "device"}
+    return {k: v for k, v in asdict(opts).items() if k not in operational}
 
 
 def write_reports(out: Path, results: list[LatentResult], summary: dict, options: dict) -> None:

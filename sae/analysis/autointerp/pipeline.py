@@ -143,54 +143,150 @@ async def score_latent(
 async def interpret(
     client: Client, records: list[LatentRecord], token_strings: TokenStrings, config: AutointerpConfig,
     embedding: EmbeddingScorer | None = None, results_path: str | Path | None = None, intervention=None,
+    run_settings: dict | None = None,
 ) -> tuple[list[LatentResult], dict]:
     """Explain and score `records`; write one JSON line per latent (in completion order) and return the
-    results (in latent order) with the summary. `intervention`: an `intervention.InterventionScorer`."""
+    results (in latent order) with the summary. `intervention`: an `intervention.InterventionScorer`.
+
+    With `results_path`, a killed run resumes: explanations and scored latents already on disk are reused, not
+    asked again (see `RunProgress`). `run_settings`: what else the results depend on (SAE, cache, model...);
+    resuming a run made with other settings or config is an error.
+    """
     if "embedding" in config.scorers and embedding is None:
         raise ValueError("the embedding scorer is selected but no EmbeddingScorer was given")
     if "intervention" in config.scorers and intervention is None:
         raise ValueError("the intervention scorer is selected but no InterventionScorer (subject model + SAE) was given")
     scorers = Scorers(embedding, intervention)
+    settings = {"config": asdict(config), "latents": [r.latent for r in records], **(run_settings or {})}
+    progress = RunProgress(results_path, settings)
     started = time.monotonic()
-    explanations = await asyncio.gather(*(explain(client, r, token_strings, config.explainer) for r in records))
+    explanations = await _explain_all(client, records, token_strings, config, progress)
     controls = pair_controls(explanations, config.seed) if config.control else {}
     tasks = [
         score_latent(client, r, e, controls.get(r.latent), token_strings, config, scorers)
-        for r, e in zip(records, explanations)
+        for r, e in zip(records, explanations) if r.latent not in progress.results
     ]
-    results = []
-    out = _JsonLines(results_path)
+    results = list(progress.results.values())
+    resumed = len(results)
     try:
         for next_done in asyncio.as_completed(tasks):
             result = await next_done
-            out.write(result.to_json())
+            progress.add_result(result)
             results.append(result)
     finally:
-        out.close()
+        progress.close()
+    progress.finish()
     results.sort(key=lambda r: r.latent)
-    return results, summarize(results, time.monotonic() - started)
+    return results, summarize(results, time.monotonic() - started, resumed)
 
 
-class _JsonLines:
-    """Lines appended as results arrive (a crash keeps what was done) into `path.partial`, renamed to `path`
-    once complete, so a finished results file is never half-written."""
+async def _explain_all(client: Client, records: list[LatentRecord], token_strings: TokenStrings,
+                       config: AutointerpConfig, progress: RunProgress) -> list[Explanation]:
+    """Every record's explanation, in record order: those on disk reused, the others asked for and saved."""
+    async def explain_and_save(record: LatentRecord) -> Explanation:
+        explanation = await explain(client, record, token_strings, config.explainer)
+        progress.add_explanation(explanation)
+        return explanation
 
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-        self.file = None
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path.with_name(self.path.name + ".partial"), "w")
+    missing = [r for r in records if r.latent not in progress.explanations]
+    await asyncio.gather(*(explain_and_save(r) for r in missing))
+    return [progress.explanations[r.latent] for r in records]
 
-    def write(self, line: str) -> None:
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
+
+class RunProgress:
+    """A run's progress on disk, so a killed run resumes where it stopped and nothing already paid for is asked
+    again: `<results>.explanations.partial` and `<results>.partial` are appended a line at a time as
+    explanations and scored latents arrive; `<results>.run.json` holds the settings they were made with. Once
+    every latent is scored the results file takes its final name and the rest is removed, so a finished results
+    file is never half-written. Without a path nothing is kept (and nothing resumes)."""
+
+    def __init__(self, results_path: str | Path | None, settings: dict):
+        self.explanations: dict[int, Explanation] = {}
+        self.results: dict[int, LatentResult] = {}
+        self.path = Path(results_path) if results_path else None
+        if self.path is None:
+            self.explanation_file = self.result_file = None
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        settings = json_safe(json.loads(json.dumps(settings, default=str)))
+        settings_path = self._sibling(".run.json")
+        partials = [self._sibling(".explanations.partial"), self._sibling(".partial")]
+        if any(p.exists() for p in partials):
+            saved = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+            if saved != settings:
+                raise ValueError(
+                    f"{self.path.parent} holds an unfinished run made with other settings "
+                    f"(differing: {', '.join(_differing_keys(saved, settings))}); use another output directory, or "
+                    f"delete {partials[0].name} and {partials[1].name} to start again")
+        else:
+            from sae.io import atomic_write_json
+
+            atomic_write_json(settings_path, settings)
+        for line in _complete_lines(partials[0]):
+            self.explanations[line["latent"]] = Explanation(**line)
+        for line in _complete_lines(partials[1]):
+            self.results[line["latent"]] = LatentResult(**line)
+        self.explanation_file = open(partials[0], "a")
+        self.result_file = open(partials[1], "a")
+
+    def _sibling(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
+    def add_explanation(self, explanation: Explanation) -> None:
+        self.explanations[explanation.latent] = explanation
+        _append(self.explanation_file, json.dumps(json_safe(asdict(explanation)), allow_nan=False))
+
+    def add_result(self, result: LatentResult) -> None:
+        self.results[result.latent] = result
+        _append(self.result_file, result.to_json())
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.path.with_name(self.path.name + ".partial").replace(self.path)
+        for file in (self.explanation_file, self.result_file):
+            if file:
+                file.close()
+
+    def finish(self) -> None:
+        """Every latent scored: the results file takes its final name; the explanations and settings go."""
+        if self.path is None:
+            return
+        self._sibling(".partial").replace(self.path)
+        self._sibling(".explanations.partial").unlink()
+        self._sibling(".run.json").unlink()
+
+
+def _append(file, line: str) -> None:
+    if file:
+        file.write(line + "\n")
+        file.flush()
+
+
+def _complete_lines(path: Path) -> list[dict]:
+    """The whole lines of an append-only JSON-lines file. A torn last line (killed mid-write) is dropped and the
+    file rewritten without it, so lines appended later start clean."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    complete, rows = lines[:-1], []  # whatever follows the last newline is torn (or empty)
+    for line in complete:
+        rows.append(json.loads(line))
+    if lines[-1]:
+        from sae.io import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in complete))
+    return rows
+
+
+def _differing_keys(saved: dict, current: dict) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}" for k in _differing_keys(a, b)]
+        elif a != b:
+            out.append(key)
+    return out
 
 
 def _defined(values: list[float]) -> list[float]:
@@ -231,7 +327,7 @@ def _score_counts(results: list[LatentResult], name: str) -> dict[str, int]:
     return counts
 
 
-def summarize(results: list[LatentResult], seconds: float) -> dict:
+def summarize(results: list[LatentResult], seconds: float, resumed: int = 0) -> dict:
     """Counts of every failure kind, and per scorer and metric the mean for real and control explanations
     and their difference (over latents that have both defined). An undefined metric (e.g. precision with no
     positive prediction, a correlation of constant predictions) is left out of the mean and counted in
@@ -272,7 +368,8 @@ def summarize(results: list[LatentResult], seconds: float) -> dict:
                                                     for r in results),
         "scorers": scorers,
         "seconds": seconds,
-        "latents_per_minute": 60 * len(results) / seconds if seconds > 0 else None,
+        "latents_resumed": resumed,  # scored by an earlier, killed run; not counted in the rate below
+        "latents_per_minute": 60 * (len(results) - resumed) / seconds if seconds > 0 else None,
         "prompt_tokens_per_latent": sum(r.prompt_tokens for r in results) / max(1, len(results)),
     })
 
@@ -293,7 +390,9 @@ def summary_table(summary: dict) -> str:
         f"latents {summary['latents']}, explained {summary['explained']} "
         f"({summary['explanations_copying_a_demonstration']} copying a demonstration, "
         f"{summary['explanation_retries_after_a_copy']} retries after a copy), explanation failures "
-        f"{summary['explanation_failures'] or 'none'}; {_number(rate)} latents/min, "
+        f"{summary['explanation_failures'] or 'none'}; "
+        + (f"{summary['latents_resumed']} resumed from a killed run; " if summary.get("latents_resumed") else "")
+        + f"{_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
         "| scorer | metric | real | control | real − control [95 % bootstrap] | latents real / control higher "
