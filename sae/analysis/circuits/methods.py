@@ -39,6 +39,9 @@ class CodeMethod:
     k: int = 1  # codes per vector (codebook)
     l1_coefficient: float = 0.02
     epochs: int = 500
+    # divide each head's vectors by that head's mean norm before training and coding, so that in the one
+    # SAE all heads share, a head's output scale does not decide which codes it gets
+    normalise_heads: bool = False
 
 
 CODE_METHODS = {
@@ -48,17 +51,35 @@ CODE_METHODS = {
         CodeMethod("codebook_overlap", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200),
         CodeMethod("codebook_overlap_positions", "codebook", "all", "overlap", d_sae=64, k=4, epochs=200),
         CodeMethod("oneill_overlap", "oneill_relu", "mean", "overlap"),
+        CodeMethod("codebook_overlap_normalised", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
+                   normalise_heads=True),
+        CodeMethod("codebook_overlap_positions_normalised", "codebook", "all", "overlap", d_sae=64, k=4,
+                   epochs=200, normalise_heads=True),
     ]
 }
+
+
+def head_mean_norms(vectors: Tensor) -> Tensor:
+    """vectors [prompts, (pos,) layers, heads, d_model] -> each head's mean vector norm [layers, heads],
+    with 1 in place of 0 (a head whose vectors are all zero stays zero when divided by it)."""
+    if vectors.dim() not in (4, 5):
+        raise ValueError(f"expected [prompts, (pos,) layers, heads, d_model], got shape {tuple(vectors.shape)}")
+    norms = vectors.norm(dim=-1)
+    means = norms.reshape(-1, *norms.shape[-2:]).mean(0)
+    return torch.where(means > 0, means, torch.ones_like(means))
 
 
 def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_vectors: Tensor,
                        seed: int) -> tuple[Tensor, dict]:
     """vectors [prompts, (pos,) layers, heads, d_model] -> scores [layers, heads] and diagnostics.
 
-    The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives.
+    The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives. With
+    `normalise_heads`, each head's vectors are first divided by its mean norm over all pooled vectors.
     """
     pooled = torch.cat([positive_vectors, negative_vectors])
+    if method.normalise_heads:
+        scale = head_mean_norms(pooled)[..., None]  # [layers, heads, 1]
+        positive_vectors, negative_vectors, pooled = positive_vectors / scale, negative_vectors / scale, pooled / scale
     rows, _ = training_rows(pooled, method.n_train_prompts, seed)
     if method.sae == "oneill_relu":
         model = train_oneill_relu_sae(rows, method.d_sae, method.l1_coefficient, epochs=method.epochs, seed=seed)

@@ -100,8 +100,14 @@ def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference
     return summary | {"faithfulness_at_k": memo[key]}
 
 
-def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h") -> dict:
-    """One toy model per seed: train it, find its ground truth, run and evaluate every method."""
+def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h",
+                  previous: dict | None = None) -> dict:
+    """One toy model per seed: train it, find its ground truth, run and evaluate every method.
+
+    `previous` (this seed's result from an earlier run with the same settings) is extended: the models are
+    trained again (training is seeded), the ground truth must come out the same, and only methods it does
+    not have yet run (their re-initialised and own-init controls included); its rows are kept as they are.
+    """
     trained_dir, reinit_dir, init_dir = work / f"trained_{seed}", work / f"reinit_{seed}", work / f"init_{seed}"
     training = train_induction_model(trained_dir, steps=steps, seed=seed, **TOYS[toy])
     train_induction_model(reinit_dir, seed=REINIT_SEED_OFFSET + seed, trained=False, **TOYS[toy])
@@ -109,7 +115,15 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     model = _load(trained_dir)
     task = induction_task(n_prompts, seed=1000 + seed)  # prompts never seen in training (fresh seed)
     truth, info = patching_ground_truth(model, task)
-    result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}, "init_control": {}}
+    if previous is not None:
+        _check_same_ground_truth(previous, info)
+        result = {**previous, "methods": dict(previous["methods"]),
+                  "reinit_control": dict(previous["reinit_control"]), "init_control": dict(previous["init_control"]),
+                  "extended_effects_max_abs_difference": float(
+                      (torch.tensor(info["effects_resample"]) - torch.tensor(previous["effects_resample"])).abs().max())}
+        methods = [m for m in methods if m not in previous["methods"]]
+    else:
+        result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}, "init_control": {}}
     if "error" in info:
         return result
     reference, memo = ablation_reference(model, task, "resample"), {}
@@ -121,6 +135,13 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
         for name in [m for m in methods if m in CODE_METHODS]:
             result[key][name] = _summary(run_method(name, untrained, task, seed, positives_from="all"), truth)
     return result
+
+
+def _check_same_ground_truth(previous: dict, info: dict) -> None:
+    """Extending a toy run is only meaningful on the same models: their ground truths must agree."""
+    if previous.get("ground_truth") != info.get("ground_truth"):
+        raise ValueError(f"seed {previous.get('seed')}: the retrained toy's ground truth {info.get('ground_truth')} "
+                         f"differs from the run being extended ({previous.get('ground_truth')}): not the same model")
 
 
 # Methods whose scores do not depend on the seed: run once, reported for every seed.
@@ -191,8 +212,9 @@ def results_table(per_seed: list[dict]) -> str:
     lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | faithfulness@k | "
              "KL(M‖C)@k | shuffled-label AUC | re-init AUC | " + ("own-init AUC | " if with_init else "")
              + "forward prompts | backward prompts | seconds |", "|" + " --- |" * (15 if with_init else 14)]
-    for name in ok[0]["methods"] if ok else []:
-        rows = [r["methods"][name] for r in ok]
+    names = list(dict.fromkeys(name for r in ok for name in r["methods"]))  # a partly extended run: the union
+    for name in names:
+        rows = [r["methods"][name] for r in ok if name in r["methods"]]
         reinit = [r["reinit_control"][name]["roc_auc"] for r in ok if name in r["reinit_control"]]
         within = [x["roc_auc_within_layers"] for x in rows if x["roc_auc_within_layers"] is not None]
         cells = [name, _mean_sd([x["roc_auc"] for x in rows]), _mean_sd(within),
@@ -237,10 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reinit-methods", nargs="+", choices=list(CODE_METHODS),
                         help="with --reinit: only these code methods (default: every code method asked for)")
     parser.add_argument("--extend", action="store_true",
-                        help="with --model: keep the methods already in OUT/report.json, run only the others")
+                        help="keep the methods already in OUT/report.json, run only the others (toys: the models are "
+                             "trained again and must give the same ground truth)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.extend:  # the extended report keeps the settings of every run that made it, not only this one's
+        extended = json.loads((out / "report.json").read_text())
+        args.earlier_runs = [*extended.get("args", {}).get("earlier_runs", []),
+                             {k: v for k, v in extended.get("args", {}).items() if k != "earlier_runs"}]
     if args.model:
         from .cli import build_task
 
@@ -252,12 +279,32 @@ def main(argv: list[str] | None = None) -> None:
                                   task_fingerprint(args.model, task), reinit, previous, args.reinit_methods,
                                   save=lambda partial: write_report(out, args, partial))
     else:
+        previous = toy_run_to_extend(out, args) if args.extend else {}
         with tempfile.TemporaryDirectory() as work:
             per_seed = []
             for s in args.seeds:
-                per_seed.append(evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work), args.toy))
-                write_report(out, args, per_seed)  # after every seed, so a long run shows progress
+                per_seed.append(evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work), args.toy,
+                                              previous.get(s)))
+                # after every seed, so a long run shows progress; seeds not reached yet are kept as they were
+                write_report(out, args, per_seed + [r for t, r in previous.items() if t not in args.seeds[:len(per_seed)]])
     print(write_report(out, args, per_seed))
+
+
+def toy_run_to_extend(out: Path, args: argparse.Namespace) -> dict[int, dict]:
+    """The per-seed results of OUT/report.json by seed, after checking it was made with the same toy
+    settings (a different toy, step count or prompt count would give different models or prompts)."""
+    report = json.loads((out / "report.json").read_text())
+    old_args = report["args"]
+    for setting in ("toy", "steps", "prompts"):
+        if old_args.get(setting, getattr(args, setting)) != getattr(args, setting):
+            raise ValueError(f"--extend: {out}/report.json was made with --{setting} {old_args[setting]}, "
+                             f"this run has {getattr(args, setting)}")
+    if old_args.get("model"):
+        raise ValueError(f"--extend: {out}/report.json is a --model {old_args['model']} run, not a toy run")
+    missing = [s for s in args.seeds if s not in {r["seed"] for r in report["per_seed"]}]
+    if missing:
+        raise ValueError(f"--extend: seeds {missing} are not in {out}/report.json")
+    return {r["seed"]: r for r in report["per_seed"]}
 
 
 def write_report(out: Path, args: argparse.Namespace, per_seed: list[dict]) -> str:

@@ -1,0 +1,54 @@
+"""`study --extend` on the toy models: rows already in report.json are kept, only new methods run (with
+their re-initialised and own-init controls), and a run with other settings or another ground truth is refused.
+Trains one small toy twice (~1 min)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sae.analysis.circuits import study
+
+SETTINGS = ["--seeds", "0", "--steps", "300", "--prompts", "40"]
+
+
+def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path):
+    out = tmp_path / "run"
+    study.main(["--out", str(out), *SETTINGS, "--methods", "random", "codebook_overlap"])
+    before = json.loads((out / "report.json").read_text())["per_seed"][0]
+    assert before["ground_truth_source"] == "computed" and "error" not in before, before.get("error")
+
+    study.main(["--out", str(out), *SETTINGS, "--extend", "--methods", "codebook_overlap_normalised"])
+    after = json.loads((out / "report.json").read_text())
+    seed0 = after["per_seed"][0]
+    assert list(seed0["methods"]) == ["random", "codebook_overlap", "codebook_overlap_normalised"]
+    for old in ("random", "codebook_overlap"):  # kept as they were, not recomputed
+        assert seed0["methods"][old] == before["methods"][old]
+    for control in ("reinit_control", "init_control"):
+        assert seed0[control]["codebook_overlap"] == before[control]["codebook_overlap"]
+        assert "codebook_overlap_normalised" in seed0[control]
+    assert seed0["extended_effects_max_abs_difference"] < 1e-4  # the retrained toy is the same model
+    assert "codebook_overlap_normalised" in after["table"]
+    assert after["args"]["methods"] == ["codebook_overlap_normalised"]
+    assert [run["methods"] for run in after["args"]["earlier_runs"]] == [["random", "codebook_overlap"]]
+
+    with pytest.raises(ValueError, match="--steps"):
+        study.main(["--out", str(out), "--seeds", "0", "--steps", "200", "--prompts", "40", "--extend",
+                    "--methods", "oneill"])
+    report = json.loads((out / "report.json").read_text())
+    report["per_seed"][0]["ground_truth"][0] = [1 - x for x in report["per_seed"][0]["ground_truth"][0]]
+    (out / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="ground truth"):
+        study.main(["--out", str(out), *SETTINGS, "--extend", "--methods", "oneill"])
+
+
+def test_table_of_a_partly_extended_run_has_every_method():
+    evaluation = {"roc_auc": 0.5, "roc_auc_within_layers": None, "at_k": {"precision": 0.0, "recall": 0.0},
+                  "at_threshold": {"f1": 0.0}, "oracle_best_f1": 0.0, "controls": {"shuffled_labels_auc": 0.5},
+                  "forward_prompts": 0, "backward_prompts": 0, "seconds": 0.0}
+    per_seed = [{"seed": 0, "methods": {"random": evaluation, "new": evaluation | {"roc_auc": 0.9}},
+                 "reinit_control": {}},
+                {"seed": 1, "methods": {"random": evaluation}, "reinit_control": {}}]  # not extended yet
+    table = study.results_table(per_seed)
+    assert "| random | 0.500 ± 0.000 |" in table and "| new | 0.900 ± 0.000 |" in table
