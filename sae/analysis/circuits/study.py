@@ -13,6 +13,8 @@ model's own starting point (same seed), a diagnostic: a head's circuit role can 
 weights, so AUC away from 0.5 there is not by itself an artefact of the method. `patching_resample` defines the ground truth, so its own AUC of 1 is not a result.
 With `--model NAME --task TASK` the table is made for a real model instead (ground truth from exhaustive
 resample patching on it, once; methods that do not depend on the seed run once).
+`--extend` adds methods to an existing OUT/report.json without recomputing its rows (toys are trained
+again from their seeds and must give the same ground truth).
 """
 
 from __future__ import annotations
