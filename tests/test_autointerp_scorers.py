@@ -393,3 +393,12 @@ def test_a_killed_run_resumes_without_asking_again_and_ends_as_an_uninterrupted_
     assert [r.to_json() for r in resumed] == [r.to_json() for r in reference]
     assert sorted(json.loads(line)["latent"] for line in path.read_text().splitlines()) == list(range(6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_a_corrupt_progress_file_is_an_error_naming_it(tmp_path):
+    from sae.analysis.autointerp.pipeline import RunProgress
+
+    RunProgress(tmp_path / "results.jsonl", {"a": 1}).close()  # a run that wrote nothing yet
+    (tmp_path / "results.jsonl.partial").write_text('{"latent": 0\n')  # a whole line that is not JSON
+    with pytest.raises(ValueError, match=r"results\.jsonl\.partial: line 1 is not JSON"):
+        RunProgress(tmp_path / "results.jsonl", {"a": 1})

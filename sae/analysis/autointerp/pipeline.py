@@ -265,11 +265,15 @@ def _complete_lines(path: Path) -> list[dict]:
     file rewritten without it, so lines appended later start clean."""
     if not path.exists():
         return []
-    text = path.read_text()
-    lines = text.split("\n")
-    complete, rows = lines[:-1], []  # whatever follows the last newline is torn (or empty)
-    for line in complete:
-        rows.append(json.loads(line))
+    lines = path.read_text().split("\n")
+    complete = lines[:-1]  # whatever follows the last newline is torn (or empty)
+    rows = []
+    for number, line in enumerate(complete, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt: delete it to "
+                             f"redo that stage") from None
     if lines[-1]:
         from sae.io import atomic_write_text
 

@@ -170,10 +170,18 @@ async def _ask_all(client: Client, name: str, prompts: list[str], labels: list[i
 
 def scoring_examples(record: LatentRecord, config: ScorerConfig) -> tuple[list[Example], list[Example]]:
     """The same positives and negatives for a latent whatever the explanation (real or control)."""
-    rng = random.Random(config.seed * 1_000_003 + record.latent)
+    return sample_examples(record, config.n_positive, config.n_negative, latent_rng(config.seed, record.latent))
+
+
+def latent_rng(seed: int, latent: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + latent)
+
+
+def sample_examples(record: LatentRecord, n_positive: int, n_negative: int,
+                    rng: random.Random) -> tuple[list[Example], list[Example]]:
     activating = record.activating
-    positives = rng.sample(activating, min(config.n_positive, len(activating)))
-    negatives = rng.sample(record.negatives, min(config.n_negative, len(record.negatives)))
+    positives = rng.sample(activating, min(n_positive, len(activating)))
+    negatives = rng.sample(record.negatives, min(n_negative, len(record.negatives)))
     return positives, negatives
 
 
@@ -242,9 +250,8 @@ class EmbeddingScorer:
     def _examples(self, record: LatentRecord) -> tuple[Tensor, list[int]]:
         if record.latent not in self.example_cache:
             config = self.config
-            rng = random.Random(config.seed * 1_000_003 + record.latent)
-            positives = rng.sample(record.activating, min(config.n_embedding, len(record.activating)))
-            negatives = rng.sample(record.negatives, min(config.n_embedding, len(record.negatives)))
+            rng = latent_rng(config.seed, record.latent)
+            positives, negatives = sample_examples(record, config.n_embedding, config.n_embedding, rng)
             if config.embedding_window is not None:
                 before, after = config.embedding_window
                 positives = [crop_example(e, _peak(e), before, after) for e in positives]
