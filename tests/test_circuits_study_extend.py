@@ -52,3 +52,11 @@ def test_table_of_a_partly_extended_run_has_every_method():
                 {"seed": 1, "methods": {"random": evaluation}, "reinit_control": {}}]  # not extended yet
     table = study.results_table(per_seed)
     assert "| random | 0.500 ± 0.000 |" in table and "| new | 0.900 ± 0.000 |" in table
+
+
+def test_extending_some_seeds_keeps_the_others():
+    """Seeds an extending run does not ask for stay in the report, in their order, beside the re-run ones."""
+    previous = {0: {"seed": 0, "methods": {"a": 1}}, 1: {"seed": 1, "methods": {"a": 2}}, 2: {"seed": 2, "methods": {}}}
+    merged = study.with_earlier_seeds(previous, [{"seed": 1, "methods": {"a": 2, "b": 3}}])
+    assert [r["seed"] for r in merged] == [0, 1, 2] and merged[1]["methods"] == {"a": 2, "b": 3}
+    assert study.with_earlier_seeds({}, [{"seed": 4}]) == [{"seed": 4}]

@@ -37,9 +37,9 @@ from sae.io import atomic_write_bytes, atomic_write_json
 
 from .activations import collect_head_results
 from .methods import CODE_METHODS, code_method_scores, run_method
+from .study import REINIT_SEED_OFFSET  # the control proper for toy seed s is seed s + this
 from .toy_induction import TOYS, induction_task, train_induction_model
 
-REINIT_SEED_OFFSET = 10_000  # as in study.py: the control proper for toy seed s is seed s + 10,000
 CODEBOOK_METHODS = ("codebook_overlap", "codebook_overlap_positions")
 
 

@@ -266,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.extend:  # the extended report keeps the settings of every run that made it, not only this one's
-        extended = json.loads((out / "report.json").read_text())
+    extended = json.loads((out / "report.json").read_text()) if args.extend else None
+    if extended is not None:  # the extended report keeps the settings of every run that made it, not only this one's
         args.earlier_runs = [*extended.get("args", {}).get("earlier_runs", []),
                              {k: v for k, v in extended.get("args", {}).items() if k != "earlier_runs"}]
     if args.model:
@@ -275,27 +275,32 @@ def main(argv: list[str] | None = None) -> None:
 
         model = _load_named(args.model)
         task = build_task(args.task, model, args.prompts, 0)
-        previous = json.loads((out / "report.json").read_text())["per_seed"] if args.extend else None
+        previous = extended["per_seed"] if extended is not None else None
         reinit = reinitialised_copy(model, seed=0) if args.reinit else None
         per_seed = evaluate_model(model, task, args.methods, args.seeds, out / "ground_truth_cache.json",
                                   task_fingerprint(args.model, task), reinit, previous, args.reinit_methods,
                                   save=lambda partial: write_report(out, args, partial))
     else:
-        previous = toy_run_to_extend(out, args) if args.extend else {}
+        previous = toy_run_to_extend(extended, out, args) if extended is not None else {}
         with tempfile.TemporaryDirectory() as work:
             per_seed = []
             for s in args.seeds:
                 per_seed.append(evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work), args.toy,
                                               previous.get(s)))
-                # after every seed, so a long run shows progress; seeds not reached yet are kept as they were
-                write_report(out, args, per_seed + [r for t, r in previous.items() if t not in args.seeds[:len(per_seed)]])
+                write_report(out, args, with_earlier_seeds(previous, per_seed))  # after every seed: shows progress
+        per_seed = with_earlier_seeds(previous, per_seed)
     print(write_report(out, args, per_seed))
 
 
-def toy_run_to_extend(out: Path, args: argparse.Namespace) -> dict[int, dict]:
-    """The per-seed results of OUT/report.json by seed, after checking it was made with the same toy
+def with_earlier_seeds(previous: dict[int, dict], per_seed: list[dict]) -> list[dict]:
+    """The extended run's seeds, each replaced by this run's result where there is one: seeds this run did not
+    (or not yet) reach are kept as they were, in their order."""
+    return list(({**previous, **{r["seed"]: r for r in per_seed}}).values())
+
+
+def toy_run_to_extend(report: dict, out: Path, args: argparse.Namespace) -> dict[int, dict]:
+    """The per-seed results of OUT/report.json (`report`) by seed, after checking it was made with the same toy
     settings (a different toy, step count or prompt count would give different models or prompts)."""
-    report = json.loads((out / "report.json").read_text())
     old_args = report["args"]
     for setting in ("toy", "steps", "prompts"):
         if old_args.get(setting, getattr(args, setting)) != getattr(args, setting):
