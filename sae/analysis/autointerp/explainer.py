@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sae.analysis.autointerp.clients import Client, RequestFailed
 from sae.analysis.autointerp.prompts import TokenStrings, render_example, split_few_shot
-from sae.analysis.autointerp.records import LatentRecord
+from sae.analysis.autointerp.records import LatentRecord, latent_seed
 
 INSTRUCTIONS = (
     "We study features of a language model. Each example is a short text; the tokens where the feature is "
@@ -110,7 +110,7 @@ def explainer_prompt(
     record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig,
     demonstrations: tuple[Demonstration, ...] = DEMONSTRATIONS,
 ) -> str:
-    rng = random.Random(config.seed * 1_000_003 + record.latent)
+    rng = random.Random(latent_seed(config.seed, record.latent))
     blocks = [INSTRUCTIONS]
     examples = choose_examples(record, config.n_examples, rng)
     rendered = [render_example(e, token_strings, record.max_activation, config.show_values) for e in examples]

@@ -158,6 +158,12 @@ class NeighbourNegatives:
         return [_example(tokens, torch.zeros(len(tokens))) for tokens in self.tokens[i][keep]]
 
 
+def latent_seed(seed: int, latent: int) -> int:
+    """The seed of every random draw made for one latent (examples, negatives, marks), so a latent's draws do
+    not depend on which other latents are in the run."""
+    return seed * 1_000_003 + latent
+
+
 def _example(tokens: Tensor, acts: Tensor) -> Example:
     keep = tokens != PAD_TOKEN
     return Example(tokens[keep].tolist(), acts[keep].tolist())
@@ -227,7 +233,7 @@ def _record(stats: LatentStatistics, pool: NegativePool, hard: NeighbourNegative
     fire_count = int(stats.fire_count[i])
     hard_negatives = hard.negatives(i) if hard is not None else []
     # Random negatives fill what the neighbours did not; how many came from each is in the record.
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + latent)
+    generator = torch.Generator().manual_seed(latent_seed(config.seed, latent))
     random_negatives = pool.negatives(i, config.n_negatives - len(hard_negatives), generator)
     return LatentRecord(
         latent=latent, fire_count=fire_count, tokens_seen=stats.tokens_seen,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sae.analysis.autointerp.clients import Client, Completion, RequestFailed
 from sae.analysis.autointerp.prompts import TokenStrings, mark_tokens, render_example, render_plain, split_few_shot
-from sae.analysis.autointerp.records import Example, LatentRecord
+from sae.analysis.autointerp.records import Example, LatentRecord, latent_seed
 
 # --- metrics -----------------------------------------------------------------------------------------
 
@@ -170,11 +170,7 @@ async def _ask_all(client: Client, name: str, prompts: list[str], labels: list[i
 
 def scoring_examples(record: LatentRecord, config: ScorerConfig) -> tuple[list[Example], list[Example]]:
     """The same positives and negatives for a latent whatever the explanation (real or control)."""
-    return sample_examples(record, config.n_positive, config.n_negative, latent_rng(config.seed, record.latent))
-
-
-def latent_rng(seed: int, latent: int) -> random.Random:
-    return random.Random(seed * 1_000_003 + latent)
+    return sample_examples(record, config.n_positive, config.n_negative, random.Random(latent_seed(config.seed, record.latent)))
 
 
 def sample_examples(record: LatentRecord, n_positive: int, n_negative: int,
@@ -204,7 +200,7 @@ async def fuzzing_score(
     client: Client, explanation: str, record: LatentRecord, token_strings: TokenStrings, config: ScorerConfig,
 ) -> Score:
     positives, negatives = scoring_examples(record, config)
-    rng = random.Random(config.seed * 1_000_003 + record.latent + 1)
+    rng = random.Random(latent_seed(config.seed, record.latent) + 1)
     # As many random marks as a true example has, so the number of marks gives nothing away.
     mark_counts = [max(1, sum(a > 0 for a in e.acts)) for e in positives] or [1]
     texts = [render_example(e, token_strings, record.max_activation) for e in positives]
@@ -250,7 +246,7 @@ class EmbeddingScorer:
     def _examples(self, record: LatentRecord) -> tuple[Tensor, list[int]]:
         if record.latent not in self.example_cache:
             config = self.config
-            rng = latent_rng(config.seed, record.latent)
+            rng = random.Random(latent_seed(config.seed, record.latent))
             positives, negatives = sample_examples(record, config.n_embedding, config.n_embedding, rng)
             if config.embedding_window is not None:
                 before, after = config.embedding_window

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from sae.analysis.autointerp.clients import Client, Completion, RequestFailed
 from sae.analysis.autointerp.prompts import TokenStrings, one_line
-from sae.analysis.autointerp.records import Example, LatentRecord
+from sae.analysis.autointerp.records import Example, LatentRecord, latent_seed
 from sae.analysis.autointerp.scorers import Score
 
 INSTRUCTIONS = (
@@ -104,7 +104,7 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 
 def simulation_examples(record: LatentRecord, config: SimulationConfig) -> tuple[list[Example], list[Example]]:
     """The same examples for a latent whatever the explanation (real or control)."""
-    rng = random.Random(config.seed * 1_000_003 + record.latent + 7)
+    rng = random.Random(latent_seed(config.seed, record.latent) + 7)
     activating = record.activating
     return (rng.sample(activating, min(config.n_positive, len(activating))),
             rng.sample(record.negatives, min(config.n_negative, len(record.negatives))))
