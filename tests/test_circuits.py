@@ -43,14 +43,28 @@ def test_layer_index_scorer_is_blind_within_layers():
     assert evaluation.roc_auc_within_layers(depth, truth) == 0.5
 
 
-def test_controls_are_near_chance_for_a_perfect_ranking():
-    truth = torch.zeros(4, 8, dtype=torch.bool)
-    truth[0, :3] = True
-    scores = truth.float() + 0.01 * torch.arange(32).view(4, 8)
-    assert evaluation.roc_auc(scores, truth) == 1.0
-    controls = evaluation.controls(scores, truth)
-    assert abs(controls["shuffled_labels_auc"] - 0.5) < 0.06
-    assert abs(controls["random_scorer_auc"] - 0.5) < 0.06
+def test_shuffled_labels_swap_clean_and_corrupted_in_half_the_pairs():
+    from sae.analysis.circuits.controls import shuffled_labels
+
+    clean, corrupted = torch.arange(10)[:, None].repeat(1, 3), 100 + torch.arange(10)[:, None].repeat(1, 3)
+    task = tasks.Task("t", clean, corrupted, torch.arange(10)[:, None], torch.full((10, 1), 50), "logit_diff")
+    shuffled = shuffled_labels(task, seed=0)
+    swapped = shuffled.clean_tokens[:, 0] >= 100
+    assert int(swapped.sum()) == 5
+    assert torch.equal(shuffled.corrupted_tokens[swapped], clean[swapped])  # a pair is swapped whole
+    assert torch.equal(shuffled.clean_tokens[~swapped], clean[~swapped])
+    assert torch.equal(shuffled.good_tokens, task.good_tokens) and torch.equal(shuffled.bad_tokens, task.bad_tokens)
+    assert torch.equal(shuffled_labels(task, seed=0).clean_tokens, shuffled.clean_tokens)  # seeded
+    assert not torch.equal(shuffled_labels(task, seed=1).clean_tokens, shuffled.clean_tokens)
+
+
+def test_control_verdict_names_the_controls_outside_the_chance_band():
+    from sae.analysis.circuits.study import control_verdict
+
+    assert control_verdict({"shuffled": [0.45, 0.55], "re-init": [0.5]}) == "yes"
+    assert control_verdict({"shuffled": [0.5], "re-init": [0.2, 0.3]}) == "no: re-init 0.25"
+    assert control_verdict({"shuffled": [0.9], "re-init": []}) == "no: shuffled 0.90"
+    assert control_verdict({"shuffled": [], "re-init": []}) == "not run"
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -91,6 +105,27 @@ def test_edge_scores_count_positive_only_code_pairs():
     assert scoring.oneill_head_scores(pos, neg, d_sae=4).tolist() == [[0.5, 0.5]]  # softmax of (0, 0)
     assert scoring.oneill_edge_head_scores(pos, neg, d_sae=4).tolist() == [[2.0, 2.0]]
 
+
+
+def test_permutation_calibration_removes_the_overlap_that_code_diversity_alone_gives():
+    # 3 heads, 40 + 40 prompts, labels meaningless for heads 0 and 1: head 0 uses 2 codes, head 1 uses 30
+    # (the plug-in overlap of head 1 is far above 0 by sampling alone); head 2 differs for real.
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    def draw(n_codes: int, offset: int = 0) -> torch.Tensor:
+        return torch.randint(n_codes, (n,), generator=g) + offset
+    pos = torch.stack([draw(2), draw(30), draw(4)], -1)[:, None, :, None]  # [prompts, layers=1, heads=3, k=1]
+    neg = torch.stack([draw(2), draw(30), draw(4, offset=2)], -1)[:, None, :, None]
+    plain = scoring.overlap_head_scores(pos, neg, d_sae=32)[0]
+    assert plain[1] > 0.3 and plain[1] > plain[0] + 0.2  # diversity alone ranks head 1 well above head 0
+    calibrated = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 200, seed=0)[0]
+    assert abs(calibrated[0]) < 0.1 and abs(calibrated[1]) < 0.1  # both back to about 0
+    assert calibrated[2] > 0.3  # the real difference stays
+    # seeded: the same relabellings give the same scores
+    again = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 200, seed=0)[0]
+    assert torch.equal(calibrated, again)
+    with pytest.raises(ValueError, match="n_permutations"):
+        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 0, seed=0)
 
 # --- codes ------------------------------------------------------------------------------------------
 

@@ -70,11 +70,17 @@ def test_methods_rank_circuit_heads_above_chance(trained, task, truth, method):
 
 
 def test_controls_come_out_near_chance(trained, task, truth):
+    """With clean and corrupted prompts swapped in half the pairs, positives and negatives are exchangeable:
+    a method that scores their difference loses the circuit. Random scores never had it."""
+    from sae.analysis.circuits.controls import shuffled_labels
+
     model, _ = trained
-    scores = run_method("oneill", model, task, 0).scores
-    controls = evaluation.controls(scores, truth)
-    assert abs(controls["shuffled_labels_auc"] - 0.5) < 0.1, controls
-    assert abs(controls["random_scorer_auc"] - 0.5) < 0.1, controls
+    method = "codebook_overlap_calibrated"
+    found = evaluation.roc_auc(run_method(method, model, task, 0).scores, truth)
+    aucs = [evaluation.roc_auc(run_method(method, model, shuffled_labels(task, seed), seed,
+                                          positives_from="all").scores, truth) for seed in range(3)]
+    mean = sum(aucs) / len(aucs)
+    assert found > 0.8 and abs(mean - 0.5) < 0.2 and mean < found - 0.2, (found, aucs)
     random_aucs = [evaluation.roc_auc(run_method("random", model, task, seed).scores, truth) for seed in range(30)]
     assert abs(sum(random_aucs) / len(random_aucs) - 0.5) < 0.12, random_aucs
 
@@ -123,3 +129,30 @@ def test_analyze_py_circuits_end_to_end(trained, tmp_path):
     assert report["methods"]["attribution_patching_edges"]["evaluation"]["roc_auc"] > 0.6
     assert (out / "attribution_patching_edges.png").read_bytes()[:4] == b"\x89PNG"
     assert report["ground_truth"]["source"].startswith("exhaustive resample patching")
+
+
+def test_model_study_runs_controls_and_extends_without_recomputing(trained, task, tmp_path):
+    """study.evaluate_model (the Gemma tables' path) on the trained toy: the shuffled-label control for the
+    methods asked, the re-initialised one for code methods, and an extension that keeps what it has."""
+    from sae.analysis.circuits import study
+    from sae.analysis.circuits.controls import reinitialised_copy
+
+    model, _ = trained
+    small = task.select(torch.arange(20))
+    reinit = reinitialised_copy(model, seed=0)
+    first = study.evaluate_model(model, small, ["oneill", "attribution_patching"], [0, 1], reinit_model=reinit,
+                                 reinit_methods=["oneill", "attribution_patching"],
+                                 shuffle_methods=["oneill", "attribution_patching"])
+    for seed in first:
+        assert set(seed["shuffled_control"]) == {"oneill"}  # only code methods have positive/negative labels
+        assert set(seed["reinit_control"]) == {"oneill", "attribution_patching"}
+    # a method that does not depend on the seed runs once, its control too
+    assert first[1]["reinit_control"]["attribution_patching"] is first[0]["reinit_control"]["attribution_patching"]
+    extended = study.evaluate_model(model, small, ["oneill", "codebook_overlap"], [0, 1], reinit_model=reinit,
+                                    previous=first, shuffle_methods=["codebook_overlap"])
+    for old, new in zip(first, extended):
+        assert new["methods"]["oneill"] == old["methods"]["oneill"]
+        assert new["shuffled_control"]["oneill"] == old["shuffled_control"]["oneill"]
+        assert set(new["reinit_control"]) == {"oneill", "attribution_patching", "codebook_overlap"}
+        assert "codebook_overlap" in new["shuffled_control"]
+    assert "| oneill |" in study.results_table(extended)

@@ -18,8 +18,14 @@ def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path)
     study.main(["--out", str(out), *SETTINGS, "--methods", "random", "codebook_overlap"])
     before = json.loads((out / "report.json").read_text())["per_seed"][0]
     assert before["ground_truth_source"] == "computed" and "error" not in before, before.get("error")
+    assert set(before["shuffled_control"]) == {"random", "codebook_overlap"}
+    # an older report without one of the controls: extending with the method fills in just that
+    report = json.loads((out / "report.json").read_text())
+    del report["per_seed"][0]["shuffled_control"]["codebook_overlap"]
+    (out / "report.json").write_text(json.dumps(report))
 
-    study.main(["--out", str(out), *SETTINGS, "--extend", "--methods", "codebook_overlap_normalised"])
+    study.main(["--out", str(out), *SETTINGS, "--extend", "--methods", "codebook_overlap",
+                "codebook_overlap_normalised"])
     after = json.loads((out / "report.json").read_text())
     seed0 = after["per_seed"][0]
     assert list(seed0["methods"]) == ["random", "codebook_overlap", "codebook_overlap_normalised"]
@@ -28,9 +34,15 @@ def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path)
     for control in ("reinit_control", "init_control"):
         assert seed0[control]["codebook_overlap"] == before[control]["codebook_overlap"]
         assert "codebook_overlap_normalised" in seed0[control]
+    def timeless(summary: dict) -> dict:
+        return {k: v for k, v in summary.items() if k != "seconds"}
+
+    # the filled-in control is the one the first run made: seeded
+    assert timeless(seed0["shuffled_control"]["codebook_overlap"]) == timeless(before["shuffled_control"]["codebook_overlap"])
+    assert "codebook_overlap_normalised" in seed0["shuffled_control"]
     assert seed0["extended_effects_max_abs_difference"] < 1e-4  # the retrained toy is the same model
     assert "codebook_overlap_normalised" in after["table"]
-    assert after["args"]["methods"] == ["codebook_overlap_normalised"]
+    assert after["args"]["methods"] == ["codebook_overlap", "codebook_overlap_normalised"]
     assert [run["methods"] for run in after["args"]["earlier_runs"]] == [["random", "codebook_overlap"]]
 
     with pytest.raises(ValueError, match="--steps"):
@@ -45,7 +57,7 @@ def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path)
 
 def test_table_of_a_partly_extended_run_has_every_method():
     evaluation = {"roc_auc": 0.5, "roc_auc_within_layers": None, "at_k": {"precision": 0.0, "recall": 0.0},
-                  "at_threshold": {"f1": 0.0}, "oracle_best_f1": 0.0, "controls": {"shuffled_labels_auc": 0.5},
+                  "at_threshold": {"f1": 0.0}, "oracle_best_f1": 0.0,
                   "forward_prompts": 0, "backward_prompts": 0, "seconds": 0.0}
     per_seed = [{"seed": 0, "methods": {"random": evaluation, "new": evaluation | {"roc_auc": 0.9}},
                  "reinit_control": {}},

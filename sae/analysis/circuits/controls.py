@@ -1,16 +1,23 @@
-"""The re-initialised-model control: the same architecture with its learnt weights replaced by random ones.
+"""Controls: a method run on them should not find the trained model's circuit (AUC against the trained
+model's ground truth near 0.5).
 
-A method run on it should not find the trained model's circuit (AUC against the trained model's ground
-truth near 0.5). Far above 0.5 means the method reads something that does not need training (depth,
-weight norms); far below means it systematically prefers the heads that are *not* in the circuit, which
-is equally a property of the method and not of the task.
+* `reinitialised_copy` — the same architecture with its learnt weights replaced by random ones. Far above
+  0.5 means the method reads something that does not need training (depth, weight norms); far below means
+  it systematically prefers the heads that are *not* in the circuit, equally a property of the method.
+* `shuffled_labels` — the same model with clean and corrupted prompts swapped in a random half of the
+  pairs, so "positive" and "negative" no longer mean anything: a method whose scores come from the
+  difference between the two (every method here) should find nothing. Code methods take all the "clean"
+  prompts as positives on it (which ones the model solves would leak the labels back).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
+
+from .tasks import Task
 
 
 @torch.no_grad()
@@ -32,3 +39,15 @@ def reinitialised_copy(model, seed: int = 0):
     if redrawn == 0:
         raise ValueError("the model has no matrix parameters to re-initialise")
     return fresh
+
+
+def shuffled_labels(task: Task, seed: int) -> Task:
+    """`task` with clean and corrupted prompts swapped in a random half (rounded down) of its pairs; the
+    answer tokens stay with their pair."""
+    generator = torch.Generator().manual_seed(seed)
+    swapped = torch.zeros(len(task), dtype=torch.bool)
+    swapped[torch.randperm(len(task), generator=generator)[: len(task) // 2]] = True
+    clean = torch.where(swapped[:, None], task.corrupted_tokens, task.clean_tokens)
+    corrupted = torch.where(swapped[:, None], task.clean_tokens, task.corrupted_tokens)
+    return replace(task, name=f"{task.name} (labels shuffled, seed {seed})", clean_tokens=clean,
+                   corrupted_tokens=corrupted)

@@ -9,7 +9,8 @@ scores, truth: [layers, heads] (float, bool). Reported:
     at_threshold             ... of heads whose min-max normalised score >= a threshold fixed in advance
     oracle_best_f1           best F1 over all thresholds (chosen WITH the ground truth; for comparison only)
     oracle_best_f1_oneill    O'Neill & Bui's variant, max of 2·TPR·(1-FPR)/(TPR+1-FPR)
-Controls (should come out near chance): the AUC with shuffled labels, and of random scores.
+Controls are runs of a method on altered inputs (controls.py: shuffled prompt labels, a re-initialised
+model), scored with the same `evaluate`; `CHANCE_BAND` is what counts as near chance for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 DEFAULT_THRESHOLD = 0.5  # on min-max normalised scores; fixed before any result was seen
+# a control's mean AUC over seeds counts as near chance inside this band (fixed before the runs that use it)
+CHANCE_BAND = (0.40, 0.60)
 
 
 def _check(scores: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,16 +82,6 @@ def oracle_best_f1(scores: Tensor, truth: Tensor) -> dict[str, float]:
     return {"oracle_best_f1": best, "oracle_best_f1_oneill": best_oneill}
 
 
-def controls(scores: Tensor, truth: Tensor, n: int = 200, seed: int = 0) -> dict[str, float]:
-    """Mean AUC with the labels shuffled, and of uniformly random scores; both should be about 0.5."""
-    generator = torch.Generator().manual_seed(seed)
-    flat_truth = truth.flatten()
-    shuffled = [roc_auc(scores, flat_truth[torch.randperm(flat_truth.numel(), generator=generator)].view_as(truth))
-                for _ in range(n)]
-    random = [roc_auc(torch.rand(scores.shape, generator=generator), truth) for _ in range(n)]
-    return {"shuffled_labels_auc": sum(shuffled) / n, "random_scorer_auc": sum(random) / n}
-
-
 def evaluate(scores: Tensor, truth: Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """Everything in the module docstring for one ranking, as plain JSON-ready numbers."""
     k = int(truth.sum())
@@ -98,5 +91,4 @@ def evaluate(scores: Tensor, truth: Tensor, threshold: float = DEFAULT_THRESHOLD
         "at_k": {"k": k, **precision_recall_f1(top_k_mask(scores, k), truth)},
         "at_threshold": {"threshold": threshold, **precision_recall_f1(normalised(scores) >= threshold, truth)},
         **oracle_best_f1(scores, truth),
-        "controls": controls(scores, truth),
     }

@@ -22,7 +22,7 @@ from . import edges, patching
 from .activations import ForwardCounter, collect_head_results, last_logits_with_ablation
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .patching import MethodScores
-from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores
+from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores, permutation_calibrated
 from .tasks import Task, task_solved
 
 
@@ -42,6 +42,8 @@ class CodeMethod:
     # divide each head's vectors by that head's mean norm before training and coding, so that in the one
     # SAE all heads share, a head's output scale does not decide which codes it gets
     normalise_heads: bool = False
+    # > 0: subtract the score's mean over this many random relabellings of the pooled prompts (scoring.py)
+    null_permutations: int = 0
 
 
 CODE_METHODS = {
@@ -55,6 +57,11 @@ CODE_METHODS = {
                    normalise_heads=True),
         CodeMethod("codebook_overlap_positions_normalised", "codebook", "all", "overlap", d_sae=64, k=4,
                    epochs=200, normalise_heads=True),
+        CodeMethod("codebook_overlap_calibrated", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
+                   null_permutations=100),
+        CodeMethod("codebook_overlap_positions_calibrated", "codebook", "all", "overlap", d_sae=64, k=4,
+                   epochs=200, null_permutations=100),
+        CodeMethod("oneill_overlap_calibrated", "oneill_relu", "mean", "overlap", null_permutations=100),
     ]
 }
 
@@ -74,7 +81,8 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
     """vectors [prompts, (pos,) layers, heads, d_model] -> scores [layers, heads] and diagnostics.
 
     The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives. With
-    `normalise_heads`, each head's vectors are first divided by its mean norm over all pooled vectors.
+    `normalise_heads`, each head's vectors are first divided by its mean norm over all pooled vectors; with
+    `null_permutations`, the score is calibrated against relabelled prompts (`permutation_calibrated`).
     """
     pooled = torch.cat([positive_vectors, negative_vectors])
     if method.normalise_heads:
@@ -91,7 +99,10 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
         raise ValueError(f"unknown SAE kind {method.sae!r}")
     scorer = {"oneill": oneill_head_scores, "oneill_edge": oneill_edge_head_scores,
               "overlap": overlap_head_scores}[method.scorer]
-    scores = scorer(pos.codes, neg.codes, method.d_sae)
+    if method.null_permutations:
+        scores = permutation_calibrated(scorer, pos.codes, neg.codes, method.d_sae, method.null_permutations, seed)
+    else:
+        scores = scorer(pos.codes, neg.codes, method.d_sae)
     total = pos.codes.shape[:-1].numel() + neg.codes.shape[:-1].numel()
     details = {"silent_vectors": pos.silent_rows + neg.silent_rows, "vectors": total,
                "distinct_codes_used": int(torch.cat([pos.codes.flatten(), neg.codes.flatten()]).unique().numel())}
@@ -152,6 +163,9 @@ BASELINES = {
     "layer_index": lambda model, task, seed: layer_index_scores(model),
 }
 ALL_METHODS = [*CODE_METHODS, *BASELINES]
+# The methods that read the model's weights, so that the re-initialised-model control applies to them
+# (`random` and `layer_index` do not: their scores are the same on any model of the same shape).
+WEIGHT_READING_METHODS = [m for m in ALL_METHODS if m not in ("random", "layer_index")]
 
 
 def run_method(name: str, model, task: Task, seed: int = 0, positives_from: str = "solved") -> MethodScores:

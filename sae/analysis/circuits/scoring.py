@@ -12,9 +12,15 @@ with the position when there is one, so the same code at two positions counts as
 * `overlap_head_scores` — ours: total-variation distance between the head's symbol frequencies in
   positives and in negatives, in [0, 1]; 0 when both sets use codes alike. Frequencies are normalised,
   so it does not grow with sample size, and "no code" is a symbol of its own rather than dropped.
+* `permutation_calibrated` — any of these minus its mean over random relabellings of the pooled prompts:
+  with finitely many prompts a head's overlap is above 0 even when positives and negatives do not differ,
+  and more so the more distinct symbols the head uses; subtracting that expected value leaves the part
+  the labels explain.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -89,3 +95,21 @@ def oneill_edge_head_scores(positive_codes: Tensor, negative_codes: Tensor, d_sa
     per_site_pair = torch.bincount(only_positive // n_pairs, minlength=n_sites * n_sites).view(n_sites, n_sites)
     per_site_pair.fill_diagonal_(0)  # a head paired with itself is the node score, not an edge
     return per_site_pair.sum(1).float().view(n_layers, n_heads)
+
+
+HeadScorer = Callable[[Tensor, Tensor, int], Tensor]
+
+
+def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_codes: Tensor, d_sae: int,
+                           n_permutations: int, seed: int) -> Tensor:
+    """-> [layers, heads]: scorer(positives, negatives) minus its mean over `n_permutations` random splits of
+    the pooled prompts into groups of the same two sizes (the score expected when labels mean nothing)."""
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be at least 1, got {n_permutations}")
+    pooled = torch.cat([positive_codes, negative_codes])
+    n_positive, generator = len(positive_codes), torch.Generator().manual_seed(seed)
+    null = torch.zeros(positive_codes.shape[-3:-1])  # [layers, heads]
+    for _ in range(n_permutations):
+        order = torch.randperm(len(pooled), generator=generator)
+        null += scorer(pooled[order[:n_positive]], pooled[order[n_positive:]], d_sae)
+    return scorer(positive_codes, negative_codes, d_sae) - null / n_permutations

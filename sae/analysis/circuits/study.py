@@ -5,7 +5,9 @@
 
 Per seed: train a toy attention-only model (toy_induction.py), take the ground truth from exhaustive
 resample patching (heads whose |effect| >= 10% of the clean-corrupted gap, fixed in advance), run every
-method, and evaluate. The re-initialised control runs the code methods on an untrained model (which
+method, and evaluate. The shuffled-label control runs the code methods with clean and corrupted prompts
+swapped in a random half of the pairs (controls.py). The re-initialised control runs the methods (toys:
+every one that reads the weights; real models: the code methods unless told) on an untrained model (which
 solves nothing, so all clean prompts are its positives) and scores them against the trained model's
 ground truth. Two untrained models: `reinit_control` is an independent initialisation (another seed), the
 control proper, whose heads have nothing to do with the trained model's; `init_control` is the trained
@@ -13,8 +15,8 @@ model's own starting point (same seed), a diagnostic: a head's circuit role can 
 weights, so AUC away from 0.5 there is not by itself an artefact of the method. `patching_resample` defines the ground truth, so its own AUC of 1 is not a result.
 With `--model NAME --task TASK` the table is made for a real model instead (ground truth from exhaustive
 resample patching on it, once; methods that do not depend on the seed run once).
-`--extend` adds methods to an existing OUT/report.json without recomputing its rows (toys are trained
-again from their seeds and must give the same ground truth).
+`--extend` adds methods, or controls of methods, to an existing OUT/report.json without recomputing what
+it has (toys are trained again from their seeds and must give the same ground truth).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import torch
 from sae.io import atomic_write_bytes, atomic_write_json
 
 from .activations import last_logits_with_ablation
-from .evaluation import evaluate, top_k_mask
-from .methods import ALL_METHODS, CODE_METHODS, run_method
-from .controls import reinitialised_copy
+from .evaluation import CHANCE_BAND, evaluate, top_k_mask
+from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
+from .controls import reinitialised_copy, shuffled_labels
 from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
                        ground_truth_from_effects)
 from .tasks import task_metric
@@ -104,11 +106,13 @@ def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference
 
 def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h",
                   previous: dict | None = None) -> dict:
-    """One toy model per seed: train it, find its ground truth, run and evaluate every method.
+    """One toy model per seed: train it, find its ground truth, run and evaluate every method and its controls
+    (shuffled labels for the code methods; re-initialised and own-init models for every method that reads
+    the weights).
 
     `previous` (this seed's result from an earlier run with the same settings) is extended: the models are
-    trained again (training is seeded), the ground truth must come out the same, and only methods it does
-    not have yet run (their re-initialised and own-init controls included); its rows are kept as they are.
+    trained again (training is seeded), the ground truth must come out the same, and only what it does not
+    have yet runs (methods, or controls of methods it has); what it has is kept as it is.
     """
     trained_dir, reinit_dir, init_dir = work / f"trained_{seed}", work / f"reinit_{seed}", work / f"init_{seed}"
     training = train_induction_model(trained_dir, steps=steps, seed=seed, **TOYS[toy])
@@ -119,22 +123,25 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     truth, info = patching_ground_truth(model, task)
     if previous is not None:
         _check_same_ground_truth(previous, info)
-        result = {**previous, "methods": dict(previous["methods"]),
-                  "reinit_control": dict(previous["reinit_control"]), "init_control": dict(previous["init_control"]),
+        result = {**previous, **{key: dict(previous.get(key, {})) for key in ("methods", *CONTROLS)},
                   "extended_effects_max_abs_difference": float(
                       (torch.tensor(info["effects_resample"]) - torch.tensor(previous["effects_resample"])).abs().max())}
-        methods = [m for m in methods if m not in previous["methods"]]
     else:
-        result = {"seed": seed, "training": training, **info, "methods": {}, "reinit_control": {}, "init_control": {}}
+        result = {"seed": seed, "training": training, **info, "methods": {}, **{key: {} for key in CONTROLS}}
     if "error" in info:
         return result
-    reference, memo = ablation_reference(model, task, "resample"), {}
+    reference, memo, shuffled = ablation_reference(model, task, "resample"), {}, shuffled_labels(task, seed)
     for name in methods:
-        result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
-                                                    model, task, truth, reference, memo)
+        if name not in result["methods"]:
+            result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
+                                                        model, task, truth, reference, memo)
+        if name in CODE_METHODS and name not in result["shuffled_control"]:
+            result["shuffled_control"][name] = _summary(
+                run_method(name, model, shuffled, seed, positives_from="all"), truth)
     for key, directory in (("reinit_control", reinit_dir), ("init_control", init_dir)):
-        untrained = _load(directory)
-        for name in [m for m in methods if m in CODE_METHODS]:
+        missing = [m for m in methods if m in WEIGHT_READING_METHODS and m not in result[key]]
+        untrained = _load(directory) if missing else None
+        for name in missing:
             result[key][name] = _summary(run_method(name, untrained, task, seed, positives_from="all"), truth)
     return result
 
@@ -146,6 +153,10 @@ def _check_same_ground_truth(previous: dict, info: dict) -> None:
                          f"differs from the run being extended ({previous.get('ground_truth')}): not the same model")
 
 
+# Per seed, beside "methods": each control's results by method name (evaluate() against the trained model's
+# ground truth). "init_control" (the trained toy's own starting weights) is a diagnostic, not a control.
+CONTROLS = ("shuffled_control", "reinit_control", "init_control")
+
 # Methods whose scores do not depend on the seed: run once, reported for every seed.
 DETERMINISTIC = {"patching_resample", "patching_mean", "patching_zero", "attribution_patching", "eap_ig",
                  "attribution_patching_edges", "eap_ig_edges", "layer_index"}
@@ -153,16 +164,18 @@ DETERMINISTIC = {"patching_resample", "patching_mean", "patching_zero", "attribu
 
 def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Path | None = None,
                    fingerprint: str | None = None, reinit_model=None, previous: list[dict] | None = None,
-                   reinit_methods: list[str] | None = None, save=None) -> list[dict]:
+                   reinit_methods: list[str] | None = None, shuffle_methods: list[str] | None = None,
+                   save=None) -> list[dict]:
     """One real model and task: the ground truth once, each seed-dependent method once per seed, the
-    faithfulness of every found circuit, and (with `reinit_model`) the re-initialised control for the code
-    methods (or only `reinit_methods`). `previous` (per-seed results of an earlier run on the same task) is
-    extended: methods it already has are kept, not rerun. `save(per_seed)` is called after every seed, so
-    an interrupted run can be resumed with `previous`."""
-    reinit_methods = [m for m in (reinit_methods or CODE_METHODS) if m in CODE_METHODS]
+    faithfulness of every found circuit, and the controls: shuffled labels for the code methods among
+    `shuffle_methods`, and (with `reinit_model`) the re-initialised model for the code methods (or for
+    `reinit_methods`, any that read the weights). `previous` (per-seed results of an earlier run on the
+    same task) is extended: what it already has is kept, not rerun. `save(per_seed)` is called after every seed, so an interrupted run can be resumed with `previous`."""
+    reinit_methods = [m for m in (reinit_methods or CODE_METHODS) if m in WEIGHT_READING_METHODS] if reinit_model else []
+    shuffle_methods = [m for m in shuffle_methods or [] if m in CODE_METHODS]
     truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
-        return [{"seed": s, **info, "methods": {}, "reinit_control": {}} for s in seeds]
+        return [{"seed": s, **info, "methods": {}, **{key: {} for key in CONTROLS}} for s in seeds]
     old = {r["seed"]: r for r in previous or []}
     if previous and any(r.get("ground_truth") != info["ground_truth"] for r in previous):
         raise ValueError("the run to extend has a different ground truth: not the same model and task")
@@ -174,18 +187,32 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
         return with_faithfulness(_summary(run_method(name, model, task, seed), truth), model, task, truth,
                                  reference, memo)
 
-    once = {name: summary(name, 0) | {"deterministic": True} for name in methods
-            if name in DETERMINISTIC and not all(name in old.get(s, {}).get("methods", {}) for s in seeds)}
+    def shuffled_summary(name: str, seed: int) -> dict:
+        return _summary(run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all"), truth)
+
+    def reinit_summary(name: str, seed: int) -> dict:
+        return _summary(run_method(name, reinit_model, task, seed, positives_from="all"), truth)
+
+    once: dict[tuple[str, str], dict] = {}  # methods that do not depend on the seed run once: (part, name)
+
+    def part(key: str, name: str, seed: int, run) -> dict:
+        if name not in DETERMINISTIC:
+            return run(name, seed)
+        if (key, name) not in once:
+            once[key, name] = run(name, 0) | {"deterministic": True}
+        return once[key, name]
+
     per_seed = []
     for s in seeds:
-        done = old.get(s, {"methods": {}, "reinit_control": {}})
-        result = {"seed": s, **info, "methods": dict(done["methods"]), "reinit_control": dict(done["reinit_control"])}
+        done = old.get(s, {})
+        result = {"seed": s, **info, **{key: dict(done.get(key, {})) for key in ("methods", *CONTROLS)}}
         for name in methods:
             if name not in result["methods"]:
-                result["methods"][name] = once[name] if name in once else summary(name, s)
-            if reinit_model is not None and name in reinit_methods and name not in result["reinit_control"]:
-                result["reinit_control"][name] = _summary(
-                    run_method(name, reinit_model, task, s, positives_from="all"), truth)
+                result["methods"][name] = part("methods", name, s, summary)
+            if name in shuffle_methods and name not in result["shuffled_control"]:
+                result["shuffled_control"][name] = shuffled_summary(name, s)
+            if name in reinit_methods and name not in result["reinit_control"]:
+                result["reinit_control"][name] = part("reinit_control", name, s, reinit_summary)
         per_seed.append(result)
         print(f"seed {s} done", flush=True)
         if save is not None:
@@ -207,17 +234,35 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def control_verdict(aucs_by_control: dict[str, list[float]]) -> str:
+    """"yes" when every control that ran has its mean AUC inside CHANCE_BAND, "no: <control> <mean>" naming
+    those outside it, "not run" when none ran."""
+    ran = {name: statistics.mean(aucs) for name, aucs in aucs_by_control.items() if aucs}
+    if not ran:
+        return "not run"
+    low, high = CHANCE_BAND
+    outside = [f"{name} {mean:.2f}" for name, mean in ran.items() if not low <= mean <= high]
+    return "no: " + ", ".join(outside) if outside else "yes"
+
+
 def results_table(per_seed: list[dict]) -> str:
-    """Markdown: one row per method, mean ± sd over seeds."""
+    """Markdown: one row per method, mean ± sd over seeds; the last column says whether every control that
+    ran for the method has its mean AUC inside CHANCE_BAND (the own-init diagnostic is not a control)."""
     ok = [r for r in per_seed if "error" not in r]
     with_init = any(r.get("init_control") for r in ok)  # toys: the trained model's own initialisation too
-    lines = ["| method | ROC AUC | AUC within layers | P@k | R@k | F1@thr 0.5 | oracle best F1 | faithfulness@k | "
-             "KL(M‖C)@k | shuffled-label AUC | re-init AUC | " + ("own-init AUC | " if with_init else "")
-             + "forward prompts | backward prompts | seconds |", "|" + " --- |" * (15 if with_init else 14)]
+    header = ["method", "ROC AUC", "AUC within layers", "P@k", "R@k", "F1@thr 0.5", "oracle best F1",
+              "faithfulness@k", "KL(M‖C)@k", "shuffled-label AUC", "re-init AUC",
+              *(["own-init AUC"] if with_init else []), "controls near chance", "forward prompts",
+              "backward prompts", "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     names = list(dict.fromkeys(name for r in ok for name in r["methods"]))  # a partly extended run: the union
+
+    def control_aucs(key: str, name: str) -> list[float]:
+        return [r[key][name]["roc_auc"] for r in ok if name in r.get(key, {})]
+
     for name in names:
         rows = [r["methods"][name] for r in ok if name in r["methods"]]
-        reinit = [r["reinit_control"][name]["roc_auc"] for r in ok if name in r["reinit_control"]]
+        shuffled, reinit = control_aucs("shuffled_control", name), control_aucs("reinit_control", name)
         within = [x["roc_auc_within_layers"] for x in rows if x["roc_auc_within_layers"] is not None]
         cells = [name, _mean_sd([x["roc_auc"] for x in rows]), _mean_sd(within),
                  _mean_sd([x["at_k"]["precision"] for x in rows]),
@@ -226,9 +271,9 @@ def results_table(per_seed: list[dict]) -> str:
                  _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
                  _mean_sd([x["faithfulness_at_k"]["kl_circuit"] for x in rows
                            if "kl_circuit" in x.get("faithfulness_at_k", {})]),
-                 _mean_sd([x["controls"]["shuffled_labels_auc"] for x in rows]), _mean_sd(reinit),
-                 *([_mean_sd([r["init_control"][name]["roc_auc"] for r in ok if name in r.get("init_control", {})])]
-                   if with_init else []),
+                 _mean_sd(shuffled), _mean_sd(reinit),
+                 *([_mean_sd(control_aucs("init_control", name))] if with_init else []),
+                 control_verdict({"shuffled": shuffled, "re-init": reinit}),
                  f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['seconds'] for x in rows):.2f}"]
@@ -258,8 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction")
     parser.add_argument("--reinit", action="store_true",
                         help="with --model: also run the code methods on a re-initialised copy (the control)")
-    parser.add_argument("--reinit-methods", nargs="+", choices=list(CODE_METHODS),
-                        help="with --reinit: only these code methods (default: every code method asked for)")
+    parser.add_argument("--reinit-methods", nargs="+", choices=WEIGHT_READING_METHODS,
+                        help="with --reinit: these methods (default: every code method asked for)")
+    parser.add_argument("--shuffle", nargs="*", choices=list(CODE_METHODS), metavar="METHOD",
+                        help="with --model: also run the shuffled-label control for these code methods (none named: "
+                             "every code method asked for). Toy runs always run it")
     parser.add_argument("--extend", action="store_true",
                         help="keep the methods already in OUT/report.json, run only the others (toys: the models are "
                              "trained again and must give the same ground truth)")
@@ -277,9 +325,10 @@ def main(argv: list[str] | None = None) -> None:
         task = build_task(args.task, model, args.prompts, 0)
         previous = extended["per_seed"] if extended is not None else None
         reinit = reinitialised_copy(model, seed=0) if args.reinit else None
+        shuffle = None if args.shuffle is None else (args.shuffle or args.methods)
         per_seed = evaluate_model(model, task, args.methods, args.seeds, out / "ground_truth_cache.json",
                                   task_fingerprint(args.model, task), reinit, previous, args.reinit_methods,
-                                  save=lambda partial: write_report(out, args, partial))
+                                  shuffle, save=lambda partial: write_report(out, args, partial))
     else:
         previous = toy_run_to_extend(extended, out, args) if extended is not None else {}
         with tempfile.TemporaryDirectory() as work:
