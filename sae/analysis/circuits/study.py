@@ -246,8 +246,9 @@ def control_verdict(aucs_by_control: dict[str, list[float]]) -> str:
 
 
 def results_table(per_seed: list[dict]) -> str:
-    """Markdown: one row per method, mean ± sd over seeds; the last column says whether every control that
-    ran for the method has its mean AUC inside CHANCE_BAND (the own-init diagnostic is not a control)."""
+    """Markdown: one row per method, mean ± sd over seeds; "controls near chance" says whether every control
+    that ran for the method has its mean AUC inside CHANCE_BAND (the own-init diagnostic is not a control;
+    the `random` row is the random-scorer control, judged by its own AUC)."""
     ok = [r for r in per_seed if "error" not in r]
     with_init = any(r.get("init_control") for r in ok)  # toys: the trained model's own initialisation too
     header = ["method", "ROC AUC", "AUC within layers", "P@k", "R@k", "F1@thr 0.5", "oracle best F1",
@@ -273,7 +274,8 @@ def results_table(per_seed: list[dict]) -> str:
                            if "kl_circuit" in x.get("faithfulness_at_k", {})]),
                  _mean_sd(shuffled), _mean_sd(reinit),
                  *([_mean_sd(control_aucs("init_control", name))] if with_init else []),
-                 control_verdict({"shuffled": shuffled, "re-init": reinit}),
+                 control_verdict({"random scorer": [x["roc_auc"] for x in rows]} if name == "random"
+                                 else {"shuffled": shuffled, "re-init": reinit}),
                  f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
                  f"{statistics.mean(x['seconds'] for x in rows):.2f}"]
