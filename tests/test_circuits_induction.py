@@ -95,11 +95,16 @@ def test_circuits_command_writes_report_and_heatmaps(trained, tmp_path):
     parser = argparse.ArgumentParser()  # as analyze.py's SUBCOMMANDS registry uses the pair
     add_circuits_arguments(parser)
     args = parser.parse_args(["--task", "induction", "--model", str(info["directory"]), "--prompts", "40",
-                              "--methods", "oneill", "attribution_patching", "--out", str(tmp_path)])
+                              "--methods", "oneill", "attribution_patching", "random", "--controls",
+                              "--out", str(tmp_path)])
     assert run_circuits(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task_check"]["clean_solved"] > 0.9
-    assert set(report["methods"]) == {"oneill", "attribution_patching"}
+    assert set(report["methods"]) == {"oneill", "attribution_patching", "random"}
+    controls = {name: entry["controls"] for name, entry in report["methods"].items()}
+    assert set(controls["oneill"]) >= {"shuffled_labels_auc", "reinit_auc", "near_chance"}
+    assert "shuffled_labels_auc" not in controls["attribution_patching"] and "reinit_auc" in controls["attribution_patching"]
+    assert controls["random"]["near_chance"] is None  # no control applies to a method that reads nothing
     assert 0 <= report["methods"]["oneill"]["evaluation"]["roc_auc"] <= 1
     assert report["methods"]["attribution_patching"]["backward_prompts"] == 40
     for name in ("oneill", "attribution_patching"):

@@ -22,8 +22,9 @@ from sae.io import atomic_write_bytes, atomic_write_json
 
 from . import ground_truth, tasks
 from .activations import last_logits_with_ablation
-from .evaluation import evaluate, top_k_mask
-from .methods import ALL_METHODS, run_method
+from .controls import reinitialised_copy, shuffled_labels
+from .evaluation import CHANCE_BAND, evaluate, roc_auc, top_k_mask
+from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .patching import ablation_reference, circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
 from .tasks import task_metric, task_solved
 
@@ -51,6 +52,9 @@ def add_circuits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, help="directory for report.json and <method>.png")
+    parser.add_argument("--controls", action="store_true",
+                        help="also run each method on shuffled prompt labels (code methods) and on a re-initialised "
+                             "copy of the model (methods that read weights), and say whether they come out near chance")
 
 
 def run_circuits(args: argparse.Namespace) -> int:
@@ -95,6 +99,7 @@ def main_circuits(args: argparse.Namespace) -> dict:
               "ground_truth": truth_info,
               "methods": {}}
     reference = ablation_reference(model, task, "resample") if truth is not None else None
+    reinit = None  # the re-initialised copy, made once when the first control needs it
     for name in args.methods:
         started = time.perf_counter()
         scores = run_method(name, model, task, args.seed)
@@ -109,6 +114,9 @@ def main_circuits(args: argparse.Namespace) -> dict:
             # the circuit this method would report (its top |truth| heads), everything else resample-ablated
             found = top_k_mask(scores.scores, int(truth.sum()))
             entry["faithfulness_at_k"] = circuit_faithfulness(model, task, found, "resample", reference)
+            if args.controls:
+                reinit = reinit or reinitialised_copy(model, seed=args.seed)
+                entry["controls"] = control_aucs(name, model, reinit, task, truth, args.seed)
         report["methods"][name] = entry
         atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{args.task}: {name}", truth))
         auc = entry.get("evaluation", {}).get("roc_auc")
@@ -116,6 +124,22 @@ def main_circuits(args: argparse.Namespace) -> dict:
     atomic_write_json(out / "report.json", report)
     print(f"wrote {out / 'report.json'}")
     return report
+
+
+def control_aucs(name: str, model, reinit_model, task: tasks.Task, truth: torch.Tensor, seed: int) -> dict:
+    """The method's AUC against `truth` on shuffled prompt labels (code methods only: the baselines have no
+    positive/negative prompts, see controls.py) and on `reinit_model` (methods that read weights), and
+    whether each is inside CHANCE_BAND (one draw each, so noisier than a study's mean over seeds;
+    `near_chance` is None for a method no control applies to)."""
+    aucs = {}
+    if name in CODE_METHODS:
+        shuffled = run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all")
+        aucs["shuffled_labels_auc"] = roc_auc(shuffled.scores, truth)
+    if name in WEIGHT_READING_METHODS:
+        aucs["reinit_auc"] = roc_auc(run_method(name, reinit_model, task, seed, positives_from="all").scores, truth)
+    low, high = CHANCE_BAND
+    near_chance = all(low <= auc <= high for auc in aucs.values()) if aucs else None
+    return aucs | {"near_chance": near_chance, "chance_band": [low, high]}
 
 
 def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
