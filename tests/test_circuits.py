@@ -61,7 +61,8 @@ def test_shuffled_labels_swap_clean_and_corrupted_in_half_the_pairs():
 def test_control_verdict_names_the_controls_outside_the_chance_band():
     from sae.analysis.circuits.study import control_verdict
 
-    assert control_verdict({"shuffled": [0.45, 0.55], "re-init": [0.5]}) == "yes"
+    assert control_verdict({"shuffled": [0.45, 0.55], "re-init": [0.5]}) == "yes: shuffled, re-init"
+    assert control_verdict({"shuffled": [], "re-init": [0.5]}) == "yes: re-init"
     assert control_verdict({"shuffled": [0.5], "re-init": [0.2, 0.3]}) == "no: re-init 0.25"
     assert control_verdict({"shuffled": [0.9], "re-init": []}) == "no: shuffled 0.90"
     assert control_verdict({"shuffled": [], "re-init": []}) == "not run"

@@ -64,6 +64,11 @@ def test_table_of_a_partly_extended_run_has_every_method():
                 {"seed": 1, "methods": {"random": evaluation}, "reinit_control": {}}]  # not extended yet
     table = study.results_table(per_seed)
     assert "| random | 0.500 ± 0.000 |" in table and "| new | 0.900 ± 0.000 |" in table
+    # a control that ran on fewer seeds than its method says so
+    per_seed[0]["reinit_control"] = {"new": {"roc_auc": 0.3}}
+    assert "0.300 ± 0.000 (1 of 1 seeds)" not in study.results_table(per_seed)  # "new" ran on seed 0 only
+    per_seed[1]["methods"]["new"] = per_seed[0]["methods"]["new"]
+    assert "0.300 ± 0.000 (1 of 2 seeds) | no: re-init 0.30 |" in study.results_table(per_seed)
 
 
 def test_extending_some_seeds_keeps_the_others():

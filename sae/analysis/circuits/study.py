@@ -234,15 +234,20 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def _seeds_note(control: list, rows: list) -> str:
+    """" (n of m seeds)" when a control ran on fewer seeds than its method (a partly extended study)."""
+    return f" ({len(control)} of {len(rows)} seeds)" if 0 < len(control) < len(rows) else ""
+
+
 def control_verdict(aucs_by_control: dict[str, list[float]]) -> str:
-    """"yes" when every control that ran has its mean AUC inside CHANCE_BAND, "no: <control> <mean>" naming
-    those outside it, "not run" when none ran."""
+    """"yes: <controls>" naming the controls that ran when each has its mean AUC inside CHANCE_BAND,
+    "no: <control> <mean>" naming those outside it, "not run" when none ran."""
     ran = {name: statistics.mean(aucs) for name, aucs in aucs_by_control.items() if aucs}
     if not ran:
         return "not run"
     low, high = CHANCE_BAND
     outside = [f"{name} {mean:.2f}" for name, mean in ran.items() if not low <= mean <= high]
-    return "no: " + ", ".join(outside) if outside else "yes"
+    return "no: " + ", ".join(outside) if outside else "yes: " + ", ".join(ran)
 
 
 def results_table(per_seed: list[dict]) -> str:
@@ -272,7 +277,7 @@ def results_table(per_seed: list[dict]) -> str:
                  _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
                  _mean_sd([x["faithfulness_at_k"]["kl_circuit"] for x in rows
                            if "kl_circuit" in x.get("faithfulness_at_k", {})]),
-                 _mean_sd(shuffled), _mean_sd(reinit),
+                 _mean_sd(shuffled) + _seeds_note(shuffled, rows), _mean_sd(reinit) + _seeds_note(reinit, rows),
                  *([_mean_sd(control_aucs("init_control", name))] if with_init else []),
                  control_verdict({"random scorer": [x["roc_auc"] for x in rows]} if name == "random"
                                  else {"shuffled": shuffled, "re-init": reinit}),
