@@ -38,7 +38,8 @@ def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path)
         return {k: v for k, v in summary.items() if k != "seconds"}
 
     # the filled-in control is the one the first run made: seeded
-    assert timeless(seed0["shuffled_control"]["codebook_overlap"]) == timeless(before["shuffled_control"]["codebook_overlap"])
+    refilled, original = seed0["shuffled_control"]["codebook_overlap"], before["shuffled_control"]["codebook_overlap"]
+    assert timeless(refilled) == timeless(original)
     assert "codebook_overlap_normalised" in seed0["shuffled_control"]
     assert seed0["extended_effects_max_abs_difference"] < 1e-4  # the retrained toy is the same model
     assert "codebook_overlap_normalised" in after["table"]

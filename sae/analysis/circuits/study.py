@@ -170,8 +170,10 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
     faithfulness of every found circuit, and the controls: shuffled labels for the code methods among
     `shuffle_methods`, and (with `reinit_model`) the re-initialised model for the code methods (or for
     `reinit_methods`, any that read the weights). `previous` (per-seed results of an earlier run on the
-    same task) is extended: what it already has is kept, not rerun. `save(per_seed)` is called after every seed, so an interrupted run can be resumed with `previous`."""
-    reinit_methods = [m for m in (reinit_methods or CODE_METHODS) if m in WEIGHT_READING_METHODS] if reinit_model else []
+    same task) is extended: what it already has is kept, not rerun. `save(per_seed)` is called after every
+    seed, so an interrupted run can be resumed with `previous`."""
+    reinit_methods = [] if reinit_model is None else [m for m in (reinit_methods or CODE_METHODS)
+                                                      if m in WEIGHT_READING_METHODS]
     shuffle_methods = [m for m in shuffle_methods or [] if m in CODE_METHODS]
     truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
@@ -316,8 +318,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --model: also run the shuffled-label control for these code methods (none named: "
                              "every code method asked for). Toy runs always run it")
     parser.add_argument("--extend", action="store_true",
-                        help="keep the methods already in OUT/report.json, run only the others (toys: the models are "
-                             "trained again and must give the same ground truth)")
+                        help="keep what OUT/report.json has, run only what it lacks: methods, or controls of methods "
+                             "(toys: the models are trained again and must give the same ground truth)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
