@@ -23,7 +23,7 @@ from sae.io import atomic_write_bytes, atomic_write_json
 from . import ground_truth, tasks
 from .activations import last_logits_with_ablation
 from .controls import reinitialised_copy, shuffled_labels
-from .evaluation import CHANCE_BAND, evaluate, roc_auc, top_k_mask
+from .evaluation import CHANCE_BAND, evaluate, near_chance, roc_auc, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .patching import ablation_reference, circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
 from .tasks import task_metric, task_solved
@@ -137,9 +137,8 @@ def control_aucs(name: str, model, reinit_model, task: tasks.Task, truth: torch.
         aucs["shuffled_labels_auc"] = roc_auc(shuffled.scores, truth)
     if name in WEIGHT_READING_METHODS:
         aucs["reinit_auc"] = roc_auc(run_method(name, reinit_model, task, seed, positives_from="all").scores, truth)
-    low, high = CHANCE_BAND
-    near_chance = all(low <= auc <= high for auc in aucs.values()) if aucs else None
-    return aucs | {"near_chance": near_chance, "chance_band": [low, high]}
+    verdict = all(near_chance(auc) for auc in aucs.values()) if aucs else None
+    return aucs | {"near_chance": verdict, "chance_band": list(CHANCE_BAND)}
 
 
 def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:

@@ -23,6 +23,12 @@ DEFAULT_THRESHOLD = 0.5  # on min-max normalised scores; fixed before any result
 CHANCE_BAND = (0.40, 0.60)
 
 
+def near_chance(auc: float) -> bool:
+    """Whether a control's AUC (or mean AUC over seeds) lies inside CHANCE_BAND."""
+    low, high = CHANCE_BAND
+    return low <= auc <= high
+
+
 def _check(scores: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     if scores.shape != truth.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and ground truth {tuple(truth.shape)} differ in shape")

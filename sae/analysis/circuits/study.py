@@ -33,7 +33,7 @@ import torch
 from sae.io import atomic_write_bytes, atomic_write_json
 
 from .activations import last_logits_with_ablation
-from .evaluation import CHANCE_BAND, evaluate, top_k_mask
+from .evaluation import evaluate, near_chance, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .controls import reinitialised_copy, shuffled_labels
 from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
@@ -247,8 +247,7 @@ def control_verdict(aucs_by_control: dict[str, list[float]]) -> str:
     ran = {name: statistics.mean(aucs) for name, aucs in aucs_by_control.items() if aucs}
     if not ran:
         return "not run"
-    low, high = CHANCE_BAND
-    outside = [f"{name} {mean:.2f}" for name, mean in ran.items() if not low <= mean <= high]
+    outside = [f"{name} {mean:.2f}" for name, mean in ran.items() if not near_chance(mean)]
     return "no: " + ", ".join(outside) if outside else "yes: " + ", ".join(ran)
 
 
