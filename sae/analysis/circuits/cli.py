@@ -22,7 +22,7 @@ from sae.io import atomic_write_bytes, atomic_write_json
 
 from . import ground_truth, tasks
 from .activations import last_logits_with_ablation
-from .controls import reinitialised_copy, shuffled_labels
+from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
 from .evaluation import CHANCE_BAND, evaluate, near_chance, roc_auc, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .patching import ablation_reference, circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
@@ -133,10 +133,9 @@ def control_aucs(name: str, model, reinit_model, task: tasks.Task, truth: torch.
     `near_chance` is None for a method no control applies to)."""
     aucs = {}
     if name in CODE_METHODS:
-        shuffled = run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all")
-        aucs["shuffled_labels_auc"] = roc_auc(shuffled.scores, truth)
+        aucs["shuffled_labels_auc"] = roc_auc(run_on_shuffled_labels(name, model, task, seed).scores, truth)
     if name in WEIGHT_READING_METHODS:
-        aucs["reinit_auc"] = roc_auc(run_method(name, reinit_model, task, seed, positives_from="all").scores, truth)
+        aucs["reinit_auc"] = roc_auc(run_on_untrained(name, reinit_model, task, seed).scores, truth)
     verdict = all(near_chance(auc) for auc in aucs.values()) if aucs else None
     return aucs | {"near_chance": verdict, "chance_band": list(CHANCE_BAND)}
 

@@ -5,9 +5,13 @@ model's ground truth near 0.5).
   0.5 means the method reads something that does not need training (depth, weight norms); far below means
   it systematically prefers the heads that are *not* in the circuit, equally a property of the method.
 * `shuffled_labels` — the same model with clean and corrupted prompts swapped in a random half of the
-  pairs, so "positive" and "negative" no longer mean anything: a method whose scores come from the
-  difference between the two (every method here) should find nothing. Code methods take all the "clean"
-  prompts as positives on it (which ones the model solves would leak the labels back).
+  pairs, so "positive" and "negative" prompts no longer mean anything: a code method, which scores what
+  separates the two sets, should find nothing. It is no null for the patching and gradient baselines
+  (noising one head of a clean run is not undone by denoising it in a corrupted run), so they are not
+  run on it.
+Both run a method with all the "clean" prompts as its positives (`run_on_shuffled_labels`,
+`run_on_untrained`): which ones the model solves would leak the labels back, and an untrained model
+solves none.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import replace
 
 import torch
 
+from .methods import run_method
+from .patching import MethodScores
 from .tasks import Task
 
 
@@ -51,3 +57,13 @@ def shuffled_labels(task: Task, seed: int) -> Task:
     corrupted = torch.where(swapped[:, None], task.clean_tokens, task.corrupted_tokens)
     return replace(task, name=f"{task.name} (labels shuffled, seed {seed})", clean_tokens=clean,
                    corrupted_tokens=corrupted)
+
+
+def run_on_shuffled_labels(name: str, model, task: Task, seed: int) -> MethodScores:
+    """Method `name` (a code method) on `shuffled_labels(task, seed)`."""
+    return run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all")
+
+
+def run_on_untrained(name: str, untrained_model, task: Task, seed: int) -> MethodScores:
+    """Method `name` on an untrained model (`reinitialised_copy`, or a toy never trained)."""
+    return run_method(name, untrained_model, task, seed, positives_from="all")

@@ -36,7 +36,8 @@ from torch import Tensor
 from sae.io import atomic_write_bytes, atomic_write_json
 
 from .activations import collect_head_results
-from .methods import CODE_METHODS, code_method_scores, run_method
+from .controls import run_on_untrained
+from .methods import CODE_METHODS, code_method_scores
 from .study import REINIT_SEED_OFFSET  # the control proper for toy seed s is seed s + this
 from .toy_induction import TOYS, induction_task, train_induction_model
 
@@ -102,7 +103,7 @@ def measure_seed(toy: str, seed: int, work: Path, n_prompts: int = 100) -> dict:
                 "relative_change_positions": relative_change(clean_all, corrupted_all),
                 "relative_spread": relative_spread(clean_mean),
                 "norm_mean": clean_mean.norm(dim=-1).mean(0)}
-    scores = {name: run_method(name, model, task, seed, positives_from="all").scores for name in CODEBOOK_METHODS}
+    scores = {name: run_on_untrained(name, model, task, seed).scores for name in CODEBOOK_METHODS}
     scale = clean_mean.norm(dim=-1).mean(0)[..., None]  # [layers, heads, 1]: each head's mean clean norm
     vectors = {"mean": (clean_mean, corrupted_mean), "all": (clean_all, corrupted_all)}
     for name in CODEBOOK_METHODS:

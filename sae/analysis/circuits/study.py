@@ -35,7 +35,7 @@ from sae.io import atomic_write_bytes, atomic_write_json
 from .activations import last_logits_with_ablation
 from .evaluation import evaluate, near_chance, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
-from .controls import reinitialised_copy, shuffled_labels
+from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
 from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
                        ground_truth_from_effects)
 from .tasks import task_metric
@@ -130,19 +130,18 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
         result = {"seed": seed, "training": training, **info, "methods": {}, **{key: {} for key in CONTROLS}}
     if "error" in info:
         return result
-    reference, memo, shuffled = ablation_reference(model, task, "resample"), {}, shuffled_labels(task, seed)
+    reference, memo = ablation_reference(model, task, "resample"), {}
     for name in methods:
         if name not in result["methods"]:
             result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
                                                         model, task, truth, reference, memo)
         if name in CODE_METHODS and name not in result["shuffled_control"]:
-            result["shuffled_control"][name] = _summary(
-                run_method(name, model, shuffled, seed, positives_from="all"), truth)
+            result["shuffled_control"][name] = _summary(run_on_shuffled_labels(name, model, task, seed), truth)
     for key, directory in (("reinit_control", reinit_dir), ("init_control", init_dir)):
         missing = [m for m in methods if m in WEIGHT_READING_METHODS and m not in result[key]]
         untrained = _load(directory) if missing else None
         for name in missing:
-            result[key][name] = _summary(run_method(name, untrained, task, seed, positives_from="all"), truth)
+            result[key][name] = _summary(run_on_untrained(name, untrained, task, seed), truth)
     return result
 
 
@@ -190,10 +189,10 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
                                  reference, memo)
 
     def shuffled_summary(name: str, seed: int) -> dict:
-        return _summary(run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all"), truth)
+        return _summary(run_on_shuffled_labels(name, model, task, seed), truth)
 
     def reinit_summary(name: str, seed: int) -> dict:
-        return _summary(run_method(name, reinit_model, task, seed, positives_from="all"), truth)
+        return _summary(run_on_untrained(name, reinit_model, task, seed), truth)
 
     once: dict[tuple[str, str], dict] = {}  # methods that do not depend on the seed run once: (part, name)
 
