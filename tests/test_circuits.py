@@ -128,6 +128,40 @@ def test_permutation_calibration_removes_the_overlap_that_code_diversity_alone_g
     with pytest.raises(ValueError, match="n_permutations"):
         scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 0, seed=0)
 
+def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
+    # head 0: the two prompts of a pair get the same code (it follows what they share), so positives and
+    # negatives use codes alike and the overlap is 0; the pooled null splits pairs and expects more, so
+    # head 0 comes out below 0; the pair null swaps within pairs and expects exactly what was seen.
+    # Head 1 differs between positives and negatives for real under either null.
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    shared = torch.randint(30, (n,), generator=g)
+    pos = torch.stack([shared, torch.randint(4, (n,), generator=g)], -1)[:, None, :, None]  # [n, 1, 2, 1]
+    neg = torch.stack([shared, torch.randint(4, (n,), generator=g) + 2], -1)[:, None, :, None]
+    pairs = torch.arange(n)
+    pooled = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0)[0]
+    paired = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0, pair_of_positive=pairs)[0]
+    assert pooled[0] < -0.2 and paired[0] == 0, (pooled, paired)
+    assert paired[1] > 0.3 and pooled[1] > 0.3
+    # positives may be a subset of the pairs (the solved prompts); unpaired negatives stay negatives
+    subset = scoring.permutation_calibrated(scoring.overlap_head_scores, pos[:30], neg, 32, 100, seed=0,
+                                            pair_of_positive=torch.arange(30))[0]
+    assert torch.isfinite(subset).all()
+    with pytest.raises(ValueError, match="distinct negative indices"):
+        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0,
+                                       pair_of_positive=torch.zeros(n, dtype=torch.long))
+    with pytest.raises(ValueError, match="past the 40 negatives"):
+        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0, pair_of_positive=pairs + 1)
+
+
+def test_a_pair_calibrated_method_needs_the_pairing():
+    from sae.analysis.circuits.methods import CODE_METHODS, code_method_scores
+
+    vectors = torch.randn(6, 1, 2, 8)
+    with pytest.raises(ValueError, match="pair_of_positive"):
+        code_method_scores(CODE_METHODS["oneill_overlap_pair_calibrated"], vectors, vectors, seed=0)
+
+
 # --- codes ------------------------------------------------------------------------------------------
 
 def test_oneill_sae_trains_and_flags_silent_vectors():

@@ -42,8 +42,10 @@ class CodeMethod:
     # divide each head's vectors by that head's mean norm before training and coding, so that in the one
     # SAE all heads share, a head's output scale does not decide which codes it gets
     normalise_heads: bool = False
-    # > 0: subtract the score's mean over this many random relabellings of the pooled prompts (scoring.py)
+    # > 0: subtract the score's mean over this many random relabellings (scoring.permutation_calibrated):
+    # null "pooled" splits the pooled prompts freely, "pairs" swaps each clean/corrupted pair or not
     null_permutations: int = 0
+    null: str = "pooled"
 
 
 CODE_METHODS = {
@@ -62,6 +64,12 @@ CODE_METHODS = {
         CodeMethod("codebook_overlap_positions_calibrated", "codebook", "all", "overlap", d_sae=64, k=4,
                    epochs=200, null_permutations=100),
         CodeMethod("oneill_overlap_calibrated", "oneill_relu", "mean", "overlap", null_permutations=100),
+        CodeMethod("codebook_overlap_pair_calibrated", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
+                   null_permutations=100, null="pairs"),
+        CodeMethod("codebook_overlap_positions_pair_calibrated", "codebook", "all", "overlap", d_sae=64, k=4,
+                   epochs=200, null_permutations=100, null="pairs"),
+        CodeMethod("oneill_overlap_pair_calibrated", "oneill_relu", "mean", "overlap", null_permutations=100,
+                   null="pairs"),
     ]
 }
 
@@ -76,14 +84,19 @@ def head_mean_norms(vectors: Tensor) -> Tensor:
     return torch.where(means > 0, means, torch.ones_like(means))
 
 
-def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_vectors: Tensor,
-                       seed: int) -> tuple[Tensor, dict]:
+def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_vectors: Tensor, seed: int,
+                       pair_of_positive: Tensor | None = None) -> tuple[Tensor, dict]:
     """vectors [prompts, (pos,) layers, heads, d_model] -> scores [layers, heads] and diagnostics.
 
     The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives. With
     `normalise_heads`, each head's vectors are first divided by its mean norm over all pooled vectors; with
-    `null_permutations`, the score is calibrated against relabelled prompts (`permutation_calibrated`).
+    `null_permutations`, the score is calibrated against relabelled prompts (`permutation_calibrated`);
+    the "pairs" null needs `pair_of_positive` [positives]: the index of each positive's own negative.
     """
+    if method.null not in ("pooled", "pairs"):
+        raise ValueError(f"method {method.name}: null must be 'pooled' or 'pairs', got {method.null!r}")
+    if method.null_permutations and method.null == "pairs" and pair_of_positive is None:
+        raise ValueError(f"method {method.name} calibrates against swapped pairs: pass pair_of_positive")
     pooled = torch.cat([positive_vectors, negative_vectors])
     if method.normalise_heads:
         scale = head_mean_norms(pooled)[..., None]  # [layers, heads, 1]
@@ -100,7 +113,9 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
     scorer = {"oneill": oneill_head_scores, "oneill_edge": oneill_edge_head_scores,
               "overlap": overlap_head_scores}[method.scorer]
     if method.null_permutations:
-        scores = permutation_calibrated(scorer, pos.codes, neg.codes, method.d_sae, method.null_permutations, seed)
+        pairs = pair_of_positive if method.null == "pairs" else None
+        scores = permutation_calibrated(scorer, pos.codes, neg.codes, method.d_sae, method.null_permutations, seed,
+                                        pairs)
     else:
         scores = scorer(pos.codes, neg.codes, method.d_sae)
     total = pos.codes.shape[:-1].numel() + neg.codes.shape[:-1].numel()
@@ -109,15 +124,15 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
     return scores, details
 
 
-def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Task, dict]:
-    """The clean prompts the model solves (the method needs them), and how many there were."""
+def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Tensor, dict]:
+    """The indices of the clean prompts the model solves (the method needs them), and how many there were."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     solved = task_solved(task, last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter))
     if not solved.any():
         raise ValueError(f"the model solves none of the {len(task)} clean {task.name} prompts: "
                          "no positives to find a circuit with")
-    return task.select(solved), {"clean_prompts": len(task), "solved": int(solved.sum())}
+    return solved.nonzero().squeeze(1), {"clean_prompts": len(task), "solved": int(solved.sum())}
 
 
 def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0,
@@ -126,14 +141,15 @@ def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0,
     none, such as the re-initialised control)."""
     started, counter = time.perf_counter(), ForwardCounter()
     if positives_from == "solved":
-        positives, solved = positive_prompts(model, task, counter)
+        positive_index, solved = positive_prompts(model, task, counter)
     elif positives_from == "all":
-        positives, solved = task, {"clean_prompts": len(task), "solved": None}
+        positive_index, solved = torch.arange(len(task)), {"clean_prompts": len(task), "solved": None}
     else:
         raise ValueError(f"positives_from must be 'solved' or 'all', got {positives_from!r}")
-    pos = collect_head_results(model, positives.clean_tokens, method.positions, counter=counter)
+    pos = collect_head_results(model, task.clean_tokens[positive_index], method.positions, counter=counter)
     neg = collect_head_results(model, task.corrupted_tokens, method.positions, counter=counter)
-    scores, details = code_method_scores(method, pos, neg, seed)
+    # positive i is the clean prompt of pair positive_index[i], whose corrupted prompt is that negative
+    scores, details = code_method_scores(method, pos, neg, seed, pair_of_positive=positive_index)
     return MethodScores(method.name, scores, time.perf_counter() - started, counter.forward_prompts, 0,
                         {**details, **solved})
 

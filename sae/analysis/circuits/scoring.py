@@ -12,10 +12,13 @@ with the position when there is one, so the same code at two positions counts as
 * `overlap_head_scores` — ours: total-variation distance between the head's symbol frequencies in
   positives and in negatives, in [0, 1]; 0 when both sets use codes alike. Frequencies are normalised,
   so it does not grow with sample size, and "no code" is a symbol of its own rather than dropped.
-* `permutation_calibrated` — any of these minus its mean over random relabellings of the pooled prompts:
-  with finitely many prompts a head's overlap is above 0 even when positives and negatives do not differ,
-  and more so the more distinct symbols the head uses; subtracting that expected value leaves the part
-  the labels explain.
+* `permutation_calibrated` — any of these minus its mean over random relabellings of the prompts: with
+  finitely many prompts a head's overlap is above 0 even when positives and negatives do not differ, and
+  more so the more distinct symbols the head uses; subtracting that expected value leaves the part the
+  labels explain. Two nulls: relabel the pooled prompts freely, or (given the pairing) swap the two prompts
+  of each clean/corrupted pair with probability 1/2. Only the second keeps each pair split across the two
+  sides as the real labels do; with the first, heads whose codes follow what a pair's prompts share look
+  more alike across the sides than the null expects, and score below 0.
 """
 
 from __future__ import annotations
@@ -101,15 +104,39 @@ HeadScorer = Callable[[Tensor, Tensor, int], Tensor]
 
 
 def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_codes: Tensor, d_sae: int,
-                           n_permutations: int, seed: int) -> Tensor:
-    """-> [layers, heads]: scorer(positives, negatives) minus its mean over `n_permutations` random splits of
-    the pooled prompts into groups of the same two sizes (the score expected when labels mean nothing)."""
+                           n_permutations: int, seed: int, pair_of_positive: Tensor | None = None) -> Tensor:
+    """-> [layers, heads]: scorer(positives, negatives) minus its mean over `n_permutations` relabellings.
+
+    pair_of_positive None: each relabelling splits the pooled prompts at random into groups of the same two
+    sizes. pair_of_positive [positives] (LongTensor, distinct indices into the negatives): positive i and
+    negative pair_of_positive[i] are a pair, and each relabelling swaps every pair with probability 1/2;
+    negatives in no pair stay negatives.
+    """
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be at least 1, got {n_permutations}")
-    pooled = torch.cat([positive_codes, negative_codes])
-    n_positive, generator = len(positive_codes), torch.Generator().manual_seed(seed)
+    if pair_of_positive is not None:
+        if pair_of_positive.shape != (len(positive_codes),) or pair_of_positive.unique().numel() != len(positive_codes):
+            raise ValueError(f"pair_of_positive must hold {len(positive_codes)} distinct negative indices, "
+                             f"got shape {tuple(pair_of_positive.shape)}")
+        if len(pair_of_positive) and not 0 <= int(pair_of_positive.min()) <= int(pair_of_positive.max()) < len(negative_codes):
+            raise ValueError(f"pair_of_positive indexes past the {len(negative_codes)} negatives")
+    generator = torch.Generator().manual_seed(seed)
     null = torch.zeros(positive_codes.shape[-3:-1])  # [layers, heads]
     for _ in range(n_permutations):
-        order = torch.randperm(len(pooled), generator=generator)
-        null += scorer(pooled[order[:n_positive]], pooled[order[n_positive:]], d_sae)
+        null += scorer(*_relabelled(positive_codes, negative_codes, pair_of_positive, generator), d_sae)
     return scorer(positive_codes, negative_codes, d_sae) - null / n_permutations
+
+
+def _relabelled(positive_codes: Tensor, negative_codes: Tensor, pair_of_positive: Tensor | None,
+                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One draw of the null: (positives, negatives) with the labels relabelled as `permutation_calibrated` says."""
+    if pair_of_positive is None:
+        pooled = torch.cat([positive_codes, negative_codes])
+        order = torch.randperm(len(pooled), generator=generator)
+        return pooled[order[:len(positive_codes)]], pooled[order[len(positive_codes):]]
+    swap = torch.rand(len(positive_codes), generator=generator) < 0.5
+    partners = negative_codes[pair_of_positive]
+    positives = torch.where(swap.view(-1, *[1] * (positive_codes.ndim - 1)), partners, positive_codes)
+    negatives = negative_codes.clone()
+    negatives[pair_of_positive[swap]] = positive_codes[swap]
+    return positives, negatives
