@@ -43,14 +43,16 @@ def test_layer_index_scorer_is_blind_within_layers():
     assert evaluation.roc_auc_within_layers(depth, truth) == 0.5
 
 
-def test_shuffled_labels_swap_clean_and_corrupted_in_half_the_pairs():
+def test_shuffled_labels_swap_each_pair_with_probability_one_half():
     from sae.analysis.circuits.controls import shuffled_labels
 
     clean, corrupted = torch.arange(10)[:, None].repeat(1, 3), 100 + torch.arange(10)[:, None].repeat(1, 3)
     task = tasks.Task("t", clean, corrupted, torch.arange(10)[:, None], torch.full((10, 1), 50), "logit_diff")
     shuffled = shuffled_labels(task, seed=0)
     swapped = shuffled.clean_tokens[:, 0] >= 100
-    assert int(swapped.sum()) == 5
+    assert 0 < int(swapped.sum()) < 10
+    counts = [int((shuffled_labels(task, seed).clean_tokens[:, 0] >= 100).sum()) for seed in range(200)]
+    assert abs(sum(counts) / len(counts) - 5) < 0.3 and len(set(counts)) > 3  # random, not always exactly half
     assert torch.equal(shuffled.corrupted_tokens[swapped], clean[swapped])  # a pair is swapped whole
     assert torch.equal(shuffled.clean_tokens[~swapped], clean[~swapped])
     assert torch.equal(shuffled.good_tokens, task.good_tokens) and torch.equal(shuffled.bad_tokens, task.bad_tokens)
@@ -152,6 +154,27 @@ def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
                                        pair_of_positive=torch.zeros(n, dtype=torch.long))
     with pytest.raises(ValueError, match="past the 40 negatives"):
         scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0, pair_of_positive=pairs + 1)
+
+
+def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():
+    # 20 heads differ between clean and corrupted prompts, 20 do not. With each pair swapped at random (the
+    # shuffled-label control), the calibrated overlap must not rank the differing heads apart from the rest,
+    # on average over relabellings. (With exactly half of the pairs swapped it ranks them low: 0.45.)
+    from sae.analysis.circuits.scoring import random_swaps
+
+    g = torch.Generator().manual_seed(0)
+    n, h, aucs = 40, 20, []
+    differs = (torch.arange(2 * h) >= h).view(1, 2 * h)
+    for seed in range(20):
+        clean = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g), torch.randint(4, (n, 1, h, 1), generator=g)], 2)
+        corrupted = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g),
+                               torch.randint(4, (n, 1, h, 1), generator=g) + 1], 2)
+        swapped = random_swaps(n, torch.Generator().manual_seed(1000 + seed)).view(-1, 1, 1, 1)
+        pos, neg = torch.where(swapped, corrupted, clean), torch.where(swapped, clean, corrupted)
+        scores = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 50, seed,
+                                                pair_of_positive=torch.arange(n))
+        aucs.append(evaluation.roc_auc(scores, differs))
+    assert abs(sum(aucs) / len(aucs) - 0.5) < 0.04, aucs
 
 
 def test_a_pair_calibrated_method_needs_the_pairing():

@@ -4,9 +4,12 @@ model's ground truth near 0.5).
 * `reinitialised_copy` — the same architecture with its learnt weights replaced by random ones. Far above
   0.5 means the method reads something that does not need training (depth, weight norms); far below means
   it systematically prefers the heads that are *not* in the circuit, equally a property of the method.
-* `shuffled_labels` — the same model with clean and corrupted prompts swapped in a random half of the
-  pairs, so "positive" and "negative" prompts no longer mean anything: a code method, which scores what
-  separates the two sets, should find nothing. It is no null for the patching and gradient baselines
+* `shuffled_labels` — the same model with clean and corrupted prompts swapped in each pair with
+  probability 1/2, so "positive" and "negative" prompts no longer mean anything: a code method, which
+  scores what separates the two sets, should find nothing. (Swapping exactly half of the pairs instead
+  makes a split that is balanced against the truth as no random relabelling is, and a method calibrated
+  against random relabellings then ranks the heads that truly differ below chance: synthetic check in
+  the circuits README.) It is no null for the patching and gradient baselines
   (noising one head of a clean run is not undone by denoising it in a corrupted run), so they are not
   run on it.
 Both run a method with all the "clean" prompts as its positives (`run_on_shuffled_labels`,
@@ -23,6 +26,7 @@ import torch
 
 from .methods import run_method
 from .patching import MethodScores
+from .scoring import random_swaps
 from .tasks import Task
 
 
@@ -48,11 +52,9 @@ def reinitialised_copy(model, seed: int = 0):
 
 
 def shuffled_labels(task: Task, seed: int) -> Task:
-    """`task` with clean and corrupted prompts swapped in a random half (rounded down) of its pairs; the
-    answer tokens stay with their pair."""
-    generator = torch.Generator().manual_seed(seed)
-    swapped = torch.zeros(len(task), dtype=torch.bool)
-    swapped[torch.randperm(len(task), generator=generator)[: len(task) // 2]] = True
+    """`task` with clean and corrupted prompts swapped in each pair with probability 1/2 (`random_swaps`);
+    the answer tokens stay with their pair."""
+    swapped = random_swaps(len(task), torch.Generator().manual_seed(seed))
     clean = torch.where(swapped[:, None], task.corrupted_tokens, task.clean_tokens)
     corrupted = torch.where(swapped[:, None], task.clean_tokens, task.corrupted_tokens)
     return replace(task, name=f"{task.name} (labels shuffled, seed {seed})", clean_tokens=clean,

@@ -16,9 +16,8 @@ with the position when there is one, so the same code at two positions counts as
   finitely many prompts a head's overlap is above 0 even when positives and negatives do not differ, and
   more so the more distinct symbols the head uses; subtracting that expected value leaves the part the
   labels explain. Two nulls: relabel the pooled prompts freely, or (given the pairing) swap the two prompts
-  of each clean/corrupted pair with probability 1/2. Only the second keeps each pair split across the two
-  sides as the real labels do; with the first, heads whose codes follow what a pair's prompts share look
-  more alike across the sides than the null expects, and score below 0.
+  of each clean/corrupted pair with probability 1/2, so that the two prompts of a pair are always on
+  opposite sides, as with the real labels.
 """
 
 from __future__ import annotations
@@ -109,8 +108,8 @@ def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_
 
     pair_of_positive None: each relabelling splits the pooled prompts at random into groups of the same two
     sizes. pair_of_positive [positives] (LongTensor, distinct indices into the negatives): positive i and
-    negative pair_of_positive[i] are a pair, and each relabelling swaps every pair with probability 1/2;
-    negatives in no pair stay negatives.
+    negative pair_of_positive[i] are a pair, and each relabelling swaps each pair with probability 1/2
+    (`random_swaps`, as `controls.shuffled_labels` does); negatives in no pair stay negatives.
     """
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be at least 1, got {n_permutations}")
@@ -127,6 +126,13 @@ def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_
     return scorer(positive_codes, negative_codes, d_sae) - null / n_permutations
 
 
+def random_swaps(n_pairs: int, generator: torch.Generator) -> Tensor:
+    """-> [n_pairs] bool: each pair swapped with probability 1/2, independently. Not "exactly half": the
+    method sees only the labels it is given, so its own relabellings of an exactly balanced split are not
+    balanced against the truth; a split drawn like the null's draws is one more draw of it."""
+    return torch.rand(n_pairs, generator=generator) < 0.5
+
+
 def _relabelled(positive_codes: Tensor, negative_codes: Tensor, pair_of_positive: Tensor | None,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One draw of the null: (positives, negatives) with the labels relabelled as `permutation_calibrated` says."""
@@ -134,7 +140,7 @@ def _relabelled(positive_codes: Tensor, negative_codes: Tensor, pair_of_positive
         pooled = torch.cat([positive_codes, negative_codes])
         order = torch.randperm(len(pooled), generator=generator)
         return pooled[order[:len(positive_codes)]], pooled[order[len(positive_codes):]]
-    swap = torch.rand(len(positive_codes), generator=generator) < 0.5
+    swap = random_swaps(len(positive_codes), generator)
     partners = negative_codes[pair_of_positive]
     positives = torch.where(swap.view(-1, *[1] * (positive_codes.ndim - 1)), partners, positive_codes)
     negatives = negative_codes.clone()
