@@ -129,7 +129,8 @@ def test_analyze_py_circuits_end_to_end(trained, tmp_path):
     report = json.loads((out / "report.json").read_text())
     edges = report["methods"]["attribution_patching_edges"]["top_edges"]
     assert edges and {"from", "to", "estimate"} <= set(edges[0])
-    assert all(e["to"] == "logits" or int(e["to"].split(".")[0]) > int(e["from"].split(".")[0]) for e in edges)
+    assert all(e["from"] == "input" or e["to"] == "logits" or int(e["to"].split(".")[0]) > int(e["from"].split(".")[0])
+               for e in edges)
     assert report["methods"]["attribution_patching_edges"]["evaluation"]["roc_auc"] > 0.6
     assert (out / "attribution_patching_edges.png").read_bytes()[:4] == b"\x89PNG"
     assert report["ground_truth"]["source"].startswith("exhaustive resample patching")

@@ -156,16 +156,17 @@ def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
 
 
 def top_edges(estimate: torch.Tensor, valid: torch.Tensor, n_heads: int, n: int = 20) -> list[dict]:
-    """The n edges with the largest |estimate| as {"from": "L.h", "to": "L.h" or "logits", "estimate"}."""
+    """The n edges with the largest |estimate| as {"from": "L.h" or "input", "to": "L.h" or "logits",
+    "estimate"} (edge matrices as in edges.edge_index: the last row is the input, the last column the logits)."""
     magnitude = (estimate.abs() * valid).flatten()
     order = magnitude.argsort(descending=True)[: min(n, int(valid.sum()))]
     width = estimate.shape[1]
 
-    def head(index: int) -> str:
-        return "logits" if index == width - 1 else f"{index // n_heads}.{index % n_heads}"
+    def node(index: int, last: str) -> str:
+        return last if index == width - 1 else f"{index // n_heads}.{index % n_heads}"
 
-    return [{"from": head(int(i) // width), "to": head(int(i) % width), "estimate": float(estimate.flatten()[i])}
-            for i in order]
+    return [{"from": node(int(i) // width, "input"), "to": node(int(i) % width, "logits"),
+             "estimate": float(estimate.flatten()[i])} for i in order]
 
 
 def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = None) -> bytes:

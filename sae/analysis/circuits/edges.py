@@ -1,12 +1,14 @@
-"""Edge-level attribution: how much each head -> head edge (and head -> logits edge) carries the task.
+"""Edge-level attribution: how much each edge of the head graph carries the task.
 
-An edge u -> v is the direct path from head u's output, through the residual stream alone (no layer in
-between), into the input of head v in a later layer (or into the unembedding, v = logits). Attribution
-patching (Syed et al. 2023) estimates the effect of patching that edge with the corrupted run's value by
+Nodes: the input (the embeddings, i.e. resid_pre of layer 0), every attention head, and the logits. An
+edge u -> v is the direct path from u's output, through the residual stream alone (no layer in between),
+into the input of head v in a later layer (or into the unembedding, v = logits). Attribution patching
+(Syed et al. 2023) estimates the effect of patching that edge with the corrupted run's value by
 
     edge(u -> v) = sum over positions of  (z_u(corrupt) - z_u(clean)) · d m / d z_u |direct to v
 
-averaged over prompts. The direct gradient is obtained in two vector-Jacobian products per edge end
+averaged over prompts; for u = input, z_u is the embedding and its direct path to v is the identity, so
+the edge is (embedding(corrupt) - embedding(clean)) · g_v with g_v as below. The direct gradient is obtained in two vector-Jacobian products per edge end
 after one ordinary backward pass, so no per-head copy of the residual stream is needed:
 
     g_v = d m / d resid_pre(L_v), restricted to the path through head v
@@ -19,8 +21,11 @@ d m / d (input of the final norm). EAP-IG (Hanna et al. 2024) averages the same 
 interpolated between corrupted and clean embeddings.
 
 In a model whose MLPs are zero (the toy models), every gradient path from z_u to the metric is one of
-these edges, so the edge scores out of a head sum to its node attribution score; a test checks this.
-Input (embedding) -> head edges and MLP nodes are not scored.
+these edges, so the edge scores out of a head sum to its node attribution score, and those out of the
+input to the attribution of the whole embedding change; tests check both. MLP nodes are not scored.
+
+Edge matrices are [layers·heads + 1, layers·heads + 1]: rows are upstream nodes (heads numbered
+layer·n_heads + head, then the input, INPUT_ROW), columns downstream nodes (heads, then the logits).
 """
 
 from __future__ import annotations
@@ -47,20 +52,37 @@ FINAL_RESID = "ln_final.hook_in"
 
 
 def edge_index(n_layers: int, n_heads: int) -> Tensor:
-    """[layers·heads, layers·heads + 1] bool: which (upstream head, downstream head or logits) pairs are
-    edges. Heads are numbered layer·n_heads + head; the last column is the logits."""
+    """[layers·heads + 1, layers·heads + 1] bool: which (upstream head or input, downstream head or logits)
+    pairs are edges. Heads are numbered layer·n_heads + head; the last row is the input, the last column
+    the logits."""
+    n = n_layers * n_heads
     layer_of = torch.arange(n_layers).repeat_interleave(n_heads)
-    valid = torch.zeros(n_layers * n_heads, n_layers * n_heads + 1, dtype=torch.bool)
-    valid[:, :-1] = layer_of[:, None] < layer_of[None, :]
-    valid[:, -1] = True
+    valid = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    valid[:n, :n] = layer_of[:, None] < layer_of[None, :]
+    valid[:, n] = True  # everything reaches the logits
+    valid[n, :] = True  # the input reaches every head
     return valid
 
 
-def _edge_products(model, task: Task, delta_z: Tensor, resid_pre_override=None) -> tuple[Tensor, int]:
+def input_row(n_layers: int, n_heads: int) -> int:
+    """The row of the input (embeddings) in edge matrices."""
+    return n_layers * n_heads
+
+
+@torch.no_grad()
+def embeddings(model, tokens: Tensor) -> Tensor:
+    """tokens [prompts, pos] -> the residual stream entering layer 0 [prompts, pos, d_model] (the embedding
+    stage only: not counted as a pass of the model)."""
+    return model.forward(tokens.to(model.cfg.device), stop_at_layer=0).detach()
+
+
+def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resid_pre_override=None
+                   ) -> tuple[Tensor, int]:
     """One forward and backward on the clean prompts, then the direct-path products.
 
-    delta_z: [prompts, pos, layers, heads, d_head] = z(corrupt) - z(clean).
-    Returns edge estimates [layers·heads, layers·heads + 1] (sum over prompts and positions) and the
+    delta_z: [prompts, pos, layers, heads, d_head] = z(corrupt) - z(clean); delta_input: [prompts, pos,
+    d_model] = embeddings(corrupt) - embeddings(clean).
+    Returns edge estimates [layers·heads + 1, layers·heads + 1] (sum over prompts and positions) and the
     number of vector-Jacobian products taken.
     """
     n_layers, n_heads = model_shape(model)
@@ -74,12 +96,16 @@ def _edge_products(model, task: Task, delta_z: Tensor, resid_pre_override=None) 
             return tensor
         return keep
 
-    names = [z_hook_name(L) for L in range(n_layers)] + [_resid_pre(L) for L in range(1, n_layers)]
+    def input_leaf(resid: Tensor, hook) -> Tensor:
+        # the embedding (or EAP-IG's interpolation of it) as a leaf, so layer-0 heads have a residual
+        # stream to take gradients at, whether or not the embedding weights require them
+        x = resid if resid_pre_override is None else resid_pre_override(resid, hook)
+        return x.detach().requires_grad_(True)
+
+    names = [z_hook_name(L) for L in range(n_layers)] + [_resid_pre(L) for L in range(n_layers)]
     names += [_resid_mid(L) for L in range(n_layers)] + [FINAL_RESID]
-    hooks = [(name, keeper(name)) for name in names]
-    if resid_pre_override is not None:
-        hooks.insert(0, ("blocks.0.hook_resid_pre", resid_pre_override))
-    edges = torch.zeros(n_layers * n_heads, n_layers * n_heads + 1)
+    hooks = [(_resid_pre(0), input_leaf)] + [(name, keeper(name)) for name in names]
+    edges = torch.zeros(n_layers * n_heads + 1, n_layers * n_heads + 1)
     vjps = 0
     with torch.enable_grad():
         logits = model.run_with_hooks(task.clean_tokens.to(model.cfg.device), fwd_hooks=hooks)
@@ -90,7 +116,7 @@ def _edge_products(model, task: Task, delta_z: Tensor, resid_pre_override=None) 
                                "or are not on the model's autograd path")
         # residual-stream gradients g, one per downstream end: each head of each layer, and the logits
         downstream: list[tuple[int, Tensor]] = [(n_layers * n_heads, kept[FINAL_RESID].grad)]
-        for L in range(1, n_layers):
+        for L in range(n_layers):
             z, z_grad = kept[z_hook_name(L)], kept[z_hook_name(L)].grad
             for h in range(n_heads):
                 only_h = torch.zeros_like(z_grad)
@@ -98,6 +124,9 @@ def _edge_products(model, task: Task, delta_z: Tensor, resid_pre_override=None) 
                 (g,) = torch.autograd.grad(z, kept[_resid_pre(L)], grad_outputs=only_h, retain_graph=True)
                 downstream.append((L * n_heads + h, g))
                 vjps += 1
+        # input -> v: the embedding reaches every later residual stream unchanged (the identity path)
+        for column, g in downstream:
+            edges[n_layers * n_heads, column] = (delta_input.to(g.device).float() * g.float()).sum().cpu()
         for L_up in range(n_layers):
             z_up, mid = kept[z_hook_name(L_up)], kept[_resid_mid(L_up)]
             delta = delta_z[:, :, L_up].to(z_up.device, z_up.dtype)  # [prompts, pos, heads, d_head]
@@ -117,25 +146,22 @@ def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScore
     z_clean = collect_z(model, task.clean_tokens, counter=counter)
     z_corrupt = collect_z(model, task.corrupted_tokens, counter=counter)
     delta_z = z_corrupt - z_clean
+    resid = {"clean": embeddings(model, task.clean_tokens), "corrupt": embeddings(model, task.corrupted_tokens)}
+    delta_input = resid["corrupt"] - resid["clean"]
     vjps = 0
     if steps is None:
-        total, vjps = _edge_products(model, task, delta_z)
+        total, vjps = _edge_products(model, task, delta_z, delta_input)
         counter.forward_prompts += len(task)
         counter.backward_prompts += len(task)
     else:
-        resid: dict[str, Tensor] = {}
-        for label, tokens in (("clean", task.clean_tokens), ("corrupt", task.corrupted_tokens)):
-            _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter="blocks.0.hook_resid_pre")
-            resid[label] = cache["blocks.0.hook_resid_pre"].detach()
-            counter.forward_prompts += len(task)
-        total = torch.zeros(n_layers * n_heads, n_layers * n_heads + 1)
+        total = torch.zeros(n_layers * n_heads + 1, n_layers * n_heads + 1)
         for step in range(1, steps + 1):
             alpha = step / steps
 
             def interpolate(x: Tensor, hook, alpha=alpha) -> Tensor:
                 return resid["corrupt"] + alpha * (resid["clean"] - resid["corrupt"])
 
-            products, n = _edge_products(model, task, delta_z, interpolate)
+            products, n = _edge_products(model, task, delta_z, delta_input, interpolate)
             total += products / steps
             vjps += n
             counter.forward_prompts += len(task)
@@ -149,10 +175,11 @@ def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScore
 
 def node_scores_from_edges(estimate: Tensor, valid: Tensor, n_layers: int, n_heads: int) -> Tensor:
     """A head's score: the sum of |estimate| over every edge it is an end of (outgoing to later heads
-    and logits, incoming from earlier heads) -> [layers, heads]. Fixed in advance, not tuned."""
+    and logits, incoming from earlier heads and the input) -> [layers, heads]. Fixed in advance, not tuned."""
+    n = n_layers * n_heads
     magnitude = estimate.abs() * valid
-    outgoing = magnitude.sum(1)
-    incoming = magnitude[:, :-1].sum(0)
+    outgoing = magnitude[:n].sum(1)
+    incoming = magnitude[:, :n].sum(0)
     return (outgoing + incoming).view(n_layers, n_heads)
 
 
@@ -169,11 +196,13 @@ def eap_ig_edges(model, task: Task, steps: int = 5) -> MethodScores:
 
 @torch.no_grad()
 def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale: float = 1.0) -> Tensor:
-    """Actual edge patching, for checking the estimates: for each (upstream head, downstream head or
-    logits) pair, the mean metric change when only that edge carries the corrupted value.
+    """Actual edge patching, for checking the estimates: for each (upstream head or input, downstream head
+    or logits) pair (indices as in `edge_index`), the mean metric change when only that edge carries the
+    corrupted value.
 
     The downstream head's input gets the corrupted-minus-clean change of u's direct contribution,
-    (z_u(corrupt) - z_u(clean))·W_O[u]; every other head and the rest of the stream stay clean. For a
+    (z_u(corrupt) - z_u(clean))·W_O[u], or for the input embeddings(corrupt) - embeddings(clean); every
+    other head and the rest of the stream stay clean. For a
     head v this takes two forward passes (the modified input to read v's new z, then the clean run
     with only v's z replaced). Exact for models without a norm after the attention output (the toys).
     `scale` < 1 patches only that fraction of the way to the corrupted value: effect / scale then tends to
@@ -185,13 +214,19 @@ def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale
     z_clean = collect_z(model, task.clean_tokens)
     z_corrupt = collect_z(model, task.corrupted_tokens)
     W_O = model.W_O.detach().float().cpu()  # [layers, heads, d_head, d_model]
+    delta_input = embeddings(model, task.corrupted_tokens) - embeddings(model, task.clean_tokens)
     clean_metric = task_metric(task, model(tokens)[:, -1]).mean()
+    valid = edge_index(n_layers, n_heads)
     effects = []
     for up, down in edges:
-        L_up, h_up = divmod(up, n_heads)
-        if down < n_layers * n_heads and down // n_heads <= L_up:
-            raise ValueError(f"({up}, {down}) is not an edge: the downstream head must be in a later layer")
-        delta = scale * (z_corrupt[:, :, L_up, h_up] - z_clean[:, :, L_up, h_up]) @ W_O[L_up, h_up]
+        if not (0 <= up < len(valid) and 0 <= down < len(valid) and valid[up, down]):
+            raise ValueError(f"({up}, {down}) is not an edge: a downstream head must be in a later layer than "
+                             f"its upstream head (edge_index({n_layers}, {n_heads}) lists the edges)")
+        if up == input_row(n_layers, n_heads):
+            delta = scale * delta_input
+        else:
+            L_up, h_up = divmod(up, n_heads)
+            delta = (scale * (z_corrupt[:, :, L_up, h_up] - z_clean[:, :, L_up, h_up]) @ W_O[L_up, h_up])
         delta = delta.to(model.cfg.device)
 
         def add_delta(resid: Tensor, hook) -> Tensor:
