@@ -142,7 +142,8 @@ def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
     neg = torch.stack([shared, torch.randint(4, (n,), generator=g) + 2], -1)[:, None, :, None]
     pairs = torch.arange(n)
     pooled = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0)[0]
-    paired = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0, pair_of_positive=pairs)[0]
+    paired = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0,
+                                            pair_of_positive=pairs)[0]
     assert pooled[0] < -0.2 and paired[0] == 0, (pooled, paired)
     assert paired[1] > 0.3 and pooled[1] > 0.3
     # positives may be a subset of the pairs (the solved prompts); unpaired negatives stay negatives
@@ -153,7 +154,8 @@ def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
         scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0,
                                        pair_of_positive=torch.zeros(n, dtype=torch.long))
     with pytest.raises(ValueError, match="past the 40 negatives"):
-        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0, pair_of_positive=pairs + 1)
+        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0,
+                                       pair_of_positive=pairs + 1)
 
 
 def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():

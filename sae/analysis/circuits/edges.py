@@ -8,8 +8,9 @@ into the input of head v in a later layer (or into the unembedding, v = logits).
     edge(u -> v) = sum over positions of  (z_u(corrupt) - z_u(clean)) · d m / d z_u |direct to v
 
 averaged over prompts; for u = input, z_u is the embedding and its direct path to v is the identity, so
-the edge is (embedding(corrupt) - embedding(clean)) · g_v with g_v as below. The direct gradient is obtained in two vector-Jacobian products per edge end
-after one ordinary backward pass, so no per-head copy of the residual stream is needed:
+the edge is (embedding(corrupt) - embedding(clean)) · g_v with g_v as below. The direct gradient is
+obtained in two vector-Jacobian products per edge end after one ordinary backward pass, so no per-head
+copy of the residual stream is needed:
 
     g_v = d m / d resid_pre(L_v), restricted to the path through head v
         = VJP of z(L_v) w.r.t. resid_pre(L_v), applied to d m / d z_v (the other heads' gradients zeroed)

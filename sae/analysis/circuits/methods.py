@@ -43,7 +43,7 @@ class CodeMethod:
     # SAE all heads share, a head's output scale does not decide which codes it gets
     normalise_heads: bool = False
     # > 0: subtract the score's mean over this many random relabellings (scoring.permutation_calibrated):
-    # null "pooled" splits the pooled prompts freely, "pairs" swaps half of the clean/corrupted pairs
+    # null "pooled" splits the pooled prompts freely, "pairs" swaps each clean/corrupted pair with probability 1/2
     null_permutations: int = 0
     null: str = "pooled"
 

@@ -117,7 +117,8 @@ def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_
         if pair_of_positive.shape != (len(positive_codes),) or pair_of_positive.unique().numel() != len(positive_codes):
             raise ValueError(f"pair_of_positive must hold {len(positive_codes)} distinct negative indices, "
                              f"got shape {tuple(pair_of_positive.shape)}")
-        if len(pair_of_positive) and not 0 <= int(pair_of_positive.min()) <= int(pair_of_positive.max()) < len(negative_codes):
+        out_of_range = (pair_of_positive < 0) | (pair_of_positive >= len(negative_codes))
+        if out_of_range.any():
             raise ValueError(f"pair_of_positive indexes past the {len(negative_codes)} negatives")
     generator = torch.Generator().manual_seed(seed)
     null = torch.zeros(positive_codes.shape[-3:-1])  # [layers, heads]
