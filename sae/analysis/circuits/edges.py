@@ -26,7 +26,7 @@ these edges, so the edge scores out of a head sum to its node attribution score,
 input to the attribution of the whole embedding change; tests check both. MLP nodes are not scored.
 
 Edge matrices are [layers·heads + 1, layers·heads + 1]: rows are upstream nodes (heads numbered
-layer·n_heads + head, then the input, INPUT_ROW), columns downstream nodes (heads, then the logits).
+layer·n_heads + head, then the input: `input_row`), columns downstream nodes (heads, then the logits).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resi
                 vjps += 1
         # input -> v: the embedding reaches every later residual stream unchanged (the identity path)
         for column, g in downstream:
-            edges[n_layers * n_heads, column] = (delta_input.to(g.device).float() * g.float()).sum().cpu()
+            edges[input_row(n_layers, n_heads), column] = (delta_input.to(g.device).float() * g.float()).sum().cpu()
         for L_up in range(n_layers):
             z_up, mid = kept[z_hook_name(L_up)], kept[_resid_mid(L_up)]
             delta = delta_z[:, :, L_up].to(z_up.device, z_up.dtype)  # [prompts, pos, heads, d_head]
