@@ -161,14 +161,15 @@ def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
 def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():
     # 20 heads differ between clean and corrupted prompts, 20 do not. With each pair swapped at random (the
     # shuffled-label control), the calibrated overlap must not rank the differing heads apart from the rest,
-    # on average over relabellings. (With exactly half of the pairs swapped it ranks them low: 0.45.)
+    # on average over relabellings. (With exactly half of the pairs swapped it ranks them low: 0.44.)
     from sae.analysis.circuits.scoring import random_swaps
 
     g = torch.Generator().manual_seed(0)
     n, h, aucs = 40, 20, []
     differs = (torch.arange(2 * h) >= h).view(1, 2 * h)
     for seed in range(20):
-        clean = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g), torch.randint(4, (n, 1, h, 1), generator=g)], 2)
+        clean = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g),
+                           torch.randint(4, (n, 1, h, 1), generator=g)], 2)
         corrupted = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g),
                                torch.randint(4, (n, 1, h, 1), generator=g) + 1], 2)
         swapped = random_swaps(n, torch.Generator().manual_seed(1000 + seed)).view(-1, 1, 1, 1)

@@ -64,7 +64,8 @@ def test_edges_out_of_the_input_sum_to_the_attribution_of_the_embedding_change(m
     clean, corrupt = edges.embeddings(model, task.clean_tokens), edges.embeddings(model, task.corrupted_tokens)
     leaf = clean.clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.run_with_hooks(task.clean_tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: leaf)])
+        logits = model.run_with_hooks(task.clean_tokens,
+                                      fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: leaf)])
         task_metric(task, logits[:, -1]).sum().backward()
     whole = float(((corrupt - clean) * leaf.grad).sum()) / len(task)
     ap = estimates["ap"]

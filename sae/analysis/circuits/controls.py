@@ -9,9 +9,8 @@ model's ground truth near 0.5).
   scores what separates the two sets, should find nothing. (Swapping exactly half of the pairs instead
   makes a split that is balanced against the truth as no random relabelling is, and a method calibrated
   against random relabellings then ranks the heads that truly differ below chance: synthetic check in
-  the circuits README.) It is no null for the patching and gradient baselines
-  (noising one head of a clean run is not undone by denoising it in a corrupted run), so they are not
-  run on it.
+  the circuits README.) It is no null for the patching and gradient baselines (noising one head of a
+  clean run is not undone by denoising it in a corrupted run), so they are not run on it.
 Both run a method with all the "clean" prompts as its positives (`run_on_shuffled_labels`,
 `run_on_untrained`): which ones the model solves would leak the labels back, and an untrained model
 solves none.
