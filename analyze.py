@@ -35,7 +35,7 @@ class UsageError(ValueError):
 def load_sae_and_model(sae_path: str, model_name: str | None, device: str):
     """The SAE, and the model it reads from (its cfg.model_name unless `model_name` is given)."""
     import sae as sae_lib
-    from sae.models import load_model
+    from sae.lm import load_model
 
     loaded = sae_lib.load(sae_path, device=device).eval()
     name = model_name or loaded.cfg.model_name
@@ -43,7 +43,9 @@ def load_sae_and_model(sae_path: str, model_name: str | None, device: str):
         raise UsageError(f"{sae_path}: the SAE's config names no model; pass --model")
     if loaded.cfg.hookpoint is None:
         raise UsageError(f"{sae_path}: the SAE's config names no hookpoint; it cannot be hooked into a model")
-    print(f"model {name}, SAE {sae_path} ({loaded.cfg.architecture}, d_sae {loaded.cfg.d_sae}, {loaded.cfg.hookpoint})")
+    print(
+        f"model {name}, SAE {sae_path} ({loaded.cfg.architecture}, d_sae {loaded.cfg.d_sae}, {loaded.cfg.hookpoint})"
+    )
     return loaded, load_model(name, "float32", device)
 
 
@@ -109,16 +111,32 @@ class SteerOptions:
 
 def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sae", help="SAE directory (ours or a supported foreign format)")
-    parser.add_argument("--latent", type=int, action="append", required=True,
-                        help="repeatable: several latents are steered together")
-    parser.add_argument("--prompt", action="append", default=[], help="repeatable; default: built-in neutral prompts")
+    parser.add_argument(
+        "--latent",
+        type=int,
+        action="append",
+        required=True,
+        help="repeatable: several latents are steered together",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="repeatable; default: built-in neutral prompts"
+    )
     parser.add_argument("--mode", default="add", choices=["add", "clamp", "ablate", "force", "suppress"])
     strength = parser.add_mutually_exclusive_group()
-    strength.add_argument("--alpha", type=float, action="append", default=[],
-                          help="strength in units of the latent's max activation (repeatable; default 2)")
+    strength.add_argument(
+        "--alpha",
+        type=float,
+        action="append",
+        default=[],
+        help="strength in units of the latent's max activation (repeatable; default 2)",
+    )
     strength.add_argument("--strength", type=float, help="strength in activation units")
-    strength.add_argument("--target-kl", type=float, help="calibrate alpha to this mean next-token KL on neutral prompts")
-    parser.add_argument("--max-activation", type=float, help="the latent's max activation (default: measured)")
+    strength.add_argument(
+        "--target-kl", type=float, help="calibrate alpha to this mean next-token KL on neutral prompts"
+    )
+    parser.add_argument(
+        "--max-activation", type=float, help="the latent's max activation (default: measured)"
+    )
     parser.add_argument("--dataset", default="python-stdlib", help="text for measuring the max activation")
     parser.add_argument("--stat-tokens", type=int, default=16384)
     parser.add_argument("--context-size", type=int, default=128)
@@ -144,7 +162,9 @@ def run_steer(args: argparse.Namespace) -> int:
 
     opts = options(SteerOptions, args)
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
-    steering.check_interventions(sae, [steering.Intervention(i, opts.mode) for i in opts.latent])  # fail early
+    steering.check_interventions(
+        sae, [steering.Intervention(i, opts.mode) for i in opts.latent]
+    )  # fail early
     explanation = opts.explanation
     if opts.explanations:
         explained = [read_explanations(opts.explanations).get(i) for i in opts.latent]
@@ -156,15 +176,31 @@ def run_steer(args: argparse.Namespace) -> int:
     # The latent on ordinary text: its max activation (the unit of alpha) and the tokens that follow its
     # top activations (whose probability steering should raise).
     batches = text_token_batches(model, opts.dataset, opts.stat_tokens, opts.context_size)
-    stats = collect_statistics(sae, model_batches(model, sae, batches), latents=opts.latent,
-                               total_batches=len(batches), k_top=20, k_sample=1, window_before=0, window_after=1)
-    concept_tokens = list(dict.fromkeys(t for i in range(len(opts.latent)) for t in stats.following_tokens(i)))
-    maxima = [opts.max_activation if opts.max_activation is not None else m for m in stats.max_activation.tolist()]
+    stats = collect_statistics(
+        sae,
+        model_batches(model, sae, batches),
+        latents=opts.latent,
+        total_batches=len(batches),
+        k_top=20,
+        k_sample=1,
+        window_before=0,
+        window_after=1,
+    )
+    concept_tokens = list(
+        dict.fromkeys(t for i in range(len(opts.latent)) for t in stats.following_tokens(i))
+    )
+    maxima = [
+        opts.max_activation if opts.max_activation is not None else m for m in stats.max_activation.tolist()
+    ]
     for i, latent in enumerate(opts.latent):
-        print(f"latent {latent}: max activation {stats.max_activation[i].item():.4g} on {stats.tokens_seen} tokens of "
-              f"{opts.dataset}; tokens after its top activations: {[model.tokenizer.decode([t]) for t in stats.following_tokens(i)]}")
+        print(
+            f"latent {latent}: max activation {stats.max_activation[i].item():.4g} on {stats.tokens_seen} tokens of "
+            f"{opts.dataset}; tokens after its top activations: {[model.tokenizer.decode([t]) for t in stats.following_tokens(i)]}"
+        )
         if opts.mode in ("add", "clamp") and opts.strength is None and maxima[i] <= 0:
-            raise UsageError(f"latent {latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation")
+            raise UsageError(
+                f"latent {latent} never fired on {stats.tokens_seen} tokens; pass --strength or --max-activation"
+            )
 
     # settings: (alpha or None, one strength per latent)
     if opts.mode in ("ablate", "force", "suppress"):
@@ -172,9 +208,12 @@ def run_steer(args: argparse.Namespace) -> int:
     elif opts.strength is not None:
         settings = [(None, [opts.strength] * len(opts.latent))]
     elif opts.target_kl is not None:
-        alpha, kl = steering.calibrate_to_kl(model, sae, opts.latent, opts.target_kl, mode=opts.mode,
-                                             max_activation=maxima)
-        print(f"calibrated alpha {alpha:.4g} (mean next-token KL {kl:.4g} on {len(steering.NEUTRAL_PROMPTS)} neutral prompts)")
+        alpha, kl = steering.calibrate_to_kl(
+            model, sae, opts.latent, opts.target_kl, mode=opts.mode, max_activation=maxima
+        )
+        print(
+            f"calibrated alpha {alpha:.4g} (mean next-token KL {kl:.4g} on {len(steering.NEUTRAL_PROMPTS)} neutral prompts)"
+        )
         settings = [(alpha, [steering.strength_in_units(alpha, m) for m in maxima])]
     else:
         settings = [(a, [steering.strength_in_units(a, m) for m in maxima]) for a in opts.alpha or [2.0]]
@@ -184,15 +223,32 @@ def run_steer(args: argparse.Namespace) -> int:
         for alpha, strengths in settings:
             interventions = [steering.Intervention(i, opts.mode, s) for i, s in zip(opts.latent, strengths)]
             result = steering.compare(
-                model, sae, prompt, interventions, alpha=alpha,
-                max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=opts.seed,
-                explanation=explanation, embed=embed, concept_tokens=concept_tokens,
+                model,
+                sae,
+                prompt,
+                interventions,
+                alpha=alpha,
+                max_new_tokens=opts.max_new_tokens,
+                temperature=opts.temperature,
+                seed=opts.seed,
+                explanation=explanation,
+                embed=embed,
+                concept_tokens=concept_tokens,
             )
             print(steering.format_comparison(result) + "\n")
             comparisons.append(result.to_dict())
     if opts.out:
-        atomic_write_json(opts.out, {"options": asdict(opts), "max_activation": maxima[0], "max_activations": maxima,
-                                     "explanation": explanation, "sae_cfg": to_dict(sae.cfg), "comparisons": comparisons})
+        atomic_write_json(
+            opts.out,
+            {
+                "options": asdict(opts),
+                "max_activation": maxima[0],
+                "max_activations": maxima,
+                "explanation": explanation,
+                "sae_cfg": to_dict(sae.cfg),
+                "comparisons": comparisons,
+            },
+        )
         print(f"wrote {opts.out}")
     return 0
 
@@ -227,12 +283,23 @@ def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cache", help="activation cache to read examples from (no model forward needed)")
     source.add_argument("--dataset", default="python-stdlib", help="text to run the model over (default)")
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens to read (first ones of the cache) or run the model over")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=65536,
+        help="tokens to read (first ones of the cache) or run the model over",
+    )
     parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--explanations", help="JSON-lines explanations and scores (format: sae.analysis.dashboard)")
-    parser.add_argument("--steering", action="append", default=[], help="JSON written by analyze.py steer (repeatable)")
+    parser.add_argument(
+        "--explanations", help="JSON-lines explanations and scores (format: sae.analysis.dashboard)"
+    )
+    parser.add_argument(
+        "--steering", action="append", default=[], help="JSON written by analyze.py steer (repeatable)"
+    )
     parser.add_argument("--top-examples", type=int, default=20)
-    parser.add_argument("--quantile-sample", type=int, default=40, help="random firings kept per latent for quantiles")
+    parser.add_argument(
+        "--quantile-sample", type=int, default=40, help="random firings kept per latent for quantiles"
+    )
     parser.add_argument("--chunk-size", type=int, default=64, help="latents per data file")
     parser.add_argument("--title")
     parser.add_argument("--model", help="model name or directory (default: the SAE's cfg.model_name)")
@@ -251,17 +318,30 @@ def run_dashboard(args: argparse.Namespace) -> int:
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     latents = torch.tensor(parse_latents(opts.latents)) if opts.latents else None
     if opts.cache:
-        batches, total, source = cache_batches(opts.cache, sae, max_tokens=opts.tokens), None, f"cache {opts.cache}"
+        batches, total, source = (
+            cache_batches(opts.cache, sae, max_tokens=opts.tokens),
+            None,
+            f"cache {opts.cache}",
+        )
     else:
         token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
         batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset
-    stats = collect_statistics(sae, batches, latents, total_batches=total, k_top=opts.top_examples,
-                               k_sample=opts.quantile_sample)
+    stats = collect_statistics(
+        sae, batches, latents, total_batches=total, k_top=opts.top_examples, k_sample=opts.quantile_sample
+    )
     in_residual_stream = "resid" in (sae.cfg.hookpoint or "") and sae.cfg.d_in == model.W_U.shape[0]
     index = write_dashboard(
-        opts.out, sae, stats, model.tokenizer, unembedding=Unembedding(model) if in_residual_stream else None,
-        explanations=explanations, steering=steering, source=source, model_name=opts.model or sae.cfg.model_name,
-        chunk_size=opts.chunk_size, title=opts.title,
+        opts.out,
+        sae,
+        stats,
+        model.tokenizer,
+        unembedding=Unembedding(model) if in_residual_stream else None,
+        explanations=explanations,
+        steering=steering,
+        source=source,
+        model_name=opts.model or sae.cfg.model_name,
+        chunk_size=opts.chunk_size,
+        title=opts.title,
     )
     print(f"dashboard of {len(stats.latents)} latents on {stats.tokens_seen} tokens: {index}")
     return 0
@@ -288,15 +368,23 @@ class EvalOptions:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sae", help="SAE directory or file (ours or a supported foreign format)")
     parser.add_argument("--model", help="the model the SAE reads (default: the SAE config's model_name)")
-    parser.add_argument("--dataset", default="python-stdlib", help="held-out text: python-stdlib, a hub name or local files")
+    parser.add_argument(
+        "--dataset", default="python-stdlib", help="held-out text: python-stdlib, a hub name or local files"
+    )
     parser.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate on")
-    parser.add_argument("--skip-contexts", type=int, default=0,
-                        help="contexts to skip (a cache's manifest 'contexts': evaluate on text after it)")
+    parser.add_argument(
+        "--skip-contexts",
+        type=int,
+        default=0,
+        help="contexts to skip (a cache's manifest 'contexts': evaluate on text after it)",
+    )
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--batch-contexts", type=int, default=4)
     parser.add_argument("--dense-threshold", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", help="folder for eval.json and feature_density.png (default: the SAE's folder)")
+    parser.add_argument(
+        "--out", help="folder for eval.json and feature_density.png (default: the SAE's folder)"
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -310,12 +398,21 @@ def run_eval(args: argparse.Namespace) -> int:
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     contexts = pack_contexts(iter_documents(opts.dataset), model.tokenizer, opts.context_size)
     n_contexts = -(-opts.tokens // (opts.context_size - 1))  # BOS is not evaluated
-    held_out = list(context_batches(islice(contexts, opts.skip_contexts, opts.skip_contexts + n_contexts),
-                                    opts.batch_contexts))
+    held_out = list(
+        context_batches(
+            islice(contexts, opts.skip_contexts, opts.skip_contexts + n_contexts), opts.batch_contexts
+        )
+    )
     sae_path = Path(opts.sae)
     out = Path(opts.out) if opts.out else (sae_path if sae_path.is_dir() else sae_path.parent)
-    result = evaluate(model, sae, [b.to(opts.device) for b in held_out], dense_threshold=opts.dense_threshold,
-                      out_dir=out, total_batches=len(held_out))
+    result = evaluate(
+        model,
+        sae,
+        [b.to(opts.device) for b in held_out],
+        dense_threshold=opts.dense_threshold,
+        out_dir=out,
+        total_batches=len(held_out),
+    )
     print(format_report(result))
     print(f"wrote {out / 'eval.json'} and {out / 'feature_density.png'}")
     return 0
@@ -370,9 +467,16 @@ def run_autointerp(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS = {
     "eval": (add_eval_arguments, run_eval, "evaluate an SAE with the model in the loop on held-out text"),
-    "steer": (add_steer_arguments, run_steer, "steer the model with one or more latents and measure the effects"),
-    "steer-study": (add_steer_study_arguments, run_steer_study,
-                    "steer a random sample of token latents (chosen by a fixed rule) and measure the effects"),
+    "steer": (
+        add_steer_arguments,
+        run_steer,
+        "steer the model with one or more latents and measure the effects",
+    ),
+    "steer-study": (
+        add_steer_study_arguments,
+        run_steer_study,
+        "steer a random sample of token latents (chosen by a fixed rule) and measure the effects",
+    ),
     "dashboard": (add_dashboard_arguments, run_dashboard, "write a static HTML dashboard of latents"),
     "circuits": (add_circuits_arguments, run_circuits, "find the attention heads a task uses"),
     "autointerp": (add_autointerp_arguments, run_autointerp, "explain and score latents with an LLM"),
@@ -380,8 +484,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python analyze.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python analyze.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _, help_text) in SUBCOMMANDS.items():
         add_arguments(commands.add_parser(name, help=help_text, description=help_text))

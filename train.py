@@ -28,7 +28,7 @@ from sae.config import ConfigError, to_dict  # noqa: E402
 from sae.distributed import Distributed  # noqa: E402
 from sae.evals import EvalResult, evaluate, format_report, held_out_batches  # noqa: E402
 from sae.io import atomic_write_json  # noqa: E402
-from sae.models import load_model  # noqa: E402
+from sae.lm import load_model  # noqa: E402
 from sae.routing import ModuleTrainer, hookpoint_dir  # noqa: E402
 from sae.run_config import RunConfig, load_run_config  # noqa: E402
 from sae.trainer import resolve_device  # noqa: E402
@@ -51,27 +51,51 @@ def train_on_cache(
     shards); returns it (in raw activation units) and the folder it is saved in."""
     hookpoint = config.sae_hookpoint
     head_index = config.sae.get("hook_head_index")
-    reader = ActivationReader(cache_dir, hookpoint, batch_size=config.train.batch_size, seed=config.train.seed,
-                              head_index=head_index, rank=dist.rank, world_size=dist.world_size)
+    reader = ActivationReader(
+        cache_dir,
+        hookpoint,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        head_index=head_index,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     sae_cfg = config.sae_config(d_in=reader.d_in, hook_layout=manifest["hookpoints"][hookpoint]["layout"])
     trainer = sae.Trainer([sae_cfg], config.train, dist=dist)
     (trained,) = trainer.fit(reader)
     return trained, Path(config.train.out_dir) / trainer.members[0].name
 
 
-def train_modules_on_cache(config: RunConfig, cache_dir: Path, manifest: dict[str, Any], dist: Distributed) -> dict[str, Path]:
+def train_modules_on_cache(
+    config: RunConfig, cache_dir: Path, manifest: dict[str, Any], dist: Distributed
+) -> dict[str, Path]:
     """One [sae] SAE per hookpoint of sae.hookpoints, each trained on one rank from every rank's share of
     the cache (`sae.routing`); returns the folder of every SAE (all ranks' SAEs are saved when it returns)."""
     hookpoints = config.sae_hookpoints
-    reader = MultiHookpointReader(cache_dir, hookpoints, batch_size=config.train.batch_size, seed=config.train.seed,
-                                  rank=dist.rank, world_size=dist.world_size)
-    sae_cfgs = {h: [config.sae_config(d_in=reader.widths[h], hook_layout=manifest["hookpoints"][h]["layout"], hookpoint=h)]
-                for h in hookpoints}
+    reader = MultiHookpointReader(
+        cache_dir,
+        hookpoints,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    sae_cfgs = {
+        h: [
+            config.sae_config(
+                d_in=reader.widths[h], hook_layout=manifest["hookpoints"][h]["layout"], hookpoint=h
+            )
+        ]
+        for h in hookpoints
+    }
     trainer = ModuleTrainer(sae_cfgs, config.train, dist)
     if dist.is_main:
         print("owners: " + ", ".join(f"{h} -> rank {r}" for h, r in trainer.owners.items()), flush=True)
     trainer.fit(reader)
-    return {h: hookpoint_dir(config.train.out_dir, h) / sae.trainer.sae_name(cfgs[0]) for h, cfgs in sae_cfgs.items()}
+    return {
+        h: hookpoint_dir(config.train.out_dir, h) / sae.trainer.sae_name(cfgs[0])
+        for h, cfgs in sae_cfgs.items()
+    }
 
 
 def evaluate_saved(config: RunConfig, model, manifest: dict[str, Any], sae_dir: Path) -> dict[str, Any]:
@@ -79,8 +103,13 @@ def evaluate_saved(config: RunConfig, model, manifest: dict[str, Any], sae_dir: 
     # Held out: the contexts right after the cached ones, in the same stream.
     held_out = held_out_batches(config, model.tokenizer, skip_contexts=manifest["contexts"])
     result: EvalResult = evaluate(
-        model, sae.load(sae_dir).to(config.model.device), held_out, exclude_bos=config.cache.exclude_bos,
-        dense_threshold=config.train.dense_threshold, out_dir=sae_dir, total_batches=len(held_out),
+        model,
+        sae.load(sae_dir).to(config.model.device),
+        held_out,
+        exclude_bos=config.cache.exclude_bos,
+        dense_threshold=config.train.dense_threshold,
+        out_dir=sae_dir,
+        total_batches=len(held_out),
     )
     print(format_report(result))
     return {**result.to_dict(), "density_histogram": str(sae_dir / "feature_density.png")}
@@ -96,7 +125,12 @@ def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
     started = time.perf_counter()
     ranks = f" on {dist.world_size} ranks" if dist.active else ""
 
-    with stage(seconds, "load_model", f"[1/4] model {config.model.name} ({config.model.dtype}, {config.model.device})", dist):
+    with stage(
+        seconds,
+        "load_model",
+        f"[1/4] model {config.model.name} ({config.model.dtype}, {config.model.device})",
+        dist,
+    ):
         model = load_model(config.model.name, config.model.dtype, config.model.device)
     with stage(seconds, "cache", f"[2/4] activation cache {config.cache.dir}{ranks}", dist):
         cache_dir = build_cache(config, model, progress=dist.is_main, dist=dist)
@@ -111,12 +145,20 @@ def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
         return None  # rank 0 evaluates and writes the report; the SAEs and checkpoints are already saved
     report: dict[str, Any] = {
         "config": to_dict(config),
-        "cache": {"dir": str(cache_dir), "tokens": manifest["tokens"],
-                  "norm_stats": {h: manifest["norm_stats"][h] for h in sae_dirs}},
+        "cache": {
+            "dir": str(cache_dir),
+            "tokens": manifest["tokens"],
+            "norm_stats": {h: manifest["norm_stats"][h] for h in sae_dirs},
+        },
         "saes": {h: {"dir": str(d), "cfg": to_dict(sae.load(d).cfg)} for h, d in sae_dirs.items()},
     }
     if config.eval.enabled:
-        with stage(seconds, "eval", f"[4/4] evaluating with the model in the loop on {config.eval.tokens} held-out tokens", dist):
+        with stage(
+            seconds,
+            "eval",
+            f"[4/4] evaluating with the model in the loop on {config.eval.tokens} held-out tokens",
+            dist,
+        ):
             for h, d in sae_dirs.items():
                 if config.one_sae_per_hookpoint:
                     print(f"{h} ({d}):")
@@ -137,11 +179,17 @@ def run(config_path: str | None, overrides: list[str]) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", nargs="?", help="run config TOML (default: configs/default.toml)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set cache.tokens=200000")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set cache.tokens=200000",
+    )
     args = parser.parse_args(argv)
     try:
         run(args.config, args.set)

@@ -36,7 +36,7 @@ from cache import build_cache  # noqa: E402
 from cache.writer import capture, prepare_model, stop_layer  # noqa: E402
 from sae.data import context_batches, token_contexts  # noqa: E402
 from sae.io import atomic_write_json  # noqa: E402
-from sae.models import load_model  # noqa: E402
+from sae.lm import load_model  # noqa: E402
 from sae.run_config import load_run_config  # noqa: E402
 
 
@@ -58,7 +58,9 @@ def caching_seconds(run, model, work_dir: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", nargs="?")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--tokens", type=int, default=65_536, help="tokens per measurement")
@@ -82,22 +84,37 @@ def main() -> None:
         for r in range(args.rounds):
             bare = bare_forward_seconds(model, batches, run.cache.hookpoints)
             cached = caching_seconds(run, model, Path(work_dir))
-            rounds.append({"bare_tokens_per_s": kept_tokens / bare, "cache_tokens_per_s": kept_tokens / cached,
-                           "ratio": bare / cached})
-            print(f"round {r + 1}: bare {kept_tokens / bare:,.0f} tok/s, cache {kept_tokens / cached:,.0f} tok/s, "
-                  f"cache/bare {bare / cached:.1%}")
+            rounds.append(
+                {
+                    "bare_tokens_per_s": kept_tokens / bare,
+                    "cache_tokens_per_s": kept_tokens / cached,
+                    "ratio": bare / cached,
+                }
+            )
+            print(
+                f"round {r + 1}: bare {kept_tokens / bare:,.0f} tok/s, cache {kept_tokens / cached:,.0f} tok/s, "
+                f"cache/bare {bare / cached:.1%}"
+            )
     # Each round pairs adjacent measurements; the median round is robust to a burst of outside load.
     median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
     result = {
-        "model": run.model.name, "model_dtype": run.model.dtype, "cache_dtype": run.cache.dtype,
-        "hookpoints": run.cache.hookpoints, "context_size": run.data.context_size,
-        "batch_contexts": run.cache.batch_contexts, "tokens_per_measurement": kept_tokens,
-        "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "rounds": rounds, "median_round": median,
+        "model": run.model.name,
+        "model_dtype": run.model.dtype,
+        "cache_dtype": run.cache.dtype,
+        "hookpoints": run.cache.hookpoints,
+        "context_size": run.data.context_size,
+        "batch_contexts": run.cache.batch_contexts,
+        "tokens_per_measurement": kept_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "rounds": rounds,
+        "median_round": median,
     }
     atomic_write_json(args.out, result)
-    print(f"median of {args.rounds} rounds: bare {median['bare_tokens_per_s']:,.0f} tok/s, "
-          f"cache {median['cache_tokens_per_s']:,.0f} tok/s, cache/bare {median['ratio']:.1%} (target >= 90%)  -> {args.out}")
+    print(
+        f"median of {args.rounds} rounds: bare {median['bare_tokens_per_s']:,.0f} tok/s, "
+        f"cache {median['cache_tokens_per_s']:,.0f} tok/s, cache/bare {median['ratio']:.1%} (target >= 90%)  -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,18 +29,22 @@ import torch  # noqa: E402
 from cache import ActivationReader, build_cache, read_manifest  # noqa: E402
 from cache.writer import capture, stop_layer  # noqa: E402
 from sae.evals import evaluate, held_out_batches  # noqa: E402
-from sae.models import load_model  # noqa: E402
+from sae.lm import load_model  # noqa: E402
 from sae.run_config import load_run_config  # noqa: E402
 
 RUNS = {"topk": None, "codebook": 1e-3}  # architecture -> learning rate (None: the default)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("config", nargs="?", default=None)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", default="benchmarks/results/codebook_vs_topk.json")
-    parser.add_argument("--fvu-slices", type=int, default=16, help="held-out slices of eval.tokens for FVU mean ± sd")
+    parser.add_argument(
+        "--fvu-slices", type=int, default=16, help="held-out slices of eval.tokens for FVU mean ± sd"
+    )
     args = parser.parse_args()
 
     config = load_run_config(args.config, args.set)
@@ -52,30 +56,52 @@ def main() -> None:
 
     results, trained_saes = {}, {}
     for architecture, lr in RUNS.items():
-        reader = ActivationReader(cache_dir, hookpoint, batch_size=config.train.batch_size, seed=config.train.seed)
+        reader = ActivationReader(
+            cache_dir, hookpoint, batch_size=config.train.batch_size, seed=config.train.seed
+        )
         cfg = config.sae_config(d_in=reader.d_in)
         cfg = dataclasses.replace(cfg, architecture=architecture)
         train_cfg = dataclasses.replace(config.train, lr=lr, out_dir=f"out/codebook_vs_topk/{architecture}")
         (trained,) = sae.Trainer([cfg], train_cfg).fit(reader)
-        result = evaluate(model, trained.to(config.model.device), held_out, exclude_bos=config.cache.exclude_bos,
-                          dense_threshold=config.train.dense_threshold, total_batches=len(held_out))
+        result = evaluate(
+            model,
+            trained.to(config.model.device),
+            held_out,
+            exclude_bos=config.cache.exclude_bos,
+            dense_threshold=config.train.dense_threshold,
+            total_batches=len(held_out),
+        )
         results[architecture] = result.to_dict()
         trained_saes[architecture] = trained
         print(architecture, json.dumps(results[architecture]))
 
-    slices = held_out_fvu_slices(config, model, trained_saes, skip_contexts=manifest["contexts"] + len(held_out_contexts(held_out)),
-                                 n_slices=args.fvu_slices)
+    slices = held_out_fvu_slices(
+        config,
+        model,
+        trained_saes,
+        skip_contexts=manifest["contexts"] + len(held_out_contexts(held_out)),
+        n_slices=args.fvu_slices,
+    )
     for architecture, fvus in slices.items():
         results[architecture]["fvu_slices"] = fvus
 
-    lines = ["| architecture (k = %d, %d latents) | FVU | L0 | CE loss recovered | KL(clean ‖ spliced) |"
-             % (cfg.k, cfg.d_sae), "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| architecture (k = %d, %d latents) | FVU | L0 | CE loss recovered | KL(clean ‖ spliced) |"
+        % (cfg.k, cfg.d_sae),
+        "|---|---:|---:|---:|---:|",
+    ]
     for architecture, r in results.items():
-        lines.append(f"| {architecture} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['ce_loss_recovered']:.3f} | "
-                     f"{r['kl_clean_spliced']:.3f} |")
+        lines.append(
+            f"| {architecture} | {r['fvu']:.3f} | {r['l0']:.1f} | {r['ce_loss_recovered']:.3f} | "
+            f"{r['kl_clean_spliced']:.3f} |"
+        )
     fvus = {a: torch.tensor(r["fvu_slices"]) for a, r in results.items()}
-    lines += ["", f"FVU on {args.fvu_slices} further held-out slices of {config.eval.tokens:,} tokens:",
-              "| architecture | mean | sd | min | max |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"FVU on {args.fvu_slices} further held-out slices of {config.eval.tokens:,} tokens:",
+        "| architecture | mean | sd | min | max |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for architecture, f in fvus.items():
         lines.append(f"| {architecture} | {f.mean():.3f} | {f.std():.3f} | {f.min():.3f} | {f.max():.3f} |")
     wins = int((fvus["codebook"] < fvus["topk"]).sum())
@@ -83,7 +109,10 @@ def main() -> None:
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cache": str(cache_dir), "tokens": manifest["tokens"], "results": results}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"cache": str(cache_dir), "tokens": manifest["tokens"], "results": results}, indent=2)
+        + "\n"
+    )
 
 
 def held_out_contexts(batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -91,16 +120,25 @@ def held_out_contexts(batches: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def held_out_fvu_slices(config, model, saes: dict, skip_contexts: int, n_slices: int) -> dict[str, list[float]]:
+def held_out_fvu_slices(
+    config, model, saes: dict, skip_contexts: int, n_slices: int
+) -> dict[str, list[float]]:
     """FVU of each SAE on `n_slices` consecutive held-out slices of `config.eval.tokens` tokens each."""
     hookpoint = config.sae_hookpoint
     first = 1 if config.cache.exclude_bos else 0
     slice_tokens = config.eval.tokens
-    batches = held_out_batches(dataclasses.replace(config, eval=dataclasses.replace(config.eval, tokens=slice_tokens * n_slices)),
-                               model.tokenizer, skip_contexts=skip_contexts)
+    batches = held_out_batches(
+        dataclasses.replace(config, eval=dataclasses.replace(config.eval, tokens=slice_tokens * n_slices)),
+        model.tokenizer,
+        skip_contexts=skip_contexts,
+    )
     stop = stop_layer([hookpoint], model.cfg.n_layers)
-    acts = torch.cat([capture(model, b, [hookpoint], stop)[hookpoint][:, first:].flatten(0, 1).float().cpu()
-                      for b in batches])
+    acts = torch.cat(
+        [
+            capture(model, b, [hookpoint], stop)[hookpoint][:, first:].flatten(0, 1).float().cpu()
+            for b in batches
+        ]
+    )
     fvus: dict[str, list[float]] = {name: [] for name in saes}
     for part in acts.split(slice_tokens)[:n_slices]:
         variance = (part - part.mean(0)).pow(2).sum()

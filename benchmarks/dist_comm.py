@@ -35,7 +35,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--d-in", type=int, default=640)
     parser.add_argument("--d-sae", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4096, help="rows per rank per step")
@@ -54,11 +56,17 @@ def main() -> None:
     if world.is_main:
         grad_bytes = 8 * args.d_in * args.d_sae
         act_bytes = 2 * args.batch * args.d_in
-        print(f"world {world.world_size}, backend {dist.get_backend()}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}")
-        print(f"data parallel: all-reduce {grad_bytes / 1e6:.1f} MB of gradients: {allreduce * 1e3:.1f} ms "
-              f"({grad_bytes / allreduce / 1e9:.2f} GB/s)")
-        print(f"module distribution: gather {act_bytes / 1e6:.2f} MB of activations per rank: {gather * 1e3:.1f} ms "
-              f"({act_bytes * (world.world_size - 1) / gather / 1e9:.2f} GB/s into the owner)")
+        print(
+            f"world {world.world_size}, backend {dist.get_backend()}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}"
+        )
+        print(
+            f"data parallel: all-reduce {grad_bytes / 1e6:.1f} MB of gradients: {allreduce * 1e3:.1f} ms "
+            f"({grad_bytes / allreduce / 1e9:.2f} GB/s)"
+        )
+        print(
+            f"module distribution: gather {act_bytes / 1e6:.2f} MB of activations per rank: {gather * 1e3:.1f} ms "
+            f"({act_bytes * (world.world_size - 1) / gather / 1e9:.2f} GB/s into the owner)"
+        )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,16 @@ def run_ours(compute_dtype: str) -> Run:
         out = Path(tempfile.mkdtemp(prefix="bench_ours_"))
         cfg = sae.SAEConfig(architecture="topk", d_in=args.d_in, d_sae=args.d_sae, k=args.k)
         train_cfg = sae.TrainConfig(
-            batch_size=args.batch_size, total_tokens=sum(len(b) for b in batches), lr=args.lr,
-            compute_dtype=compute_dtype, out_dir=str(out), log_every=10**9, checkpoint_every=10**9,
-            lr_warmup_fraction=0.0, lr_decay_fraction=0.0, normalize_inputs=False,
+            batch_size=args.batch_size,
+            total_tokens=sum(len(b) for b in batches),
+            lr=args.lr,
+            compute_dtype=compute_dtype,
+            out_dir=str(out),
+            log_every=10**9,
+            checkpoint_every=10**9,
+            lr_warmup_fraction=0.0,
+            lr_decay_fraction=0.0,
+            normalize_inputs=False,
         )
         model = sae.Trainer([cfg], train_cfg).fit(iter(batches))[0]
         shutil.rmtree(out)
@@ -60,7 +67,9 @@ def run_ours(compute_dtype: str) -> Run:
         def apply(x: Tensor):
             with torch.no_grad():
                 return model(x), (model.encode(x) > 0).float().sum(-1).mean().item()
+
         return apply
+
     return run
 
 
@@ -85,7 +94,9 @@ def run_sparsify(autocast_bf16: bool) -> Run:
             with torch.no_grad():
                 out = coder(x)
                 return out.sae_out, float(args.k)
+
         return apply
+
     return run
 
 
@@ -125,6 +136,7 @@ def run_dense(batches: list[Tensor], args) -> Callable:
     def apply(x: Tensor):
         with torch.no_grad():
             return model(x), float(args.k)
+
     return apply
 
 
@@ -153,7 +165,9 @@ def load_data(args) -> tuple[Tensor, Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--d-in", type=int, default=640)
     parser.add_argument("--d-sae", type=int, default=8192)
     parser.add_argument("--k", type=int, default=32)
@@ -172,8 +186,10 @@ def main() -> None:
     source = TensorBatches(train, args.batch_size, seed=0).batches()
     batches = [next(source) for _ in range(args.steps)]
     tokens = args.steps * args.batch_size
-    print(f"{tokens:,} training tokens, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
-          f"batch {args.batch_size}, lr {args.lr:.2e}, {torch.get_num_threads()} threads")
+    print(
+        f"{tokens:,} training tokens, d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, "
+        f"batch {args.batch_size}, lr {args.lr:.2e}, {torch.get_num_threads()} threads"
+    )
 
     results = []
     for name, run in RUNS.items():
@@ -183,16 +199,25 @@ def main() -> None:
         apply = run(batches, args)
         seconds = time.perf_counter() - start
         x_hat, l0 = apply(held_out)
-        results.append({"run": name, "tokens_per_second": tokens / seconds, "seconds": seconds,
-                        "held_out_fvu": fvu(held_out, x_hat), "l0": l0})
+        results.append(
+            {
+                "run": name,
+                "tokens_per_second": tokens / seconds,
+                "seconds": seconds,
+                "held_out_fvu": fvu(held_out, x_hat),
+                "l0": l0,
+            }
+        )
         print(f"{name:55s} {tokens / seconds:9,.0f} tok/s   FVU {results[-1]['held_out_fvu']:.4f}")
 
     peer = next(r["tokens_per_second"] for r in results if r["run"] == PEER)
     lines = ["| run | tokens/s | × sparsify fp32 | held-out FVU | L0 |", "|---|---:|---:|---:|---:|"]
     for r in results:
         r["ratio_to_sparsify"] = r["tokens_per_second"] / peer
-        lines.append(f"| {r['run']} | {r['tokens_per_second']:,.0f} | {r['ratio_to_sparsify']:.2f} | "
-                     f"{r['held_out_fvu']:.4f} | {r['l0']:.1f} |")
+        lines.append(
+            f"| {r['run']} | {r['tokens_per_second']:,.0f} | {r['ratio_to_sparsify']:.2f} | "
+            f"{r['held_out_fvu']:.4f} | {r['l0']:.1f} |"
+        )
     table = "\n".join(lines)
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -4,4 +4,12 @@ from cache.manifest import CacheError, read_manifest, verify_cache
 from cache.reader import ActivationReader, MultiHookpointReader, load_activations
 from cache.writer import build_cache
 
-__all__ = ["ActivationReader", "MultiHookpointReader", "CacheError", "build_cache", "load_activations", "read_manifest", "verify_cache"]
+__all__ = [
+    "ActivationReader",
+    "MultiHookpointReader",
+    "CacheError",
+    "build_cache",
+    "load_activations",
+    "read_manifest",
+    "verify_cache",
+]

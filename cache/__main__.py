@@ -18,9 +18,15 @@ from sae.config import ConfigError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cache", description=__doc__)
-    parser.add_argument("config", nargs="?", help="run config TOML (its [model], [data] and [cache] sections)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    parser.add_argument("--verify", metavar="DIR", help="check the manifest and every shard checksum of a cache")
+    parser.add_argument(
+        "config", nargs="?", help="run config TOML (its [model], [data] and [cache] sections)"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value"
+    )
+    parser.add_argument(
+        "--verify", metavar="DIR", help="check the manifest and every shard checksum of a cache"
+    )
     args = parser.parse_args(argv)
     if (args.config is None) == (args.verify is None):
         parser.error("give either CONFIG or --verify DIR")
@@ -34,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verify:
             manifest = verify_cache(args.verify)
-            print(f"{args.verify}: OK, {len(manifest['shards'])} shards, {manifest['tokens']} tokens, "
-                  f"complete={manifest['complete']}")
+            print(
+                f"{args.verify}: OK, {len(manifest['shards'])} shards, {manifest['tokens']} tokens, "
+                f"complete={manifest['complete']}"
+            )
             return 0
         run = load_run_config(args.config, args.set)
         # Under torchrun each rank caches a disjoint set of shards and rank 0 merges the manifests.

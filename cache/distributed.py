@@ -37,11 +37,18 @@ def part_manifest_path(cache_dir: Path, rank: int, world_size: int) -> Path:
     return cache_dir / f"manifest.part{rank}of{world_size}.json"
 
 
-def shard_plan(manifest: dict[str, Any], target_contexts: int, shard_contexts: int, world_size: int) -> dict[str, int]:
+def shard_plan(
+    manifest: dict[str, Any], target_contexts: int, shard_contexts: int, world_size: int
+) -> dict[str, int]:
     """What is left to cache and how it is cut: shard j covers contexts first_context + j * shard_contexts
     onward (up to target_contexts) and is written by rank j % world_size as file first_shard + j."""
-    return {"first_shard": len(manifest["shards"]), "first_context": manifest["contexts"],
-            "target_contexts": target_contexts, "shard_contexts": shard_contexts, "world_size": world_size}
+    return {
+        "first_shard": len(manifest["shards"]),
+        "first_context": manifest["contexts"],
+        "target_contexts": target_contexts,
+        "shard_contexts": shard_contexts,
+        "world_size": world_size,
+    }
 
 
 def planned_shards(plan: dict[str, int]) -> int:
@@ -58,13 +65,20 @@ class PartShardWriter(ShardWriter):
     def _write(self, first_context: int, contexts: int, tensors: dict[str, torch.Tensor]) -> None:
         plan = self.part["plan"]
         index = plan["first_shard"] + (first_context - plan["first_context"]) // plan["shard_contexts"]
-        self.part["shards"].append(write_shard(self.cache_dir, index, first_context, contexts, tensors, self.part["hookpoints"]))
+        self.part["shards"].append(
+            write_shard(self.cache_dir, index, first_context, contexts, tensors, self.part["hookpoints"])
+        )
         atomic_write_json(self.part_path, self.part)
 
 
 def cache_shards_of_this_rank(
-    run: RunConfig, model, dist: Distributed, manifest: dict[str, Any], target_contexts: int,
-    stop_at_layer: int | None, progress: bool,
+    run: RunConfig,
+    model,
+    dist: Distributed,
+    manifest: dict[str, Any],
+    target_contexts: int,
+    stop_at_layer: int | None,
+    progress: bool,
 ) -> Path:
     """Every rank: cache its shards of the plan; then rank 0 merges the parts into manifest.json."""
     cache_dir = Path(run.cache.dir)
@@ -82,8 +96,11 @@ def cache_shards_of_this_rank(
     _check_no_foreign_parts(cache_dir, dist.world_size)
     part = _open_part(part_path, plan, manifest)
     done = {shard["first_context"] for shard in part["shards"]}
-    mine = [j for j in range(dist.rank, planned_shards(plan), dist.world_size)
-            if plan["first_context"] + j * plan["shard_contexts"] not in done]
+    mine = [
+        j
+        for j in range(dist.rank, planned_shards(plan), dist.world_size)
+        if plan["first_context"] + j * plan["shard_contexts"] not in done
+    ]
     if mine:
         with _lock(cache_dir, f".lock.part{dist.rank}of{dist.world_size}"):
             writer = PartShardWriter(cache_dir, part, part_path)
@@ -100,15 +117,25 @@ def cache_shards_of_this_rank(
 
 
 def _forward_shards(
-    run: RunConfig, model, writer: ShardWriter, plan: dict[str, int], mine: list[int], stop_at_layer: int | None,
+    run: RunConfig,
+    model,
+    writer: ShardWriter,
+    plan: dict[str, int],
+    mine: list[int],
+    stop_at_layer: int | None,
     progress: bool,
 ) -> None:
     """Forward the contexts of shards `mine` (plan positions, ascending) in the batches one process would use."""
     size, batch_contexts = plan["shard_contexts"], run.cache.batch_contexts
     contexts = islice(token_contexts(run.data, model.tokenizer), plan["first_context"], None)
     tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
-    bar = tqdm(total=len(mine) * size * tokens_per_context, desc=f"cache (rank shards) {', '.join(run.cache.hookpoints)}",
-               unit="tok", unit_scale=True, disable=not progress)
+    bar = tqdm(
+        total=len(mine) * size * tokens_per_context,
+        desc=f"cache (rank shards) {', '.join(run.cache.hookpoints)}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     position = 0  # plan position of the shard `contexts` is at
     for j in mine:
         for _ in islice(contexts, (j - position) * size):  # other ranks' shards: tokenized, not forwarded
@@ -119,8 +146,10 @@ def _forward_shards(
         if not shard:
             break  # the dataset ended before this shard: the merge reports the shortfall
         tokens = torch.tensor(shard, dtype=torch.long)  # [contexts, context_size]
-        batches = [capture_batch(run, model, tokens[i : i + batch_contexts], stop_at_layer)
-                   for i in range(0, len(tokens), batch_contexts)]
+        batches = [
+            capture_batch(run, model, tokens[i : i + batch_contexts], stop_at_layer)
+            for i in range(0, len(tokens), batch_contexts)
+        ]
         writer.put(first, len(shard), {key: torch.cat([b[key] for b in batches]) for key in batches[0]})
         bar.update(len(shard) * tokens_per_context)
         if len(shard) < size and first + len(shard) < plan["target_contexts"]:
@@ -165,13 +194,17 @@ def _remove_merged_parts(cache_dir: Path, manifest: dict[str, Any]) -> None:
 def _merge_parts(cache_dir: Path, manifest: dict[str, Any], plan: dict[str, int]) -> None:
     """Append every part's shards to manifest.json in plan order, then delete the parts."""
     paths = [part_manifest_path(cache_dir, r, plan["world_size"]) for r in range(plan["world_size"])]
-    shards = sorted((s for p in paths if p.exists() for s in json.loads(p.read_text())["shards"]),
-                    key=lambda s: s["first_context"])
+    shards = sorted(
+        (s for p in paths if p.exists() for s in json.loads(p.read_text())["shards"]),
+        key=lambda s: s["first_context"],
+    )
     expected_context = plan["first_context"]
     for index, shard in enumerate(shards, plan["first_shard"]):
         if shard["file"] != shard_file_name(index) or shard["first_context"] != expected_context:
-            raise CacheError(f"{cache_dir}: the ranks' shards leave a gap before {shard['file']} "
-                             f"(context {shard['first_context']}, expected {expected_context})")
+            raise CacheError(
+                f"{cache_dir}: the ranks' shards leave a gap before {shard['file']} "
+                f"(context {shard['first_context']}, expected {expected_context})"
+            )
         expected_context += shard["contexts"]
     manifest["shards"].extend(shards)
     manifest["contexts"] = expected_context
@@ -182,5 +215,7 @@ def _merge_parts(cache_dir: Path, manifest: dict[str, Any], plan: dict[str, int]
     for path in paths:
         path.unlink(missing_ok=True)
     if manifest["contexts"] < plan["target_contexts"]:
-        raise CacheError(f"dataset ran out after {manifest['contexts']} contexts ({manifest['tokens']} tokens); "
-                         f"cache.tokens asks for {manifest['target_tokens']}")
+        raise CacheError(
+            f"dataset ran out after {manifest['contexts']} contexts ({manifest['tokens']} tokens); "
+            f"cache.tokens asks for {manifest['target_tokens']}"
+        )

@@ -37,7 +37,9 @@ def shard_file_name(index: int) -> str:
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{path}: no manifest; {cache_dir} is not an activation cache (build one with python -m cache CONFIG)")
+        raise CacheError(
+            f"{path}: no manifest; {cache_dir} is not an activation cache (build one with python -m cache CONFIG)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -55,7 +57,9 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not an activation-cache manifest (expected format {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format_version {manifest.get('format_version')!r}, this toolkit reads {FORMAT_VERSION}")
+        raise CacheError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this toolkit reads {FORMAT_VERSION}"
+        )
     required = ("model", "hookpoints", "dtype", "data", "shards", "tokens", "contexts")
     missing = [key for key in required if key not in manifest]
     if missing:
@@ -86,7 +90,9 @@ def check_shard_file(cache_dir: str | Path, shard: dict[str, Any], checksum: boo
         raise CacheError(f"shard {path} is missing (listed in {MANIFEST})")
     size = path.stat().st_size
     if size != shard["bytes"]:
-        raise CacheError(f"shard {path} has {size} bytes, {MANIFEST} says {shard['bytes']}: truncated or replaced")
+        raise CacheError(
+            f"shard {path} has {size} bytes, {MANIFEST} says {shard['bytes']}: truncated or replaced"
+        )
     if checksum and sha256_file(path) != shard["sha256"]:
         raise CacheError(f"shard {path}: sha256 does not match {MANIFEST}; the file is corrupt")
 
@@ -107,7 +113,12 @@ def verify_cache(cache_dir: str | Path, progress: bool = True) -> dict[str, Any]
 def norm_sums(norms) -> dict[str, float]:
     """Per-shard sufficient statistics of per-token activation norms (summable across shards)."""
     norms = norms.double()
-    return {"count": norms.numel(), "sum": norms.sum().item(), "sum_sq": (norms**2).sum().item(), "max": norms.max().item()}
+    return {
+        "count": norms.numel(),
+        "sum": norms.sum().item(),
+        "sum_sq": (norms**2).sum().item(),
+        "max": norms.max().item(),
+    }
 
 
 def summarize_norms(shards: list[dict[str, Any]], hookpoint: str) -> dict[str, float]:

@@ -49,13 +49,17 @@ class ActivationReader:
         if hookpoint is None:
             hookpoint = next(iter(hookpoints))
         if hookpoint not in hookpoints:
-            raise CacheError(f"{self.cache_dir}: no hookpoint {hookpoint!r}; the cache has {', '.join(hookpoints)}")
+            raise CacheError(
+                f"{self.cache_dir}: no hookpoint {hookpoint!r}; the cache has {', '.join(hookpoints)}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.hookpoint, self.layout = hookpoint, hookpoints[hookpoint]["layout"]
         self.shape = hookpoints[hookpoint]["shape"]  # per token: [d] or [heads, d_head]
         if head_index is not None and not (self.layout == "heads" and 0 <= head_index < self.shape[0]):
-            raise ValueError(f"head_index {head_index} needs a per-head hookpoint with more heads; {hookpoint} has shape {self.shape}")
+            raise ValueError(
+                f"head_index {head_index} needs a per-head hookpoint with more heads; {hookpoint} has shape {self.shape}"
+            )
         self.head_index = head_index
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
         self.window_shards, self.num_workers, self.checksum = window_shards, num_workers, checksum
@@ -96,7 +100,10 @@ class ActivationReader:
         windows = [mine[i : i + self.window_shards] for i in range(0, len(mine), self.window_shards)]
         # Skip whole windows without reading them: only their row counts matter.
         skip_rows, first = skip_batches * self.batch_size, 0
-        while first < len(windows) and (rows := sum(self.shards[i]["tokens"] for i in windows[first])) <= skip_rows:
+        while (
+            first < len(windows)
+            and (rows := sum(self.shards[i]["tokens"] for i in windows[first])) <= skip_rows
+        ):
             skip_rows -= rows
             first += 1
         served = skip_batches
@@ -136,7 +143,9 @@ class ActivationReader:
         path = self.cache_dir / shard["file"]
         data = path.read_bytes()
         if len(data) != shard["bytes"]:
-            raise CacheError(f"shard {path} has {len(data)} bytes, manifest.json says {shard['bytes']}: truncated or replaced")
+            raise CacheError(
+                f"shard {path} has {len(data)} bytes, manifest.json says {shard['bytes']}: truncated or replaced"
+            )
         if self.checksum and hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise CacheError(f"shard {path}: sha256 does not match manifest.json; the file is corrupt")
         try:
@@ -152,7 +161,9 @@ class ActivationReader:
             raise CacheError(f"shard {path}: cannot read tensor {key!r}: the file has {sorted(tensors)}")
         acts, shape = tensors[key], self.manifest["hookpoints"][hookpoint]["shape"]
         if list(acts.shape) != [shard["tokens"], *shape]:
-            raise CacheError(f"shard {path}: {key} has shape {list(acts.shape)}, manifest.json says {[shard['tokens'], *shape]}")
+            raise CacheError(
+                f"shard {path}: {key} has shape {list(acts.shape)}, manifest.json says {[shard['tokens'], *shape]}"
+            )
         return acts
 
 
@@ -170,9 +181,13 @@ class MultiHookpointReader(ActivationReader):
         super().__init__(cache_dir, hookpoints[0], **kwargs)
         missing = [h for h in hookpoints if h not in self.manifest["hookpoints"]]
         if missing:
-            raise CacheError(f"{self.cache_dir}: no hookpoint(s) {missing}; the cache has {', '.join(self.manifest['hookpoints'])}")
+            raise CacheError(
+                f"{self.cache_dir}: no hookpoint(s) {missing}; the cache has {', '.join(self.manifest['hookpoints'])}"
+            )
         self.hookpoints = list(hookpoints)
-        self.widths = {h: math.prod(self.manifest["hookpoints"][h]["shape"]) for h in hookpoints}  # d per token
+        self.widths = {
+            h: math.prod(self.manifest["hookpoints"][h]["shape"]) for h in hookpoints
+        }  # d per token
 
     @property
     def d_in(self) -> int:
@@ -185,7 +200,10 @@ class MultiHookpointReader(ActivationReader):
 
     def batches(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
         for rows in super().batches(start):
-            yield {h: part.contiguous() for h, part in zip(self.hookpoints, rows.split(list(self.widths.values()), dim=1))}
+            yield {
+                h: part.contiguous()
+                for h, part in zip(self.hookpoints, rows.split(list(self.widths.values()), dim=1))
+            }
 
 
 def _mix(*parts: Any) -> int:
@@ -193,7 +211,9 @@ def _mix(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-def load_activations(cache_dir: str | Path, hookpoint: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
+def load_activations(
+    cache_dir: str | Path, hookpoint: str | None = None, max_tokens: int | None = None
+) -> torch.Tensor:
     """All (or the first max_tokens) activations of a hookpoint in cache order: [tokens, d_in]. For small caches."""
     reader = ActivationReader(cache_dir, hookpoint, batch_size=1)
     parts, total = [], 0

@@ -27,14 +27,23 @@ import torch
 from tqdm import tqdm
 
 from cache.manifest import (
-    FORMAT, FORMAT_VERSION, POSITIONS_KEY, TOKENS_KEY, CacheError, acts_key, norm_sums,
-    read_manifest, shard_file_name, summarize_norms, write_manifest,
+    FORMAT,
+    FORMAT_VERSION,
+    POSITIONS_KEY,
+    TOKENS_KEY,
+    CacheError,
+    acts_key,
+    norm_sums,
+    read_manifest,
+    shard_file_name,
+    summarize_norms,
+    write_manifest,
 )
 import sae
 from sae.distributed import Distributed
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
 from sae.io import atomic_save_file
-from sae.models import DTYPES, load_model, weights_hash
+from sae.lm import DTYPES, load_model, weights_hash
 from sae.run_config import RunConfig
 
 QUEUED_SHARDS = 2
@@ -50,7 +59,9 @@ def stop_layer(hookpoints: list[str], n_layers: int) -> int | None:
     return deepest + 1 if deepest + 1 < n_layers else None
 
 
-def capture(model, tokens: torch.Tensor, hookpoints: list[str], stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+def capture(
+    model, tokens: torch.Tensor, hookpoints: list[str], stop_at_layer: int | None
+) -> dict[str, torch.Tensor]:
     """Activations of `hookpoints` for `tokens` [batch, seq]: [batch, seq, d] or [batch, seq, heads, d_head]."""
     with torch.inference_mode():
         _, acts = model.run_with_cache(
@@ -72,8 +83,11 @@ def prepare_model(model, hookpoints: list[str]) -> None:
 def cache_settings(run: RunConfig, model_weights: str) -> dict[str, Any]:
     """What determines the cache's contents; a resumed run must agree on all of it."""
     data = {
-        "dataset": run.data.dataset, "split": run.data.split, "text_column": run.data.text_column,
-        "seed": run.data.seed, "context_size": run.data.context_size,
+        "dataset": run.data.dataset,
+        "split": run.data.split,
+        "text_column": run.data.text_column,
+        "seed": run.data.seed,
+        "context_size": run.data.context_size,
     }
     if run.data.dataset == OFFLINE_CORPUS:  # the corpus is this interpreter's stdlib
         data["python_version"] = ".".join(map(str, sys.version_info[:3]))
@@ -94,7 +108,8 @@ def new_manifest(settings: dict[str, Any], hook_shapes: dict[str, list[int]]) ->
         "toolkit_version": sae.__version__,
         **settings,
         "hookpoints": {
-            h: {"shape": shape, "layout": "heads" if len(shape) == 2 else "flat"} for h, shape in hook_shapes.items()
+            h: {"shape": shape, "layout": "heads" if len(shape) == 2 else "flat"}
+            for h, shape in hook_shapes.items()
         },
         "target_tokens": 0,
         "contexts": 0,
@@ -105,7 +120,9 @@ def new_manifest(settings: dict[str, Any], hook_shapes: dict[str, list[int]]) ->
     }
 
 
-def open_or_resume(cache_dir: Path, settings: dict[str, Any], hook_shapes: dict[str, list[int]]) -> dict[str, Any]:
+def open_or_resume(
+    cache_dir: Path, settings: dict[str, Any], hook_shapes: dict[str, list[int]]
+) -> dict[str, Any]:
     """The manifest to continue from: the existing one if its settings match, else a fresh one."""
     if not (cache_dir / "manifest.json").exists():
         return new_manifest(settings, hook_shapes)
@@ -113,11 +130,13 @@ def open_or_resume(cache_dir: Path, settings: dict[str, Any], hook_shapes: dict[
     expected = {**settings, "hookpoints": new_manifest(settings, hook_shapes)["hookpoints"]}
     differences = [
         f"{key}: cache has {manifest.get(key)!r}, config gives {value!r}"
-        for key, value in expected.items() if manifest.get(key) != value
+        for key, value in expected.items()
+        if manifest.get(key) != value
     ]
     if differences:
         raise CacheError(
-            f"{cache_dir} holds a cache built with other settings (use another cache.dir):\n  " + "\n  ".join(differences)
+            f"{cache_dir} holds a cache built with other settings (use another cache.dir):\n  "
+            + "\n  ".join(differences)
         )
     return manifest
 
@@ -168,7 +187,12 @@ class ShardWriter:
 
 
 def write_shard(
-    cache_dir: Path, index: int, first_context: int, contexts: int, tensors: dict[str, torch.Tensor], hookpoints: list[str]
+    cache_dir: Path,
+    index: int,
+    first_context: int,
+    contexts: int,
+    tensors: dict[str, torch.Tensor],
+    hookpoints: list[str],
 ) -> dict[str, Any]:
     """Write shard `index` atomically; return its manifest entry."""
     path = cache_dir / shard_file_name(index)
@@ -194,7 +218,9 @@ def _lock(cache_dir: Path, name: str = ".lock") -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CacheError(f"{cache_dir} is being written by another process (it holds {cache_dir / name})") from None
+            raise CacheError(
+                f"{cache_dir} is being written by another process (it holds {cache_dir / name})"
+            ) from None
         yield
 
 
@@ -230,7 +256,9 @@ def build_cache(run: RunConfig, model=None, progress: bool = True, dist: Distrib
             stale.unlink()
         writer = ShardWriter(cache_dir, manifest)
         try:
-            _forward_and_queue(run, model, writer, manifest["contexts"], target_contexts, stop_at_layer, progress)
+            _forward_and_queue(
+                run, model, writer, manifest["contexts"], target_contexts, stop_at_layer, progress
+            )
         finally:
             writer.close()  # waits for the queued shards: they are complete and worth keeping
     if manifest["contexts"] < target_contexts:
@@ -241,19 +269,32 @@ def build_cache(run: RunConfig, model=None, progress: bool = True, dist: Distrib
     return cache_dir
 
 
-def capture_batch(run: RunConfig, model, tokens: torch.Tensor, stop_at_layer: int | None) -> dict[str, torch.Tensor]:
+def capture_batch(
+    run: RunConfig, model, tokens: torch.Tensor, stop_at_layer: int | None
+) -> dict[str, torch.Tensor]:
     """A shard's tensors for the contexts `tokens` [batch, context_size]: activations (BOS dropped when
     exclude_bos) in the cache dtype on the CPU, token ids and positions, one row per token."""
     first_position = 1 if run.cache.exclude_bos else 0
     acts = capture(model, tokens.to(run.model.device), run.cache.hookpoints, stop_at_layer)
-    batch = {acts_key(h): a[:, first_position:].flatten(0, 1).to("cpu", DTYPES[run.cache.dtype]) for h, a in acts.items()}
+    batch = {
+        acts_key(h): a[:, first_position:].flatten(0, 1).to("cpu", DTYPES[run.cache.dtype])
+        for h, a in acts.items()
+    }
     batch[TOKENS_KEY] = tokens[:, first_position:].flatten().to(torch.int32)
-    batch[POSITIONS_KEY] = torch.arange(first_position, run.data.context_size, dtype=torch.int32).repeat(len(tokens))
+    batch[POSITIONS_KEY] = torch.arange(first_position, run.data.context_size, dtype=torch.int32).repeat(
+        len(tokens)
+    )
     return batch
 
 
 def _forward_and_queue(
-    run: RunConfig, model, writer: ShardWriter, start: int, target_contexts: int, stop_at_layer: int | None, progress: bool
+    run: RunConfig,
+    model,
+    writer: ShardWriter,
+    start: int,
+    target_contexts: int,
+    stop_at_layer: int | None,
+    progress: bool,
 ) -> None:
     """Run contexts [start, target_contexts) through the model and queue them to `writer` shard by shard."""
     tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
@@ -262,12 +303,22 @@ def _forward_and_queue(
 
     def flush() -> None:
         nonlocal pending, pending_contexts, shard_start
-        writer.put(shard_start, pending_contexts, {key: torch.cat([b[key] for b in pending]) for key in pending[0]})
+        writer.put(
+            shard_start, pending_contexts, {key: torch.cat([b[key] for b in pending]) for key in pending[0]}
+        )
         shard_start, pending, pending_contexts = shard_start + pending_contexts, [], 0
 
-    bar = tqdm(total=target_contexts * tokens_per_context, initial=start * tokens_per_context,
-               desc=f"cache {', '.join(run.cache.hookpoints)}", unit="tok", unit_scale=True, disable=not progress)
-    batches = context_batches(token_contexts(run.data, model.tokenizer), run.cache.batch_contexts, skip_contexts=start)
+    bar = tqdm(
+        total=target_contexts * tokens_per_context,
+        initial=start * tokens_per_context,
+        desc=f"cache {', '.join(run.cache.hookpoints)}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
+    batches = context_batches(
+        token_contexts(run.data, model.tokenizer), run.cache.batch_contexts, skip_contexts=start
+    )
     for tokens in batches:  # tokens: [batch, context_size]
         tokens = tokens[: target_contexts - shard_start - pending_contexts]
         pending.append(capture_batch(run, model, tokens, stop_at_layer))
@@ -278,6 +329,8 @@ def _forward_and_queue(
             flush()
         if done:
             break
-    if pending:  # the dataset ended inside a shard: keep what was computed (build_cache reports the shortfall)
+    if (
+        pending
+    ):  # the dataset ended inside a shard: keep what was computed (build_cache reports the shortfall)
         flush()
     bar.close()

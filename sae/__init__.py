@@ -1,9 +1,9 @@
 """Sparse autoencoders on language-model activations: cache, train, load, analyse.
 
-    import sae
-    cfg = sae.SAEConfig(architecture="topk", d_in=640, d_sae=8192, k=32)
-    model = sae.train(activations, sae.TrainConfig(total_tokens=10_000_000), cfg)
-    model.save("out/my_sae"); model = sae.load("out/my_sae")
+import sae
+cfg = sae.SAEConfig(architecture="topk", d_in=640, d_sae=8192, k=32)
+model = sae.train(activations, sae.TrainConfig(total_tokens=10_000_000), cfg)
+model.save("out/my_sae"); model = sae.load("out/my_sae")
 """
 
 from .batches import BatchSource, TensorBatches
@@ -22,7 +22,16 @@ def load(path: str, device: str = "cpu") -> SparseAutoencoder:
 
 
 __all__ = [
-    "BatchSource", "ConfigError", "SAEConfig", "SparseAutoencoder", "SparseCode", "TensorBatches",
-    "TrainConfig", "Trainer", "TrainingError", "load", "train",
+    "BatchSource",
+    "ConfigError",
+    "SAEConfig",
+    "SparseAutoencoder",
+    "SparseCode",
+    "TensorBatches",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "load",
+    "train",
 ]
 __version__ = "0.1.0"

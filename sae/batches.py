@@ -65,7 +65,9 @@ class IterableBatches:
 
 
 def as_batch_source(
-    data: Tensor | BatchSource | Iterable[Tensor] | str | Path, cfg: TrainConfig, dist: Distributed,
+    data: Tensor | BatchSource | Iterable[Tensor] | str | Path,
+    cfg: TrainConfig,
+    dist: Distributed,
     hookpoint: str | None = None,
 ) -> BatchSource:
     """A tensor or a cache directory is sharded by rank here; any other source must already be this
@@ -73,8 +75,14 @@ def as_batch_source(
     if isinstance(data, (str, Path)):
         from cache import ActivationReader  # the caching stage depends on sae, not the other way round
 
-        return ActivationReader(data, hookpoint, batch_size=cfg.batch_size, seed=cfg.seed,
-                                rank=dist.rank, world_size=dist.world_size)
+        return ActivationReader(
+            data,
+            hookpoint,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
     if isinstance(data, Tensor):
         return TensorBatches(data, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
     if isinstance(data, BatchSource):

@@ -195,16 +195,20 @@ def from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         )
     kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     missing = [
-        n for n, f in fields.items()
+        n
+        for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{where}: missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        raise ConfigError(
+            f"{where}: missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+        )
     return cls(**kwargs)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     """The plain-data form of a config dataclass (TOML/JSON-ready; None values dropped)."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: clean(v) for k, v in value.items() if v is not None}

@@ -29,8 +29,7 @@ def stdlib_source_files(seed: int = 0) -> list[Path]:
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in root.rglob("*.py")
-        if not _SKIPPED_STDLIB_DIRS.intersection(p.relative_to(root).parts[:-1])
+        p for p in root.rglob("*.py") if not _SKIPPED_STDLIB_DIRS.intersection(p.relative_to(root).parts[:-1])
     )
     if not files:
         raise FileNotFoundError(f"no Python source files under the standard library path {root}")
@@ -38,7 +37,9 @@ def stdlib_source_files(seed: int = 0) -> list[Path]:
     return files
 
 
-def iter_documents(dataset: str, split: str = "train", text_column: str = "text", seed: int = 0) -> Iterator[str]:
+def iter_documents(
+    dataset: str, split: str = "train", text_column: str = "text", seed: int = 0
+) -> Iterator[str]:
     """Documents as strings, from the offline corpus, a local file or directory, or a hub dataset."""
     if dataset == OFFLINE_CORPUS:
         for path in stdlib_source_files(seed):
@@ -47,7 +48,9 @@ def iter_documents(dataset: str, split: str = "train", text_column: str = "text"
     rows = _load_hf_dataset(dataset, split)
     for i, row in enumerate(rows):
         if text_column not in row:
-            raise KeyError(f"dataset {dataset!r} row {i} has no column {text_column!r}; columns: {sorted(row)}")
+            raise KeyError(
+                f"dataset {dataset!r} row {i} has no column {text_column!r}; columns: {sorted(row)}"
+            )
         yield row[text_column]
 
 

@@ -118,8 +118,13 @@ def evaluate(
     totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae, device)
 
     with torch.inference_mode():
-        for tokens in tqdm(token_batches, desc="eval (clean, spliced, ablated)", unit="batch",
-                           total=total_batches, disable=not progress):
+        for tokens in tqdm(
+            token_batches,
+            desc="eval (clean, spliced, ablated)",
+            unit="batch",
+            total=total_batches,
+            disable=not progress,
+        ):
             captured = {}
 
             def keep(acts, hook):
@@ -137,7 +142,13 @@ def evaluate(
                 tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, padded.to(a.device), first))]
             )
             zero_logits = model.run_with_hooks(
-                tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, torch.zeros_like(padded, device=a.device), first))]
+                tokens,
+                fwd_hooks=[
+                    (
+                        hookpoint,
+                        lambda a, hook: _put_site(sae, a, torch.zeros_like(padded, device=a.device), first),
+                    )
+                ],
             )
 
             targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
@@ -145,7 +156,9 @@ def evaluate(
             spliced_lp = _next_token_log_probs(spliced_logits, first)
             totals.ce["clean"] += F.nll_loss(clean_lp, targets, reduction="sum").item()
             totals.ce["spliced"] += F.nll_loss(spliced_lp, targets, reduction="sum").item()
-            totals.ce["zero"] += F.cross_entropy(_predictions(zero_logits, first), targets, reduction="sum").item()
+            totals.ce["zero"] += F.cross_entropy(
+                _predictions(zero_logits, first), targets, reduction="sum"
+            ).item()
             totals.kl += F.kl_div(spliced_lp, clean_lp, log_target=True, reduction="sum").item()
             totals.predictions += len(targets)
 
@@ -178,8 +191,12 @@ def evaluate(
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        atomic_write_json(out_dir / "eval.json", {**result.to_dict(), "hookpoint": hookpoint, "exclude_bos": exclude_bos})
-        save_density_histogram(density, out_dir / "feature_density.png", title=f"{hookpoint}, {totals.tokens} tokens")
+        atomic_write_json(
+            out_dir / "eval.json", {**result.to_dict(), "hookpoint": hookpoint, "exclude_bos": exclude_bos}
+        )
+        save_density_histogram(
+            density, out_dir / "feature_density.png", title=f"{hookpoint}, {totals.tokens} tokens"
+        )
     return result
 
 
@@ -200,7 +217,11 @@ def save_density_histogram(density: torch.Tensor, path: str | Path, title: str =
     axes.set_ylabel("latents")
     axes.set_title(f"Feature density: {title}", fontsize=9)
     dead = len(density) - len(alive)
-    axes.legend([f"{len(alive)} fired, {dead} never fired on these tokens ({dead / len(density):.1%})"], loc="upper left", fontsize=8)
+    axes.legend(
+        [f"{len(alive)} fired, {dead} never fired on these tokens ({dead / len(density):.1%})"],
+        loc="upper left",
+        fontsize=8,
+    )
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
@@ -236,5 +257,3 @@ def format_report(result: EvalResult) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
-
-

@@ -37,7 +37,9 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> str:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> str:
     """safetensors.save_file, atomically; returns the sha256 of the bytes written."""
     data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)

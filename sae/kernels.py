@@ -48,7 +48,9 @@ def latent_major(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
     token_ids = order.div(k, rounding_mode="floor").to(index_dtype)
     crow = torch.zeros(d_sae + 1, dtype=index_dtype, device=indices.device)
     crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
-    return torch.sparse_csr_tensor(crow, token_ids, values.flatten()[order], (d_sae, tokens), check_invariants=False)
+    return torch.sparse_csr_tensor(
+        crow, token_ids, values.flatten()[order], (d_sae, tokens), check_invariants=False
+    )
 
 
 def sampled_row_dots(left: Tensor, right: Tensor, indices: Tensor) -> Tensor:
@@ -56,8 +58,11 @@ def sampled_row_dots(left: Tensor, right: Tensor, indices: Tensor) -> Tensor:
     tokens, k = indices.shape
     crow = torch.arange(0, tokens * k + 1, k, device=indices.device)
     pattern = torch.sparse_csr_tensor(
-        crow, indices.flatten(), torch.zeros(tokens * k, dtype=left.dtype, device=left.device),
-        (tokens, right.shape[0]), check_invariants=False,
+        crow,
+        indices.flatten(),
+        torch.zeros(tokens * k, dtype=left.dtype, device=left.device),
+        (tokens, right.shape[0]),
+        check_invariants=False,
     )
     return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values().view(tokens, k)
 
@@ -179,8 +184,9 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         x_c, W_enc, indices, passes = ctx.saved_tensors
-        grad_pre = torch.cat([g if g is not None else torch.zeros_like(indices, dtype=x_c.dtype)
-                              for g in grads[0::2]], dim=1)  # [tokens, k (+ k_aux)]
+        grad_pre = torch.cat(
+            [g if g is not None else torch.zeros_like(indices, dtype=x_c.dtype) for g in grads[0::2]], dim=1
+        )  # [tokens, k (+ k_aux)]
         if passes is not None:
             grad_pre = grad_pre * passes
         needs_x, needs_pre_bias, needs_W, needs_b = ctx.needs_input_grad[:4]
@@ -211,7 +217,9 @@ def topk_encode(
 ) -> tuple[SparseCode, SparseCode | None]:
     """Top-k code of `x - pre_bias` (and the auxiliary top-k_aux over `aux_latents`), sparse backward."""
     k_aux = min(k_aux, 0 if aux_latents is None else len(aux_latents))
-    outs = TopKEncode.apply(x, pre_bias, W_enc, b_enc, k, relu, compute_dtype, aux_latents if k_aux else None, k_aux)
+    outs = TopKEncode.apply(
+        x, pre_bias, W_enc, b_enc, k, relu, compute_dtype, aux_latents if k_aux else None, k_aux
+    )
     aux = SparseCode(outs[2], outs[3]) if k_aux else None
     return SparseCode(outs[0], outs[1]), aux
 

@@ -169,10 +169,14 @@ class SparseAutoencoder(nn.Module):
         """values, indices [..., k] -> [..., d_in], touching only the k active decoder rows."""
         values, indices = code
         lead = values.shape[:-1]
-        x_hat = sparse_decode(
-            values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype), indices.reshape(-1, indices.shape[-1]),
-            self.W_dec,
-        ).view(*lead, self.cfg.d_in) + self.b_dec
+        x_hat = (
+            sparse_decode(
+                values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype),
+                indices.reshape(-1, indices.shape[-1]),
+                self.W_dec,
+            ).view(*lead, self.cfg.d_in)
+            + self.b_dec
+        )
         return self._restore(x_hat, stats).to(values.dtype)
 
     def _restore(self, x_hat: Tensor, stats: InputStats | None) -> Tensor:
@@ -216,7 +220,9 @@ class SparseAutoencoder(nn.Module):
         try:
             cfg_data = json.loads(cfg_path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}")
+            raise FileNotFoundError(
+                f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
+            )
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
         cfg_data.pop("format", None)
@@ -224,13 +230,17 @@ class SparseAutoencoder(nn.Module):
         try:
             tensors = load_file(weights_path, device=str(device))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{weights_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}")
+            raise FileNotFoundError(
+                f"{weights_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
+            )
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
         return cls.from_tensors(cfg, tensors, source=str(weights_path)).to(device)
 
     @classmethod
-    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "tensors") -> SparseAutoencoder:
+    def from_tensors(
+        cls, cfg: SAEConfig, tensors: dict[str, Tensor], source: str = "tensors"
+    ) -> SparseAutoencoder:
         """Build an SAE from tensors in our layout, naming any missing, extra, misshapen or non-finite one."""
         expected = param_shapes(cfg)
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -242,7 +252,9 @@ class SparseAutoencoder(nn.Module):
             )
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+                )
             if not torch.isfinite(tensors[name]).all():
                 raise ValueError(f"{source}: tensor {name} contains NaN or inf")
         model = cls(cfg)

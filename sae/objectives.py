@@ -27,8 +27,9 @@ class Objective:
         self.encode = topk_encode if sparse else dense_topk_encode
         self.decode = sparse_decode if sparse else dense_decode
 
-    def __call__(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor
-                 ) -> tuple[Tensor, StepTerms, Tensor]:
+    def __call__(
+        self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor
+    ) -> tuple[Tensor, StepTerms, Tensor]:
         """-> (loss, terms, fires: [d_sae] how often each latent fired in this batch).
 
         `progress` is the fraction of training done; `dead` [n_dead] the latents AuxK may revive."""
@@ -38,8 +39,17 @@ class Objective:
         cfg = sae.cfg
         k_aux = self.cfg.k_aux or cfg.d_in // 2
         k_encode = 4 * cfg.k if self.cfg.multi_topk else cfg.k
-        code, aux = self.encode(x, sae.W_enc, sae.b_enc, k_encode, pre_bias=sae.b_dec, relu=True,
-                                compute_dtype=self.compute_dtype, aux_latents=dead, k_aux=k_aux)
+        code, aux = self.encode(
+            x,
+            sae.W_enc,
+            sae.b_enc,
+            k_encode,
+            pre_bias=sae.b_dec,
+            relu=True,
+            compute_dtype=self.compute_dtype,
+            aux_latents=dead,
+            k_aux=k_aux,
+        )
         wide = code
         if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
             values, pos = wide.values.topk(cfg.k, dim=-1, sorted=False)
@@ -78,7 +88,9 @@ class Objective:
 
     def relu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor):
         cd = self.compute_dtype
-        f = F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()  # [batch, d_sae]
+        f = (
+            F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
+        )  # [batch, d_sae]
         # The decoder stays in float32 (bf16 here cut feature recovery on synthetic data from 0.96 to 0.62).
         x_hat = f @ sae.W_dec + sae.b_dec
         residual = x - x_hat
@@ -86,14 +98,17 @@ class Objective:
         # Anthropic's April 2024 penalty: activations weighted by decoder norms, so that shrinking
         # the decoder cannot buy sparsity; its coefficient warms up linearly.
         l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        l1_coefficient = self.cfg.l1_coefficient * min(1.0, progress / max(self.cfg.l1_warmup_fraction, 1e-12))
+        l1_coefficient = self.cfg.l1_coefficient * min(
+            1.0, progress / max(self.cfg.l1_warmup_fraction, 1e-12)
+        )
         fvu = residual.pow(2).sum().detach() / (x - x.mean(0)).pow(2).sum()
         return mse + l1_coefficient * l1, {"fvu": fvu, "mse": mse, "l1": l1}, (f > 0).sum(0)
 
     @staticmethod
     def _fires(code: SparseCode, d_sae: int) -> Tensor:
-        return torch.bincount(code.indices.flatten(), weights=(code.values > 0).flatten().float(),
-                              minlength=d_sae)
+        return torch.bincount(
+            code.indices.flatten(), weights=(code.values > 0).flatten().float(), minlength=d_sae
+        )
 
 
 # --- initialisation from data ---------------------------------------------------------------------
@@ -116,7 +131,9 @@ def kmeans(x: Tensor, n: int, iters: int, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def init_from_data(sae: SparseAutoencoder, x: Tensor, train_cfg: TrainConfig, generator: torch.Generator) -> None:
+def init_from_data(
+    sae: SparseAutoencoder, x: Tensor, train_cfg: TrainConfig, generator: torch.Generator
+) -> None:
     """b_dec = mean of the (scaled) data; a codebook SAE also gets its codes from the data."""
     cfg = sae.cfg
     sae.b_dec.copy_(x.mean(0))

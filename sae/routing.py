@@ -63,8 +63,9 @@ def hookpoint_dir(out_dir: str | Path, hookpoint: str) -> Path:
     return Path(out_dir) / hookpoint
 
 
-def route_to_owners(batch: dict[str, Tensor], owners: dict[str, int], dist: Distributed, device: torch.device
-                    ) -> dict[str, Tensor]:
+def route_to_owners(
+    batch: dict[str, Tensor], owners: dict[str, int], dist: Distributed, device: torch.device
+) -> dict[str, Tensor]:
     """Gather each hookpoint's rows [B, d] from every rank on its owner: {owned hookpoint: [world_size * B, d]}.
 
     Every rank must call this with the same hookpoints in the same order (the gathers are collective)."""
@@ -85,14 +86,20 @@ class ModuleTrainer:
     """Trains {hookpoint: [SAEConfig, ...]} with each hookpoint's SAEs on one rank (one `Trainer` per
     owned hookpoint, with no data-parallel collectives of its own); the ranks step in lockstep."""
 
-    def __init__(self, sae_cfgs: Mapping[str, list[SAEConfig]], cfg: TrainConfig, dist: Distributed | None = None):
+    def __init__(
+        self, sae_cfgs: Mapping[str, list[SAEConfig]], cfg: TrainConfig, dist: Distributed | None = None
+    ):
         if cfg.wandb:
-            raise ValueError("wandb logging is not wired for module distribution; each hookpoint writes metrics.jsonl")
+            raise ValueError(
+                "wandb logging is not wired for module distribution; each hookpoint writes metrics.jsonl"
+            )
         if not sae_cfgs:
             raise ValueError("ModuleTrainer needs at least one hookpoint")
         for h, cfgs in sae_cfgs.items():
             if not cfgs or any(c.hookpoint != h for c in cfgs):
-                raise ValueError(f"the SAEs listed under {h!r} must read that hookpoint: {[c.hookpoint for c in cfgs]}")
+                raise ValueError(
+                    f"the SAEs listed under {h!r} must read that hookpoint: {[c.hookpoint for c in cfgs]}"
+                )
         device = resolve_device(cfg.device)
         self.dist = dist or Distributed.from_env(device.type)
         self.device = self.dist.device(device)
@@ -106,7 +113,9 @@ class ModuleTrainer:
 
     def _new_trainer(self, hookpoint: str) -> Trainer:
         """The trainer of one owned hookpoint; Distributed(): its SAEs are not replicated, so it has no collectives."""
-        cfg = replace(self.cfg, out_dir=str(hookpoint_dir(self.cfg.out_dir, hookpoint)), device=str(self.device))
+        cfg = replace(
+            self.cfg, out_dir=str(hookpoint_dir(self.cfg.out_dir, hookpoint)), device=str(self.device)
+        )
         return Trainer(self.sae_cfgs[hookpoint], cfg, Distributed())
 
     def fit(self, reader: HookpointBatches) -> dict[str, list[SparseAutoencoder]]:
@@ -128,7 +137,9 @@ class ModuleTrainer:
                 checked, error = self._check(batch)
                 if self._ranks_agree_to_stop(error):
                     self._save_checkpoints()
-                    raise SystemExit(f"stopped at step {self.step}; checkpoints saved under {self.cfg.out_dir}/<hookpoint>/")
+                    raise SystemExit(
+                        f"stopped at step {self.step}; checkpoints saved under {self.cfg.out_dir}/<hookpoint>/"
+                    )
                 for h, t in self.trainers.items():
                     x = checked[h] * t.input_scale
                     for m in t.members:
@@ -187,26 +198,33 @@ class ModuleTrainer:
                     print(f"{h}: back to the checkpoint of step {t.step}, the last one every hookpoint has")
             highest, lowest = self._step_bounds()
             if highest != lowest:
-                raise TrainingError(f"the hookpoints' checkpoints under {self.cfg.out_dir} are at steps {lowest} to "
-                                    f"{highest} and cannot be brought to one step; delete them to start afresh")
+                raise TrainingError(
+                    f"the hookpoints' checkpoints under {self.cfg.out_dir} are at steps {lowest} to "
+                    f"{highest} and cannot be brought to one step; delete them to start afresh"
+                )
         self.step = highest
         return resumed
 
     def _step_bounds(self) -> tuple[int, int]:
         """Highest and lowest step over every rank's hookpoints (a rank without any counts as neither)."""
         steps = [t.step for t in self.trainers.values()]
-        bounds = torch.tensor([max(steps, default=-1), -min(steps, default=2**62)], dtype=torch.int64, device=self.device)
+        bounds = torch.tensor(
+            [max(steps, default=-1), -min(steps, default=2**62)], dtype=torch.int64, device=self.device
+        )
         self.dist.max_(bounds)
         return int(bounds[0]), -int(bounds[1])
 
-    def _init_unresumed(self, batches: Iterator[dict[str, Tensor]], resumed: dict[str, bool], rows_per_step: int
-                        ) -> Iterator[dict[str, Tensor]]:
+    def _init_unresumed(
+        self, batches: Iterator[dict[str, Tensor]], resumed: dict[str, bool], rows_per_step: int
+    ) -> Iterator[dict[str, Tensor]]:
         """Scale, b_dec and codebooks of fresh SAEs from the first batches (which are then trained on).
         Every rank reads the same number of batches, since each read is a collective gather."""
         if self.step > 0:
             return batches
-        rows_needed = max([self.cfg.batch_size] + [4 * c.d_sae for cfgs in self.sae_cfgs.values() for c in cfgs
-                                                      if c.architecture == "codebook"])
+        rows_needed = max(
+            [self.cfg.batch_size]
+            + [4 * c.d_sae for cfgs in self.sae_cfgs.values() for c in cfgs if c.architecture == "codebook"]
+        )
         first = list(islice(batches, math.ceil(rows_needed / rows_per_step)))
         for h, t in self.trainers.items():
             if not resumed[h]:

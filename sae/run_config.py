@@ -36,7 +36,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.context_size < 2:
-            raise ConfigError(f"data.context_size must be at least 2 (BOS + one token), got {self.context_size}")
+            raise ConfigError(
+                f"data.context_size must be at least 2 (BOS + one token), got {self.context_size}"
+            )
 
 
 @dataclass
@@ -88,12 +90,18 @@ class RunConfig:
             raise ConfigError("sae.d_in: do not set it; it comes from the model and the hookpoint")
         if self.one_sae_per_hookpoint:
             if "hookpoint" in self.sae or "hook_head_index" in self.sae:
-                raise ConfigError("sae.hookpoints trains one SAE per hookpoint: leave out sae.hookpoint and sae.hook_head_index")
+                raise ConfigError(
+                    "sae.hookpoints trains one SAE per hookpoint: leave out sae.hookpoint and sae.hook_head_index"
+                )
             unknown = [h for h in self.sae_hookpoints if h not in self.cache.hookpoints]
             if unknown:
-                raise ConfigError(f"sae.hookpoints {unknown} are not cached; cache.hookpoints = {self.cache.hookpoints}")
+                raise ConfigError(
+                    f"sae.hookpoints {unknown} are not cached; cache.hookpoints = {self.cache.hookpoints}"
+                )
         elif self.sae_hookpoint not in self.cache.hookpoints:
-            raise ConfigError(f"sae.hookpoint {self.sae_hookpoint!r} is not cached; cache.hookpoints = {self.cache.hookpoints}")
+            raise ConfigError(
+                f"sae.hookpoint {self.sae_hookpoint!r} is not cached; cache.hookpoints = {self.cache.hookpoints}"
+            )
         self.sae_config(d_in=1)  # validates the keys and values now, before any model is loaded
 
     @property
@@ -108,8 +116,15 @@ class RunConfig:
         value = self.sae["hookpoints"]
         if value == "all":
             return list(self.cache.hookpoints)
-        if not isinstance(value, list) or not value or not all(isinstance(h, str) for h in value) or len(set(value)) < len(value):
-            raise ConfigError(f'sae.hookpoints must be "all" or a list of distinct hookpoint names, got {value!r}')
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(h, str) for h in value)
+            or len(set(value)) < len(value)
+        ):
+            raise ConfigError(
+                f'sae.hookpoints must be "all" or a list of distinct hookpoint names, got {value!r}'
+            )
         return value
 
     @property

@@ -7,7 +7,11 @@ from torch import Tensor
 
 
 def sparse_feature_data(
-    n_tokens: int, d: int = 64, n_features: int = 256, active: float = 5.0, seed: int = 0,
+    n_tokens: int,
+    d: int = 64,
+    n_features: int = 256,
+    active: float = 5.0,
+    seed: int = 0,
     chunk_tokens: int = 8192,
 ) -> tuple[Tensor, Tensor]:
     """-> (x: [n_tokens, d], features: [n_features, d] unit-norm).

@@ -42,7 +42,7 @@ METRICS_LOG = "metrics.jsonl"
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch reads it."""
+    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -108,14 +108,18 @@ class Trainer:
     average gradients after backward, sum firing counts, and only rank 0 writes files.
     """
 
-    def __init__(self, sae_cfgs: list[SAEConfig] | SAEConfig, cfg: TrainConfig, dist: Distributed | None = None):
+    def __init__(
+        self, sae_cfgs: list[SAEConfig] | SAEConfig, cfg: TrainConfig, dist: Distributed | None = None
+    ):
         sae_cfgs = [sae_cfgs] if isinstance(sae_cfgs, SAEConfig) else list(sae_cfgs)
         if not sae_cfgs:
             raise ValueError("Trainer needs at least one SAEConfig")
         for c in sae_cfgs:
             if not c.trainable:
-                raise ValueError(f"architecture {c.architecture!r} can be loaded but not trained; "
-                                 "trainable: topk, relu, codebook")
+                raise ValueError(
+                    f"architecture {c.architecture!r} can be loaded but not trained; "
+                    "trainable: topk, relu, codebook"
+                )
         widths = {c.d_in for c in sae_cfgs}
         if len(widths) > 1:
             raise ValueError(f"SAEs trained from one read must share d_in; got {sorted(widths)}")
@@ -132,10 +136,18 @@ class Trainer:
             name = f"{name}_{i}" if names.count(name) > 1 else name
             model = SparseAutoencoder.from_config(sae_cfg, seed=cfg.seed + i).to(self.device)
             lr = cfg.lr or default_lr(sae_cfg.d_sae)
-            optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                         fused=True)  # one kernel for all tensors: ~6x faster than foreach on CPU
-            self.members.append(Member(name, model, optimizer, lr,
-                                       torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=self.device)))
+            optimizer = torch.optim.Adam(
+                model.parameters(), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
+            )  # one kernel for all tensors: ~6x faster than foreach on CPU
+            self.members.append(
+                Member(
+                    name,
+                    model,
+                    optimizer,
+                    lr,
+                    torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=self.device),
+                )
+            )
         self.step = 0
         self.tokens = 0
         self.input_scale: float | None = None
@@ -149,7 +161,9 @@ class Trainer:
         raw units (also saved under out_dir)."""
         hookpoints = {m.cfg.hookpoint for m in self.members}
         if isinstance(data, (str, Path)) and len(hookpoints) > 1:
-            raise ValueError(f"SAEs trained from one read of a cache must share a hookpoint; got {sorted(map(str, hookpoints))}")
+            raise ValueError(
+                f"SAEs trained from one read of a cache must share a hookpoint; got {sorted(map(str, hookpoints))}"
+            )
         source = as_batch_source(data, self.cfg, self.dist, hookpoint=hookpoints.pop())
         total = self._total_tokens(source)
         resumed = self.load_checkpoint()
@@ -160,8 +174,15 @@ class Trainer:
         log = self._open_log() if main else None
         wandb_run = self._start_wandb() if self.cfg.wandb and main else None
         started, tokens_at_start = time.perf_counter(), self.tokens
-        bar = tqdm(total=total, initial=self.tokens, unit="tok", unit_scale=True, desc="train",
-                   dynamic_ncols=True, disable=not main)
+        bar = tqdm(
+            total=total,
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not main,
+        )
         with _stop_requests(self):
             for batch in batches:
                 if self.tokens >= total:
@@ -198,8 +219,14 @@ class Trainer:
         return models
 
     def _ranks_agree_to_stop(self, error: TrainingError | None) -> bool:
-        self._stop_signal = agree_on_stop(self.dist, self.device, self.step, error, self._stop_signal,
-                                          f"; the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
+        self._stop_signal = agree_on_stop(
+            self.dist,
+            self.device,
+            self.step,
+            error,
+            self._stop_signal,
+            f"; the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact",
+        )
         return self._stop_signal is not None
 
     def _train_step(self, m: Member, x: Tensor, total: int) -> None:
@@ -209,8 +236,10 @@ class Trainer:
         dead = (m.tokens_since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
         loss, terms, fires = self.objective(m.model, x, progress, dead)
         if not torch.isfinite(loss):
-            raise TrainingError(f"step {self.step}: loss of {m.name} is {loss.item()}; no weights were "
-                                f"updated and the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
+            raise TrainingError(
+                f"step {self.step}: loss of {m.name} is {loss.item()}; no weights were "
+                f"updated and the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
+            )
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.dist.average_([p.grad for p in m.model.parameters()])  # dist: data-parallel gradient
@@ -243,9 +272,11 @@ class Trainer:
         bad = ~torch.isfinite(x)
         if bad.any():
             rows = bad.any(dim=1).nonzero().flatten()
-            raise TrainingError(f"{where}: {int(bad.sum())} NaN/inf values in rows {rows[:5].tolist()}"
-                                f"{'...' if len(rows) > 5 else ''}; no weights were updated and the last "
-                                f"checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact")
+            raise TrainingError(
+                f"{where}: {int(bad.sum())} NaN/inf values in rows {rows[:5].tolist()}"
+                f"{'...' if len(rows) > 5 else ''}; no weights were updated and the last "
+                f"checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
+            )
         return x
 
     def _total_tokens(self, source: BatchSource) -> int:
@@ -256,13 +287,17 @@ class Trainer:
         try:
             return len(source) * self.cfg.batch_size * self.dist.world_size  # type: ignore[arg-type]
         except TypeError:
-            raise ValueError("TrainConfig.total_tokens is needed for data of unknown length "
-                             "(it sets the learning-rate schedule)") from None
+            raise ValueError(
+                "TrainConfig.total_tokens is needed for data of unknown length "
+                "(it sets the learning-rate schedule)"
+            ) from None
 
     def _init_from_first_batches(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
         """Scale, b_dec and codebooks from the first batches, which are then trained on as usual."""
-        rows_needed = max([self.cfg.batch_size] + [4 * m.cfg.d_sae for m in self.members
-                                                   if m.cfg.architecture == "codebook"])
+        rows_needed = max(
+            [self.cfg.batch_size]
+            + [4 * m.cfg.d_sae for m in self.members if m.cfg.architecture == "codebook"]
+        )
         first, rows = [], 0
         for index, batch in enumerate(batches):
             first.append(batch)
@@ -293,10 +328,16 @@ class Trainer:
         import wandb
 
         if self.wandb_id is None:
-            self.wandb_id = secrets.token_hex(4)  # kept in checkpoints, so a resumed run continues the same wandb run
+            self.wandb_id = secrets.token_hex(
+                4
+            )  # kept in checkpoints, so a resumed run continues the same wandb run
         return wandb.init(
-            project=self.cfg.wandb_project, name=self.cfg.run_name, id=self.wandb_id, resume="allow",
-            dir=str(self.out_dir), config={"train": to_dict(self.cfg), "saes": {m.name: to_dict(m.cfg) for m in self.members}},
+            project=self.cfg.wandb_project,
+            name=self.cfg.run_name,
+            id=self.wandb_id,
+            resume="allow",
+            dir=str(self.out_dir),
+            config={"train": to_dict(self.cfg), "saes": {m.name: to_dict(m.cfg) for m in self.members}},
         )
 
     def metrics(self, m: Member) -> dict[str, float]:
@@ -305,7 +346,9 @@ class Trainer:
         out = {key: float(value) / steps for key, value in m.window.items()}
         if m.window_fires is not None and m.window_tokens:
             out["l0"] = float(m.window_fires.sum()) / m.window_tokens
-            out["dense_fraction"] = float((m.window_fires / m.window_tokens > self.cfg.dense_threshold).float().mean())
+            out["dense_fraction"] = float(
+                (m.window_fires / m.window_tokens > self.cfg.dense_threshold).float().mean()
+            )
         out["dead_fraction"] = float((m.tokens_since_fired >= self.cfg.dead_after_tokens).float().mean())
         out["lr"] = m.optimizer.param_groups[0]["lr"]
         return out
@@ -317,8 +360,10 @@ class Trainer:
             record = {"step": self.step, "tokens": self.tokens, "sae": m.name, **self.metrics(m)}
             log.write(json.dumps(record) + "\n")
             if wandb_run is not None:
-                wandb_run.log({f"{m.name}/{k}": v for k, v in record.items() if k not in ("step", "sae")},
-                              step=self.step)
+                wandb_run.log(
+                    {f"{m.name}/{k}": v for k, v in record.items() if k not in ("step", "sae")},
+                    step=self.step,
+                )
             m.last_metrics = record
             m.window, m.window_fires, m.window_steps, m.window_tokens = {}, None, 0, 0
         log.flush()
@@ -336,7 +381,9 @@ class Trainer:
             model.save(self.out_dir / m.name)
             summary = {
                 **m.last_metrics,
-                "tokens": self.tokens, "steps": self.step, "input_scale": self.input_scale,
+                "tokens": self.tokens,
+                "steps": self.step,
+                "input_scale": self.input_scale,
                 "train_seconds_this_run": seconds,
                 "tokens_per_second_this_run": tokens_this_run / seconds if seconds else None,
             }
@@ -366,11 +413,17 @@ class Trainer:
                 for key, value in m.optimizer.state.get(p, {}).items():
                     tensors[f"adam.{n}.{key}"] = value.reshape(-1) if key == "step" else value
             atomic_save_file({k: v.cpu() for k, v in tensors.items()}, tmp / f"{m.name}.safetensors")
-        atomic_write_json(tmp / "state.json", {
-            "step": self.step, "tokens": self.tokens, "input_scale": self.input_scale,
-            "wandb_id": self.wandb_id, "saes": {m.name: to_dict(m.cfg) for m in self.members},
-            "train": to_dict(self.cfg),
-        })
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": self.step,
+                "tokens": self.tokens,
+                "input_scale": self.input_scale,
+                "wandb_id": self.wandb_id,
+                "saes": {m.name: to_dict(m.cfg) for m in self.members},
+                "train": to_dict(self.cfg),
+            },
+        )
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
@@ -388,8 +441,10 @@ class Trainer:
         saved = set(state["saes"])
         expected = {m.name for m in self.members}
         if saved != expected:
-            raise ValueError(f"{path}: checkpoint holds SAEs {sorted(saved)}, this run trains {sorted(expected)}; "
-                             f"use another out_dir or delete the checkpoint")
+            raise ValueError(
+                f"{path}: checkpoint holds SAEs {sorted(saved)}, this run trains {sorted(expected)}; "
+                f"use another out_dir or delete the checkpoint"
+            )
         for m in self.members:
             tensors = load_file(path / f"{m.name}.safetensors", device=str(self.device))
             with torch.no_grad():
@@ -412,8 +467,14 @@ class Trainer:
         raise SystemExit(f"terminated at step {self.step}; checkpoint saved to {where}")
 
 
-def agree_on_stop(dist: Distributed, device: torch.device, step: int, error: TrainingError | None,
-                  stop_signal: int | None, failure_note: str = "") -> int | None:
+def agree_on_stop(
+    dist: Distributed,
+    device: torch.device,
+    step: int,
+    error: TrainingError | None,
+    stop_signal: int | None,
+    failure_note: str = "",
+) -> int | None:
     """Before a step's collectives, every rank learns whether any rank met bad data or was asked to
     stop, so all ranks stop together instead of waiting forever on a missing peer (dist).
 
@@ -427,7 +488,9 @@ def agree_on_stop(dist: Distributed, device: torch.device, step: int, error: Tra
         raise error
     failed = flags[0].nonzero().flatten().tolist()
     if failed:
-        raise TrainingError(f"step {step}: rank {failed} met bad data (see its error); all ranks stop{failure_note}")
+        raise TrainingError(
+            f"step {step}: rank {failed} met bad data (see its error); all ranks stop{failure_note}"
+        )
     if flags[1].any() and stop_signal is None:
         return signal.SIGTERM
     return stop_signal

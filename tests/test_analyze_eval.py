@@ -10,16 +10,34 @@ from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
 
 
 def test_eval_of_ours_and_of_its_saelens_export_agree(tiny_lm_dir, tmp_path):
-    cfg = sae.SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint="blocks.1.hook_resid_post",
-                        model_name=str(tiny_lm_dir))
+    cfg = sae.SAEConfig(
+        architecture="topk",
+        d_in=32,
+        d_sae=64,
+        k=4,
+        hookpoint="blocks.1.hook_resid_post",
+        model_name=str(tiny_lm_dir),
+    )
     model = sae.SparseAutoencoder.from_config(cfg, seed=0)
     model.save(tmp_path / "ours")
     model.save(tmp_path / "saelens", format="saelens")
     results = {}
     for name in ("ours", "saelens"):
-        args = ["eval", str(tmp_path / name), "--tokens", "300", "--context-size", "32", "--out", str(tmp_path / f"{name}_eval")]
+        args = [
+            "eval",
+            str(tmp_path / name),
+            "--tokens",
+            "300",
+            "--context-size",
+            "32",
+            "--out",
+            str(tmp_path / f"{name}_eval"),
+        ]
         if name == "saelens":
-            args += ["--model", str(tiny_lm_dir)]  # model names are carried over; pass it anyway for the export
+            args += [
+                "--model",
+                str(tiny_lm_dir),
+            ]  # model names are carried over; pass it anyway for the export
         assert analyze.main(args) == 0
         results[name] = json.loads((tmp_path / f"{name}_eval" / "eval.json").read_text())
         assert (tmp_path / f"{name}_eval" / "feature_density.png").stat().st_size > 0
@@ -34,10 +52,29 @@ def test_eval_names_a_bad_option(tmp_path, capsys):
 
 
 def test_an_sae_of_the_wrong_width_is_named(tiny_lm_dir, tmp_path, capsys):
-    cfg = sae.SAEConfig(architecture="topk", d_in=48, d_sae=64, k=4, hookpoint="blocks.1.hook_resid_post",
-                        model_name=str(tiny_lm_dir))
+    cfg = sae.SAEConfig(
+        architecture="topk",
+        d_in=48,
+        d_sae=64,
+        k=4,
+        hookpoint="blocks.1.hook_resid_post",
+        model_name=str(tiny_lm_dir),
+    )
     sae.SparseAutoencoder.from_config(cfg, seed=0).save(tmp_path / "wide", format="saelens")
-    assert analyze.main(["eval", str(tmp_path / "wide"), "--model", str(tiny_lm_dir), "--tokens", "64",
-                         "--context-size", "32"]) == 1
+    assert (
+        analyze.main(
+            [
+                "eval",
+                str(tmp_path / "wide"),
+                "--model",
+                str(tiny_lm_dir),
+                "--tokens",
+                "64",
+                "--context-size",
+                "32",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "SAE reads d_in=48 (saelens SAE" in err and "blocks.1.hook_resid_post has width 32" in err

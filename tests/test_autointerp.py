@@ -15,14 +15,36 @@ import pytest
 import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient, RequestFailed
-from sae.analysis.autointerp.explainer import EXPLANATION_PREFIX, ExplainerConfig, explainer_prompt, parse_explanation
+from sae.analysis.autointerp.explainer import (
+    EXPLANATION_PREFIX,
+    ExplainerConfig,
+    explainer_prompt,
+    parse_explanation,
+)
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, pair_controls, summary_table
 from sae.analysis.autointerp.prompts import mark_tokens
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import ScorerConfig, auroc, binary_metrics, detection_score
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
-WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "in", "park", "apple", "pear", "red", "a", "and", "it", "was"]
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "ran",
+    "in",
+    "park",
+    "apple",
+    "pear",
+    "red",
+    "a",
+    "and",
+    "it",
+    "was",
+]
 
 
 def token_strings(ids: list[int]) -> list[str]:
@@ -36,7 +58,9 @@ def test_binary_metrics_and_auroc():
     m = binary_metrics([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1])
     assert m["recall"] == pytest.approx(2 / 3) and m["precision"] == pytest.approx(2 / 3)
     assert m["balanced_accuracy"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
-    assert math.isnan(binary_metrics([1, 1], [0, 0])["precision"])  # nothing predicted positive: undefined, not 0
+    assert math.isnan(
+        binary_metrics([1, 1], [0, 0])["precision"]
+    )  # nothing predicted positive: undefined, not 0
     assert auroc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.2]) == 1.0
     assert auroc([1, 0], [0.5, 0.5]) == 0.5
     assert math.isnan(auroc([1, 1], [0.2, 0.3]))
@@ -48,26 +72,38 @@ def test_mark_tokens_merges_runs_and_keeps_spaces_outside():
     assert mark_tokens(pieces, [True, False, False, False, True]) == " <<the>> red apple fell<<\\n>>"
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (" names of animals\nExamples:", "names of animals"),
-    (' "the word cat".', "the word cat"),
-    ("Explanation: colours", "colours"),
-    ("   \n  ", None),
-    ("1. the <<cat>> sat", None),  # echoes an example instead of explaining
-    ("Examples:", None),
-    (' the word "2006"', 'the word "2006"'),  # quotes inside the answer stay balanced
-    (' "system" in code\\n    if (all is', '"system" in code'),  # ran on past a written newline into code
-    (' "\\n" at the ends of lines', '"\\n" at the ends of lines'),  # a quoted newline is part of the answer
-    (' "sys" in code\\n"', '"sys" in code'),
-    ('._" (26), "_" (3), "append" (1),', None),  # repeats the prompt's marked-token counts
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (" names of animals\nExamples:", "names of animals"),
+        (' "the word cat".', "the word cat"),
+        ("Explanation: colours", "colours"),
+        ("   \n  ", None),
+        ("1. the <<cat>> sat", None),  # echoes an example instead of explaining
+        ("Examples:", None),
+        (' the word "2006"', 'the word "2006"'),  # quotes inside the answer stay balanced
+        (' "system" in code\\n    if (all is', '"system" in code'),  # ran on past a written newline into code
+        (
+            ' "\\n" at the ends of lines',
+            '"\\n" at the ends of lines',
+        ),  # a quoted newline is part of the answer
+        (' "sys" in code\\n"', '"sys" in code'),
+        ('._" (26), "_" (3), "append" (1),', None),  # repeats the prompt's marked-token counts
+    ],
+)
 def test_parse_explanation(answer, expected):
     assert parse_explanation(answer) == expected
 
 
 def test_explainer_prompt_marks_activating_tokens_and_shows_values():
-    record = LatentRecord(latent=3, fire_count=50, tokens_seen=1000, max_activation=2.0,
-                          top=[Example([0, 1, 2], [0.0, 2.0, 0.0])], quantiles=[[Example([5, 6], [1.0, 0.0])]])
+    record = LatentRecord(
+        latent=3,
+        fire_count=50,
+        tokens_seen=1000,
+        max_activation=2.0,
+        top=[Example([0, 1, 2], [0.0, 2.0, 0.0])],
+        quantiles=[[Example([5, 6], [1.0, 0.0])]],
+    )
     prompt = explainer_prompt(record, token_strings, ExplainerConfig(show_values=True))
     assert "<<cat>>" in prompt and "'cat': 10" in prompt and "<<dog>>" in prompt and "'dog': 5" in prompt
     assert prompt.endswith(EXPLANATION_PREFIX)
@@ -86,12 +122,22 @@ def test_collect_records_top_quantiles_negatives_and_rare_latents():
         tokens = torch.randint(2, len(WORDS), (4, 40), generator=generator)
         tokens[:2, ::7] = 1
         x = torch.zeros(4, 40, 2)
-        x[..., 0] = (tokens == 1) * (1 + torch.arange(40)) / 40  # the "SAE input" is the activation itself here
+        x[..., 0] = (
+            (tokens == 1) * (1 + torch.arange(40)) / 40
+        )  # the "SAE input" is the activation itself here
         if b == 0:
             x[0, 3, 1] = 5.0
         batches.append((tokens, x, torch.ones(4, 40, dtype=torch.bool)))
-    config = RecordConfig(n_top=5, n_quantile_groups=3, n_per_quantile=2, n_negatives=8, window_before=6,
-                          window_after=2, min_examples=3, negative_pool=64)
+    config = RecordConfig(
+        n_top=5,
+        n_quantile_groups=3,
+        n_per_quantile=2,
+        n_negatives=8,
+        window_before=6,
+        window_after=2,
+        min_examples=3,
+        negative_pool=64,
+    )
     records = collect_records(lambda x: x, 2, iter(batches), torch.tensor([0, 1]), config)
     cat, rare = records
     assert cat.fire_count == 6 * 2 * 6 and not cat.too_few_activations
@@ -108,8 +154,14 @@ def test_each_latent_draws_its_own_random_negatives():
     """Eight latents that never fire share one pool of 64 windows; each draws 4 negatives of its own (taking the
     pool's first silent windows gave every latent the same ones), and the same seed draws the same again."""
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(2, len(WORDS), (4, 40), generator=generator), torch.zeros(4, 40, 8),
-                torch.ones(4, 40, dtype=torch.bool)) for _ in range(4)]
+    batches = [
+        (
+            torch.randint(2, len(WORDS), (4, 40), generator=generator),
+            torch.zeros(4, 40, 8),
+            torch.ones(4, 40, dtype=torch.bool),
+        )
+        for _ in range(4)
+    ]
     config = RecordConfig(n_negatives=4, window_before=3, window_after=1, negative_pool=64)
 
     def negative_sets() -> list[set[tuple[int, ...]]]:
@@ -179,9 +231,16 @@ class ScriptedServer:
 def completion_payload(text: str, top: dict[str, float] | None = None) -> dict:
     logprobs = None
     if top is not None:
-        logprobs = {"tokens": [text], "token_logprobs": [max(top.values())], "top_logprobs": [top], "text_offset": [0]}
-    return {"choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}}
+        logprobs = {
+            "tokens": [text],
+            "token_logprobs": [max(top.values())],
+            "top_logprobs": [top],
+            "text_offset": [0],
+        }
+    return {
+        "choices": [{"text": text, "index": 0, "finish_reason": "length", "logprobs": logprobs}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
+    }
 
 
 def run(coro):
@@ -190,7 +249,11 @@ def run(coro):
 
 def test_client_retries_transient_errors_then_succeeds_and_parses_logprobs():
     def reply(n, path, body):
-        return (503, {"error": "busy"}, 0) if n < 2 else (200, completion_payload(" 1", {" 1": -0.1, " 0": -2.4}), 0)
+        return (
+            (503, {"error": "busy"}, 0)
+            if n < 2
+            else (200, completion_payload(" 1", {" 1": -0.1, " 0": -2.4}), 0)
+        )
 
     async def go(url):
         async with OpenAIClient(url, backoff_s=0.01, max_retries=3) as client:
@@ -214,7 +277,9 @@ def test_client_gives_up_after_retries_and_does_not_retry_bad_requests():
             return bad.value.attempts
 
     def reply(n, path, body):
-        return (500, {}, 0) if path.endswith("/completions") and "prompt" in body else (400, {"error": "no"}, 0)
+        return (
+            (500, {}, 0) if path.endswith("/completions") and "prompt" in body else (400, {"error": "no"}, 0)
+        )
 
     with ScriptedServer(reply) as server:
         attempts = run(go(server.url))
@@ -235,7 +300,9 @@ def test_client_timeout_is_a_counted_failure():
 
 def test_client_limits_concurrency_and_rate():
     async def go(url, **limits) -> float:
-        async with OpenAIClient(url, **limits) as client:  # (creating the client loads certificates: not timed)
+        async with OpenAIClient(
+            url, **limits
+        ) as client:  # (creating the client loads certificates: not timed)
             started = time.monotonic()
             await asyncio.gather(*(client.complete("x", 1) for _ in range(8)))
             return time.monotonic() - started
@@ -275,7 +342,11 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
     def reply_by_tokens(n, path, body):
         prompt = body["prompt"]
         if prompt.endswith(EXPLANATION_PREFIX):
-            return 200, completion_payload("   " if "<<dog>>" in prompt.split("\n\n")[-1] else " short words"), 0
+            return (
+                200,
+                completion_payload("   " if "<<dog>>" in prompt.split("\n\n")[-1] else " short words"),
+                0,
+            )
         return 200, completion_payload([" 1", " 0", " maybe"][n % 3], {" 1": -0.5, " 0": -1.0}), 0
 
     config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=3, n_negative=3))
@@ -289,7 +360,10 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
     by_latent = {r.latent: r for r in results}
     assert by_latent[0].explanation is None and by_latent[0].explanation_failure == "parse"
     assert by_latent[3].explanation_failure == "too_few_activations" and by_latent[3].fire_count == 1
-    assert summary["explanation_failures"] == {"parse": 1, "too_few_activations": 1} and summary["explained"] == 2
+    assert (
+        summary["explanation_failures"] == {"parse": 1, "too_few_activations": 1}
+        and summary["explained"] == 2
+    )
     assert summary["explanations_copying_a_demonstration"] == 0
     for latent in (1, 2):
         for slot in ("scores", "control_scores"):
@@ -297,7 +371,11 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
             assert score["n_scored"] + score["parse_failures"] + score["errors"] == score["n_examples"] == 6
     assert by_latent[1].control_from_latent == 2 and by_latent[2].control_from_latent == 1
     detection = summary["scorers"]["detection"]
-    per_latent = sum(getattr(by_latent[l], s)["detection"]["parse_failures"] for l in (1, 2) for s in ("scores", "control_scores"))
+    per_latent = sum(
+        getattr(by_latent[l], s)["detection"]["parse_failures"]
+        for l in (1, 2)
+        for s in ("scores", "control_scores")
+    )
     assert detection["parse_failures"] == per_latent > 0 and detection["examples_asked"] == 24
     assert "real − control" in summary_table(summary)
 
@@ -316,11 +394,19 @@ def test_request_errors_are_counted_not_dropped():
 
     async def go(url):
         async with OpenAIClient(url, max_retries=0) as client:
-            return await detection_score(client, "anything", record, token_strings, ScorerConfig(n_positive=2, n_negative=2))
+            return await detection_score(
+                client, "anything", record, token_strings, ScorerConfig(n_positive=2, n_negative=2)
+            )
 
-    with ScriptedServer(lambda n, p, b: (500, {}, 0) if n % 2 else (200, completion_payload(" 1", {" 1": -0.1, " 0": -3.0}), 0)) as server:
+    with ScriptedServer(
+        lambda n, p, b: (
+            (500, {}, 0) if n % 2 else (200, completion_payload(" 1", {" 1": -0.1, " 0": -3.0}), 0)
+        )
+    ) as server:
         score = run(go(server.url))
-    assert score.errors == 2 and score.n_scored == 2 and score.n_examples == 4 and score.n_with_probability == 2
+    assert (
+        score.errors == 2 and score.n_scored == 2 and score.n_examples == 4 and score.n_with_probability == 2
+    )
 
 
 # --- the command, end to end on a tiny model's cache, against the scripted server ----------------------------
@@ -339,8 +425,14 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
 
     run_config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"tokens": 1000, "dtype": "float32"})
     cache_dir = build_cache(run_config, tiny_lm)
-    sae_config = SAEConfig(architecture="topk", d_in=32, d_sae=48, k=4, hookpoint="blocks.1.hook_resid_post",
-                           model_name=str(tiny_lm_dir))
+    sae_config = SAEConfig(
+        architecture="topk",
+        d_in=32,
+        d_sae=48,
+        k=4,
+        hookpoint="blocks.1.hook_resid_post",
+        model_name=str(tiny_lm_dir),
+    )
     sae_dir = SparseAutoencoder.from_config(sae_config, seed=2).save(tmp_path / "sae")
 
     def reply(n, path, body):
@@ -352,14 +444,34 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
     add_autointerp_arguments(parser)
     out = tmp_path / "autointerp"
     with ScriptedServer(reply) as server:
-        args = parser.parse_args([str(sae_dir), "--cache", str(cache_dir), "--out", str(out), "--latents", "0:6,40-41",
-                                  "--scorers", "detection", "--backend", "http", "--base-url", server.url,
-                                  "--n-score", "3", "--min-examples", "2"])
+        args = parser.parse_args(
+            [
+                str(sae_dir),
+                "--cache",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--latents",
+                "0:6,40-41",
+                "--scorers",
+                "detection",
+                "--backend",
+                "http",
+                "--base-url",
+                server.url,
+                "--n-score",
+                "3",
+                "--min-examples",
+                "2",
+            ]
+        )
         assert run_autointerp(args) == 0
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(line["latent"] for line in lines) == [0, 1, 2, 3, 4, 5, 40, 41]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["latents"] == 8 and summary["explained"] + sum(summary["explanation_failures"].values()) == 8
+    assert (
+        summary["latents"] == 8 and summary["explained"] + sum(summary["explanation_failures"].values()) == 8
+    )
     explained = [line for line in lines if line["explanation"] is not None]
     assert explained and all(line["scores"]["detection"]["n_examples"] > 0 for line in explained)
     assert set(read_explanations(out / "explanations.jsonl")) == {0, 1, 2, 3, 4, 5, 40, 41}
@@ -371,20 +483,61 @@ def test_embedding_scorer_ranks_examples_by_the_explanation():
     embedded (a cut at a random position could leave a negative with only 'the')."""
     from sae.analysis.autointerp.scorers import EmbeddingScorer, minilm_embedder
 
-    words = ["the", "dog", "barked", "at", "cat", "horse", "ran", "across", "field", "bird", "sang", "in", "tree",
-             "bank", "raised", "interest", "rates", "stock", "prices", "fell", "loan", "was", "repaid", "taxes"]
+    words = [
+        "the",
+        "dog",
+        "barked",
+        "at",
+        "cat",
+        "horse",
+        "ran",
+        "across",
+        "field",
+        "bird",
+        "sang",
+        "in",
+        "tree",
+        "bank",
+        "raised",
+        "interest",
+        "rates",
+        "stock",
+        "prices",
+        "fell",
+        "loan",
+        "was",
+        "repaid",
+        "taxes",
+    ]
     vocab = {w: i for i, w in enumerate(words)}
 
     def example(sentence: str, firing: str | None) -> Example:
         ids = [vocab[w] for w in sentence.split()]
         return Example(ids, [1.0 if words[i] == firing else 0.0 for i in ids])
 
-    animals = ["the dog barked at the cat", "the horse ran across the field", "the bird sang in the tree",
-               "the cat ran in the field"]
-    money = ["the bank raised interest rates", "stock prices fell", "the loan was repaid", "taxes raised the rates"]
-    record = LatentRecord(0, 50, 1000, 1.0, top=[example(s, s.split()[1]) for s in animals],
-                          negatives=[example(s, None) for s in money])
-    scorer = EmbeddingScorer(minilm_embedder(), lambda ids: [" " + words[i] for i in ids], ScorerConfig(embedding_window=None))
+    animals = [
+        "the dog barked at the cat",
+        "the horse ran across the field",
+        "the bird sang in the tree",
+        "the cat ran in the field",
+    ]
+    money = [
+        "the bank raised interest rates",
+        "stock prices fell",
+        "the loan was repaid",
+        "taxes raised the rates",
+    ]
+    record = LatentRecord(
+        0,
+        50,
+        1000,
+        1.0,
+        top=[example(s, s.split()[1]) for s in animals],
+        negatives=[example(s, None) for s in money],
+    )
+    scorer = EmbeddingScorer(
+        minilm_embedder(), lambda ids: [" " + words[i] for i in ids], ScorerConfig(embedding_window=None)
+    )
     right, wrong = scorer.score("animals", record), scorer.score("finance and money", record)
     assert right.n_examples == 8 and right.metrics["auroc"] == 1.0
     assert wrong.metrics["auroc"] == 0.0
@@ -402,8 +555,14 @@ def test_embedding_scorer_embeds_the_text_around_each_peak():
         embedded.extend(texts)
         return torch.ones(len(texts), 2)
 
-    record = LatentRecord(0, 50, 1000, 1.0, top=[Example([2, 3, 1, 4, 5], [0.0, 0.0, 2.0, 0.5, 0.0])],
-                          negatives=[Example([6, 7, 8, 9], [0.0] * 4)])
+    record = LatentRecord(
+        0,
+        50,
+        1000,
+        1.0,
+        top=[Example([2, 3, 1, 4, 5], [0.0, 0.0, 2.0, 0.5, 0.0])],
+        negatives=[Example([6, 7, 8, 9], [0.0] * 4)],
+    )
     EmbeddingScorer(embed, token_strings, ScorerConfig(embedding_window=(1, 0))).score("cats", record)
     positive, negative = embedded[0], embedded[1]
     assert positive == "".join(token_strings([3, 1]))
@@ -418,8 +577,13 @@ def test_answer_is_read_after_a_separate_space_token():
     from sae.analysis.autointerp.clients import Completion, TokenLogprob
     from sae.analysis.autointerp.scorers import parse_answer
 
-    logprobs = [TokenLogprob(" ", -0.01, {" ": -0.01}), TokenLogprob("0", -0.3, {"0": -0.3, "1": -1.4, "yes": -3.0})]
+    logprobs = [
+        TokenLogprob(" ", -0.01, {" ": -0.01}),
+        TokenLogprob("0", -0.3, {"0": -0.3, "1": -1.4, "yes": -3.0}),
+    ]
     answer, probability = parse_answer(Completion(" 0", logprobs, 10, 2, "stop", 0.1))
     assert answer == 0 and probability == pytest.approx(math.exp(-1.4) / (math.exp(-1.4) + math.exp(-0.3)))
     assert parse_answer(Completion(" 10", None, 10, 2, "stop", 0.1)) == (None, None)
-    assert parse_answer(Completion("yes", [TokenLogprob("yes", -0.1, {"yes": -0.1, "1": -4.0})], 10, 1, "stop", 0.1)) == (None, None)
+    assert parse_answer(
+        Completion("yes", [TokenLogprob("yes", -0.1, {"yes": -0.1, "1": -4.0})], 10, 1, "stop", 0.1)
+    ) == (None, None)

@@ -14,7 +14,12 @@ import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient
 from sae.analysis.autointerp.explainer import (
-    DEMONSTRATIONS, EXPLANATION_PREFIX, ExplainerConfig, copied_demonstration, explainer_prompt, without_demonstration,
+    DEMONSTRATIONS,
+    EXPLANATION_PREFIX,
+    ExplainerConfig,
+    copied_demonstration,
+    explainer_prompt,
+    without_demonstration,
 )
 from sae.analysis.autointerp.intervention import JUDGE_SUFFIX, InterventionConfig, InterventionScorer
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, summary_table
@@ -58,10 +63,20 @@ def test_fuzzing_marks_true_tokens_in_positives_and_as_many_random_tokens_in_neg
         text = final_text(body["prompt"])
         texts.append(text)
         yes = "<<cat>>" in text
-        return 200, completion_payload(" 1" if yes else " 0", {" 1": -0.1 if yes else -2.0, " 0": -2.0 if yes else -0.1}), 0
+        return (
+            200,
+            completion_payload(
+                " 1" if yes else " 0", {" 1": -0.1 if yes else -2.0, " 0": -2.0 if yes else -0.1}
+            ),
+            0,
+        )
 
-    score, _ = run_with_server(reply, lambda c: fuzzing_score(c, "the word cat", record, token_strings,
-                                                              ScorerConfig(n_positive=4, n_negative=4)))
+    score, _ = run_with_server(
+        reply,
+        lambda c: fuzzing_score(
+            c, "the word cat", record, token_strings, ScorerConfig(n_positive=4, n_negative=4)
+        ),
+    )
     assert score.n_examples == 8 and score.n_scored == 8 and score.parse_failures == score.errors == 0
     assert score.metrics["balanced_accuracy"] == 1.0 and score.metrics["auroc"] == 1.0
     assert sum("<<cat>>" in t for t in texts) == 4
@@ -78,13 +93,26 @@ def echo_payload(prompt: str, predict) -> dict:
     position = 0
     for match in re.finditer(r"\n([^\n\t]*)\t" + re.escape(PLACEHOLDER), prompt):
         placeholder = match.end() - 1
-        tokens.append(prompt[position:placeholder]); offsets.append(position); tops.append({"x": -0.1})
-        tokens.append(PLACEHOLDER); offsets.append(placeholder); tops.append(predict(match.group(1)))
+        tokens.append(prompt[position:placeholder])
+        offsets.append(position)
+        tops.append({"x": -0.1})
+        tokens.append(PLACEHOLDER)
+        offsets.append(placeholder)
+        tops.append(predict(match.group(1)))
         position = placeholder + 1
-    tokens.append(" ok"); offsets.append(len(prompt)); tops.append({" ok": -0.1})
-    logprobs = {"tokens": tokens, "token_logprobs": [-0.1] * len(tokens), "top_logprobs": tops, "text_offset": offsets}
-    return {"choices": [{"text": prompt + " ok", "index": 0, "finish_reason": "length", "logprobs": logprobs}],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1}}
+    tokens.append(" ok")
+    offsets.append(len(prompt))
+    tops.append({" ok": -0.1})
+    logprobs = {
+        "tokens": tokens,
+        "token_logprobs": [-0.1] * len(tokens),
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+    return {
+        "choices": [{"text": prompt + " ok", "index": 0, "finish_reason": "length", "logprobs": logprobs}],
+        "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1},
+    }
 
 
 def test_simulation_correlates_expected_digits_with_true_activations():
@@ -93,12 +121,15 @@ def test_simulation_correlates_expected_digits_with_true_activations():
     def reply(n, path, body):
         assert body["echo"] is True and body["logprobs"] == 10
         # a judge that puts 9 on ' cat' with some doubt, and 0 elsewhere; no digits at all on ' pear'
-        predict = lambda token: ({"9": -0.2, "0": -1.8} if token == " cat" else {} if token == " pear"
-                                 else {"0": -0.05, "1": -3.0})
+        predict = lambda token: (
+            {"9": -0.2, "0": -1.8} if token == " cat" else {} if token == " pear" else {"0": -0.05, "1": -3.0}
+        )
         return 200, echo_payload(body["prompt"], predict), 0
 
     config = SimulationConfig(n_positive=4, n_negative=4)
-    score, server = run_with_server(reply, lambda c: simulation_score(c, "the word cat", record, token_strings, config))
+    score, server = run_with_server(
+        reply, lambda c: simulation_score(c, "the word cat", record, token_strings, config)
+    )
     assert len(server.requests) == 8 and score.n_scored == 8 and score.parse_failures == score.errors == 0
     # ' pear' (token 10 -> WORDS[10]) appears once among the negatives' tokens: its prediction is missing, counted
     n_pear = sum(WORDS[t % len(WORDS)] == "pear" for e in record.negatives for t in e.tokens)
@@ -115,7 +146,9 @@ def test_simulation_without_prompt_logprobs_is_a_counted_parse_failure():
         payload["choices"][0]["logprobs"]["text_offset"] = [len(body["prompt"])]
         return 200, payload, 0
 
-    score, _ = run_with_server(reply, lambda c: simulation_score(c, "cats", record, token_strings, SimulationConfig(2, 2)))
+    score, _ = run_with_server(
+        reply, lambda c: simulation_score(c, "cats", record, token_strings, SimulationConfig(2, 2))
+    )
     assert score.parse_failures == 4 and score.n_scored == 0 and math.isnan(score.metrics["correlation"])
     assert "echo" in score.failure_details[0]
 
@@ -142,12 +175,22 @@ def judge_payload(prompt: str, clean_texts: list[str]) -> dict:
     start = prompt.index(JUDGE_SUFFIX) + len(JUDGE_SUFFIX)
     tokens, offsets, logprobs = [prompt[:start]], [0], [-0.5]
     for match in re.finditer(r" \S+", prompt[start:]):
-        tokens.append(match.group()); offsets.append(start + match.start()); logprobs.append(value)
-    tokens.append("."); offsets.append(len(prompt)); logprobs.append(-9.0)  # the generated token: not counted
-    lp = {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": [{t: v} for t, v in zip(tokens, logprobs)],
-          "text_offset": offsets}
-    return {"choices": [{"text": prompt + ".", "index": 0, "finish_reason": "length", "logprobs": lp}],
-            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1}}
+        tokens.append(match.group())
+        offsets.append(start + match.start())
+        logprobs.append(value)
+    tokens.append(".")
+    offsets.append(len(prompt))
+    logprobs.append(-9.0)  # the generated token: not counted
+    lp = {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": [{t: v} for t, v in zip(tokens, logprobs)],
+        "text_offset": offsets,
+    }
+    return {
+        "choices": [{"text": prompt + ".", "index": 0, "finish_reason": "length", "logprobs": lp}],
+        "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1},
+    }
 
 
 def test_intervention_calibrates_steers_and_compares_the_explanation_clean_vs_steered(tiny_lm):
@@ -161,8 +204,10 @@ def test_intervention_calibrates_steers_and_compares_the_explanation_clean_vs_st
         return 200, judge_payload(body["prompt"], scorer.clean or []), 0
 
     async def both(client):
-        return (await scorer.score(client, "python keywords", record),
-                await scorer.score(client, "something else entirely", record))
+        return (
+            await scorer.score(client, "python keywords", record),
+            await scorer.score(client, "something else entirely", record),
+        )
 
     (real, control), server = run_with_server(reply, both)
     assert len(server.requests) == 8  # 2 prompts x clean/steered x 2 explanations; steering done once
@@ -176,9 +221,13 @@ def test_intervention_calibrates_steers_and_compares_the_explanation_clean_vs_st
     assert control.info == real.info  # the control is judged on the same completions
 
 
-def test_intervention_that_cannot_reach_the_kl_is_a_counted_failure_and_null_in_the_summary(tiny_lm, tmp_path):
+def test_intervention_that_cannot_reach_the_kl_is_a_counted_failure_and_null_in_the_summary(
+    tiny_lm, tmp_path
+):
     sae = tiny_sae()
-    scorer = InterventionScorer(tiny_lm, sae, InterventionConfig(target_kl=1e9, prompts=("def main():",), max_new_tokens=2))
+    scorer = InterventionScorer(
+        tiny_lm, sae, InterventionConfig(target_kl=1e9, prompts=("def main():",), max_new_tokens=2)
+    )
     records = [cat_record(3), cat_record(5)]
 
     def reply(n, path, body):
@@ -188,13 +237,21 @@ def test_intervention_that_cannot_reach_the_kl_is_a_counted_failure_and_null_in_
 
     config = AutointerpConfig(scorers=("intervention",))
     (results, summary), _ = run_with_server(
-        reply, lambda c: interpret(c, records, token_strings, config, results_path=tmp_path / "r.jsonl", intervention=scorer))
+        reply,
+        lambda c: interpret(
+            c, records, token_strings, config, results_path=tmp_path / "r.jsonl", intervention=scorer
+        ),
+    )
     for r in results:
         score = r.scores["intervention"]
         assert score["errors"] == score["n_examples"] == 2 and "calibration" in score["failure_details"][0]
         assert score["metrics"]["logprob_gain"] is None or math.isnan(score["metrics"]["logprob_gain"])
     entry = summary["scorers"]["intervention"]
-    assert entry["errors"] == 8 and entry["logprob_gain"]["real"] is None and entry["logprob_gain"]["undefined"] == 2
+    assert (
+        entry["errors"] == 8
+        and entry["logprob_gain"]["real"] is None
+        and entry["logprob_gain"]["undefined"] == 2
+    )
     text = (tmp_path / "r.jsonl").read_text()
     assert "NaN" not in text and all(json.loads(line) for line in text.splitlines())
     assert "n/a" in summary_table(summary)
@@ -208,9 +265,12 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
     null with a count, never NaN; a latent that never fired and one that fired twice are reported, not -1."""
     from sae.io import atomic_write_json
 
-    records = [cat_record(0), cat_record(1),
-               LatentRecord(2, 0, 1000, 0.0, too_few_activations=True),
-               LatentRecord(4, 2, 1000, 0.3, top=[Example([1], [0.3])], too_few_activations=True)]
+    records = [
+        cat_record(0),
+        cat_record(1),
+        LatentRecord(2, 0, 1000, 0.0, too_few_activations=True),
+        LatentRecord(4, 2, 1000, 0.3, top=[Example([1], [0.3])], too_few_activations=True),
+    ]
 
     def reply(n, path, body):
         if body["prompt"].endswith("Explanation: the feature responds to"):
@@ -270,7 +330,10 @@ def test_an_answer_copying_a_demonstration_is_retried_once_then_counted_as_a_fai
     retry_prompts = [p for p in explainer_prompts if last_demonstration not in p]
     assert len(retry_prompts) == 1  # the cat retry; the dog's retry left out the "len" demonstration instead
     assert summary["explanation_failures"] == {"copied_demonstration": 1}
-    assert summary["explanation_retries_after_a_copy"] == 2 and summary["explanations_copying_a_demonstration"] == 0
+    assert (
+        summary["explanation_retries_after_a_copy"] == 2
+        and summary["explanations_copying_a_demonstration"] == 0
+    )
     assert copied_demonstration("Names of fruits") is None and copied_demonstration(f"{last_demonstration}.")
 
 
@@ -278,7 +341,9 @@ def test_explainer_prompt_lists_marked_tokens_with_counts():
     record = cat_record(0)
     prompt = explainer_prompt(record, token_strings, ExplainerConfig())
     assert prompt.rsplit("\n", 2)[-2] == 'Marked tokens (count): "cat" (4)'
-    shorter = explainer_prompt(record, token_strings, ExplainerConfig(), without_demonstration(DEMONSTRATIONS[0][1]))
+    shorter = explainer_prompt(
+        record, token_strings, ExplainerConfig(), without_demonstration(DEMONSTRATIONS[0][1])
+    )
     assert DEMONSTRATIONS[0][1] not in shorter and shorter.count("Examples:") == len(DEMONSTRATIONS)
 
 
@@ -300,8 +365,18 @@ def test_neighbour_negatives_are_windows_where_a_similar_latent_fires_and_the_la
         x[..., 2] = (tokens == 5).float() * 2
         batches.append((tokens, x, torch.ones(4, 40, dtype=torch.bool)))
     decoder = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.9, 0.1, 0.0]])
-    config = RecordConfig(n_top=4, n_quantile_groups=2, n_per_quantile=2, n_negatives=6, neighbour_negatives=4,
-                          n_neighbours=1, window_before=2, window_after=1, min_examples=2, negative_pool=32)
+    config = RecordConfig(
+        n_top=4,
+        n_quantile_groups=2,
+        n_per_quantile=2,
+        n_negatives=6,
+        neighbour_negatives=4,
+        n_neighbours=1,
+        window_before=2,
+        window_after=1,
+        min_examples=2,
+        negative_pool=32,
+    )
     records = collect_records(lambda x: x, 3, iter(batches), torch.tensor([0]), config, decoder=decoder)
     record = records[0]
     assert record.neighbours == [2] and record.n_neighbour_negatives == 4 and len(record.negatives) == 6
@@ -367,8 +442,9 @@ def test_a_killed_run_resumes_without_asking_again_and_ends_as_an_uninterrupted_
         async def go(url):
             async with OpenAIClient(url, max_concurrency=1) as client:
                 client = KilledAfter(client, killed_after) if killed_after else client
-                return await interpret(client, records, token_strings, config, None, results_path,
-                                       run_settings={"sae": "x"})
+                return await interpret(
+                    client, records, token_strings, config, None, results_path, run_settings={"sae": "x"}
+                )
 
         with ScriptedServer(detection_reply) as server:
             return asyncio.run(go(server.url)), server

@@ -51,7 +51,7 @@ def server(tmp_path_factory):
 def gemma_token_strings():
     from transformers import AutoTokenizer
 
-    from sae.models import offline_gemma_dir
+    from sae.lm import offline_gemma_dir
 
     tokenizer = AutoTokenizer.from_pretrained(offline_gemma_dir())
     return tokenizer, token_strings_from_tokenizer(tokenizer)
@@ -72,8 +72,14 @@ def concept_batches(tokenizer, n_contexts: int = 96, context: int = 64, per_batc
     fires = torch.tensor([[rule(p) for rule in CONCEPTS.values()] for p in pieces], dtype=torch.float32)
     size = 1 + torch.rand(tokens.shape + (len(CONCEPTS),), generator=torch.Generator().manual_seed(0))
     acts = fires[tokens] * size
-    return [(tokens[i : i + per_batch], acts[i : i + per_batch], torch.ones(tokens[i : i + per_batch].shape, dtype=torch.bool))
-            for i in range(0, n_contexts, per_batch)]
+    return [
+        (
+            tokens[i : i + per_batch],
+            acts[i : i + per_batch],
+            torch.ones(tokens[i : i + per_batch].shape, dtype=torch.bool),
+        )
+        for i in range(0, n_contexts, per_batch)
+    ]
 
 
 def test_http_client_completes_with_logprobs_on_the_real_server(server):
@@ -84,7 +90,11 @@ def test_http_client_completes_with_logprobs_on_the_real_server(server):
             return completion, chat
 
     completion, chat = asyncio.run(go())
-    assert completion.text and completion.prompt_tokens > 3 and completion.completion_tokens == len(completion.logprobs)
+    assert (
+        completion.text
+        and completion.prompt_tokens > 3
+        and completion.completion_tokens == len(completion.logprobs)
+    )
     first = completion.logprobs[0]
     assert 1 <= len(first.top) <= 5 and all(v <= 0 for v in first.top.values())
     # Greedy decoding: the chosen token is the most likely alternative.
@@ -119,28 +129,48 @@ def test_in_process_client_agrees_with_the_server(server):
 def test_explain_and_score_concept_latents_end_to_end(server, gemma_token_strings, tmp_path):
     tokenizer, token_strings = gemma_token_strings
     records = collect_records(
-        lambda x: x, len(CONCEPTS), concept_batches(tokenizer), torch.arange(len(CONCEPTS)),
-        RecordConfig(n_top=8, n_quantile_groups=3, n_per_quantile=4, n_negatives=8, window_before=12,
-                     window_after=3, min_examples=5, negative_pool=256),
+        lambda x: x,
+        len(CONCEPTS),
+        concept_batches(tokenizer),
+        torch.arange(len(CONCEPTS)),
+        RecordConfig(
+            n_top=8,
+            n_quantile_groups=3,
+            n_per_quantile=4,
+            n_negatives=8,
+            window_before=12,
+            window_after=3,
+            min_examples=5,
+            negative_pool=256,
+        ),
     )
     config = AutointerpConfig(
-        explainer=ExplainerConfig(n_examples=12), scorer=ScorerConfig(n_positive=4, n_negative=4),
+        explainer=ExplainerConfig(n_examples=12),
+        scorer=ScorerConfig(n_positive=4, n_negative=4),
         scorers=("detection", "embedding"),
     )
     embedding = EmbeddingScorer(minilm_embedder(), token_strings, config.scorer)
 
     async def go():
-        async with OpenAIClient(server.base_url, server.model_alias, max_concurrency=2, timeout_s=300) as client:
-            return await interpret(client, records, token_strings, config, embedding, tmp_path / "results.jsonl")
+        async with OpenAIClient(
+            server.base_url, server.model_alias, max_concurrency=2, timeout_s=300
+        ) as client:
+            return await interpret(
+                client, records, token_strings, config, embedding, tmp_path / "results.jsonl"
+            )
 
     started = time.monotonic()
     results, summary = asyncio.run(go())
     elapsed = time.monotonic() - started
     print(summary_table(summary))
     for name, r in zip(CONCEPTS, results):
-        print(f"{name:>18}: {r.explanation!r} (control from {r.control_from_latent}) "
-              f"embedding {r.scores.get('embedding', {}).get('metrics')} vs {r.control_scores.get('embedding', {}).get('metrics')}")
-    print(f"{elapsed:.0f} s, {summary['latents_per_minute']:.2f} latents/min, {summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent")
+        print(
+            f"{name:>18}: {r.explanation!r} (control from {r.control_from_latent}) "
+            f"embedding {r.scores.get('embedding', {}).get('metrics')} vs {r.control_scores.get('embedding', {}).get('metrics')}"
+        )
+    print(
+        f"{elapsed:.0f} s, {summary['latents_per_minute']:.2f} latents/min, {summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent"
+    )
 
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(CONCEPTS)
     assert summary["explained"] >= len(CONCEPTS) - 2, summary["explanation_failures"]
@@ -150,12 +180,18 @@ def test_explain_and_score_concept_latents_end_to_end(server, gemma_token_string
             assert r.explanation_failure in ("parse", "error", "copied_demonstration") and r.scores == {}
             continue
         detection = r.scores["detection"]
-        assert detection["n_scored"] + detection["parse_failures"] + detection["errors"] == detection["n_examples"] == 8
+        assert (
+            detection["n_scored"] + detection["parse_failures"] + detection["errors"]
+            == detection["n_examples"]
+            == 8
+        )
         assert detection["n_with_probability"] > 0  # logprobs held both answers: AUROC is available
     embedding_summary = summary["scorers"]["embedding"]["auroc"]
     # The bar: with the small local model, real explanations clearly beat the shuffled control.
     assert embedding_summary["real_minus_control"] > 0.1, embedding_summary
-    assert summary["scorers"]["detection"]["balanced_accuracy"]["real"] is not None  # defined: null would mean undefined
+    assert (
+        summary["scorers"]["detection"]["balanced_accuracy"]["real"] is not None
+    )  # defined: null would mean undefined
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +208,16 @@ def test_in_process_echo_matches_the_server_and_offsets_point_into_the_prompt(se
 
     async def go():
         async with OpenAIClient(server.base_url, server.model_alias, timeout_s=300) as client:
-            return await in_process.complete(prompt, 1, logprobs=3, echo=True), await client.complete(prompt, 1, logprobs=3, echo=True)
+            return await in_process.complete(prompt, 1, logprobs=3, echo=True), await client.complete(
+                prompt, 1, logprobs=3, echo=True
+            )
 
     local, served = asyncio.run(go())
     n = len(served.logprobs) - 1  # the last entry is the generated token
     assert [e.token for e in local.logprobs[:n]] == [e.token for e in served.logprobs[:n]]
     assert local.text_offsets[:n] == served.text_offsets[:n]
     for offset, entry in zip(local.text_offsets[:n], local.logprobs[:n]):
-        assert prompt[offset: offset + len(entry.token)] == entry.token
+        assert prompt[offset : offset + len(entry.token)] == entry.token
     for mine, theirs in zip(local.logprobs[1:n], served.logprobs[1:n]):  # the server sends null for the first
         assert mine.logprob == pytest.approx(theirs.logprob, abs=0.15)
     assert local.text.startswith(prompt) and local.completion_tokens == 1
@@ -192,19 +230,36 @@ def test_simulation_on_concept_latents_with_the_in_process_model(gemma_token_str
 
     tokenizer, token_strings = gemma_token_strings
     records = collect_records(
-        lambda x: x, len(CONCEPTS), concept_batches(tokenizer, n_contexts=48), torch.arange(4),
-        RecordConfig(n_top=6, n_quantile_groups=2, n_per_quantile=3, n_negatives=4, window_before=12,
-                     window_after=3, min_examples=5, negative_pool=128),
+        lambda x: x,
+        len(CONCEPTS),
+        concept_batches(tokenizer, n_contexts=48),
+        torch.arange(4),
+        RecordConfig(
+            n_top=6,
+            n_quantile_groups=2,
+            n_per_quantile=3,
+            n_negatives=4,
+            window_before=12,
+            window_after=3,
+            min_examples=5,
+            negative_pool=128,
+        ),
     )
     config = SimulationConfig(n_positive=2, n_negative=2)
 
     async def go():
-        return await asyncio.gather(*(simulation_score(in_process, name, r, token_strings, config)
-                                      for name, r in zip(CONCEPTS, records)))
+        return await asyncio.gather(
+            *(
+                simulation_score(in_process, name, r, token_strings, config)
+                for name, r in zip(CONCEPTS, records)
+            )
+        )
 
     scores = asyncio.run(go())
     for name, score in zip(CONCEPTS, scores):
-        print(f"{name:>10}: correlation {score.metrics['correlation']:.3f}, missing {score.missing_predictions}")
+        print(
+            f"{name:>10}: correlation {score.metrics['correlation']:.3f}, missing {score.missing_predictions}"
+        )
         assert score.parse_failures == score.errors == 0 and score.n_scored == 4
         assert not math.isnan(score.metrics["correlation"])
     tokens = sum(len(e.tokens) for r in records for group in simulation_examples(r, config) for e in group)

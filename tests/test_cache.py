@@ -57,7 +57,9 @@ def test_manifest_describes_the_cache(multi_hook_cache):
 
 
 def test_stop_at_layer_skips_upper_blocks(tiny_lm, tiny_lm_dir, tmp_path):
-    config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.0.hook_resid_post"], "tokens": 200})
+    config = tiny_run_config(
+        tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.0.hook_resid_post"], "tokens": 200}
+    )
     from cache.writer import stop_layer
 
     assert stop_layer(["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"], n_layers=2) == 1
@@ -112,7 +114,9 @@ def _row_counts(rows: torch.Tensor) -> Counter:
 def test_reader_serves_every_row_once_shuffled_and_deterministically(multi_hook_cache):
     _, cache_dir = multi_hook_cache
     everything = load_activations(cache_dir, "blocks.1.hook_resid_post")
-    reader = ActivationReader(cache_dir, "blocks.1.hook_resid_post", batch_size=100, window_shards=2, num_workers=2)
+    reader = ActivationReader(
+        cache_dir, "blocks.1.hook_resid_post", batch_size=100, window_shards=2, num_workers=2
+    )
     batches = list(reader.batches())
     assert len(batches) == len(reader) == len(everything) // 100
     served = torch.cat(batches)
@@ -134,7 +138,10 @@ def test_reader_resumes_at_any_batch_and_runs_epochs(multi_hook_cache):
 
 def test_reader_ranks_split_the_data(multi_hook_cache):
     _, cache_dir = multi_hook_cache
-    ranks = [ActivationReader(cache_dir, "blocks.1.hook_resid_post", batch_size=50, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        ActivationReader(cache_dir, "blocks.1.hook_resid_post", batch_size=50, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) > 0
     served = [_row_counts(torch.cat(list(reader.batches()))) for reader in ranks]
     assert not (served[0] + served[1]) - _row_counts(load_activations(cache_dir, "blocks.1.hook_resid_post"))
@@ -161,7 +168,9 @@ def test_sae_train_reads_a_cache_directory(multi_hook_cache, tmp_path):
 
     _, cache_dir = multi_hook_cache
     cfg = sae.SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint="blocks.1.hook_resid_post")
-    model = sae.train(str(cache_dir), sae.TrainConfig(batch_size=256, out_dir=str(tmp_path), log_every=2), cfg)
+    model = sae.train(
+        str(cache_dir), sae.TrainConfig(batch_size=256, out_dir=str(tmp_path), log_every=2), cfg
+    )
     metrics = json.loads((tmp_path / "blocks.1.hook_resid_post_topk_k4_64" / "metrics.json").read_text())
     assert metrics["tokens"] >= 2048 and metrics["fvu"] < 1.0
     assert model.cfg.hookpoint == "blocks.1.hook_resid_post"

@@ -28,8 +28,13 @@ def cache_dir(pristine, tmp_path):
 
 
 def _verify_cli(cache_dir):
-    return subprocess.run([sys.executable, "-m", "cache", "--verify", str(cache_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cache", "--verify", str(cache_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_intact_cache_verifies(cache_dir):

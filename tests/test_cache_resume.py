@@ -44,22 +44,35 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tiny_lm, tiny_lm_dir, tmp_
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     interrupted = read_manifest(tmp_path / "killed")
-    assert process.returncode == -signal.SIGKILL and not interrupted["complete"], "the run ended before the kill"
+    assert process.returncode == -signal.SIGKILL and not interrupted["complete"], (
+        "the run ended before the kill"
+    )
 
     resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     killed = verify_cache(tmp_path / "killed", progress=False)
     assert killed["shards"][: len(interrupted["shards"])] == interrupted["shards"]  # kept, not redone
 
-    config = tiny_run_config(tiny_lm_dir, tmp_path, cache={
-        **SETTINGS, "dir": str(tmp_path / "straight"), "hookpoints": ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
-    })
+    config = tiny_run_config(
+        tiny_lm_dir,
+        tmp_path,
+        cache={
+            **SETTINGS,
+            "dir": str(tmp_path / "straight"),
+            "hookpoints": ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
+        },
+    )
     straight = read_manifest(build_cache(config, tiny_lm, progress=False))
 
     assert killed["tokens"] == straight["tokens"] and killed["contexts"] == straight["contexts"]
-    assert [s["sha256"] for s in killed["shards"]] == [s["sha256"] for s in straight["shards"]]  # identical bytes
+    assert [s["sha256"] for s in killed["shards"]] == [
+        s["sha256"] for s in straight["shards"]
+    ]  # identical bytes
     for shard in straight["shards"]:
-        a, b = load_file(tmp_path / "killed" / shard["file"]), load_file(tmp_path / "straight" / shard["file"])
+        a, b = (
+            load_file(tmp_path / "killed" / shard["file"]),
+            load_file(tmp_path / "straight" / shard["file"]),
+        )
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert killed["norm_stats"] == straight["norm_stats"]
     assert not list((tmp_path / "killed").glob(".*.tmp"))  # no temp file left behind once resumed

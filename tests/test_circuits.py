@@ -6,13 +6,24 @@ import pytest
 import torch
 
 from sae.analysis.circuits import evaluation, ground_truth, scoring, tasks
-from sae.analysis.circuits.activations import (collect_head_results, collect_z, head_results_from_z,
-                                               last_logits_with_ablation)
-from sae.analysis.circuits.codes import NO_CODE, argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae
+from sae.analysis.circuits.activations import (
+    collect_head_results,
+    collect_z,
+    head_results_from_z,
+    last_logits_with_ablation,
+)
+from sae.analysis.circuits.codes import (
+    NO_CODE,
+    argmax_codes,
+    topk_code_sets,
+    train_codebook_sae,
+    train_oneill_relu_sae,
+)
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+
 
 def test_roc_auc_known_values():
     truth = torch.tensor([True, True, False, False])
@@ -52,10 +63,14 @@ def test_shuffled_labels_swap_each_pair_with_probability_one_half():
     swapped = shuffled.clean_tokens[:, 0] >= 100
     assert 0 < int(swapped.sum()) < 10
     counts = [int((shuffled_labels(task, seed).clean_tokens[:, 0] >= 100).sum()) for seed in range(200)]
-    assert abs(sum(counts) / len(counts) - 5) < 0.3 and len(set(counts)) > 3  # random, not always exactly half
+    assert (
+        abs(sum(counts) / len(counts) - 5) < 0.3 and len(set(counts)) > 3
+    )  # random, not always exactly half
     assert torch.equal(shuffled.corrupted_tokens[swapped], clean[swapped])  # a pair is swapped whole
     assert torch.equal(shuffled.clean_tokens[~swapped], clean[~swapped])
-    assert torch.equal(shuffled.good_tokens, task.good_tokens) and torch.equal(shuffled.bad_tokens, task.bad_tokens)
+    assert torch.equal(shuffled.good_tokens, task.good_tokens) and torch.equal(
+        shuffled.bad_tokens, task.bad_tokens
+    )
     assert torch.equal(shuffled_labels(task, seed=0).clean_tokens, shuffled.clean_tokens)  # seeded
     assert not torch.equal(shuffled_labels(task, seed=1).clean_tokens, shuffled.clean_tokens)
 
@@ -72,13 +87,16 @@ def test_control_verdict_names_the_controls_outside_the_chance_band():
 
 # --- scoring ---------------------------------------------------------------------------------------
 
+
 def test_oneill_scores_count_positive_only_codes():
     # 1 layer, 2 heads, 1 code each; head 0 uses codes {1, 2} in positives and {3} in negatives,
     # head 1 uses code 5 in both.
     pos = torch.tensor([[[[1], [5]]], [[[2], [5]]]])  # [prompts=2, layers=1, heads=2, k=1]
     neg = torch.tensor([[[[3], [5]]], [[[3], [5]]]])
     counts = torch.tensor([[2.0, 0.0]])
-    assert torch.allclose(scoring.oneill_head_scores(pos, neg, d_sae=8), counts.flatten().softmax(0).view(1, 2))
+    assert torch.allclose(
+        scoring.oneill_head_scores(pos, neg, d_sae=8), counts.flatten().softmax(0).view(1, 2)
+    )
     overlap = scoring.overlap_head_scores(pos, neg, d_sae=8)
     assert torch.allclose(overlap, torch.tensor([[1.0, 0.0]]))
 
@@ -109,14 +127,15 @@ def test_edge_scores_count_positive_only_code_pairs():
     assert scoring.oneill_edge_head_scores(pos, neg, d_sae=4).tolist() == [[2.0, 2.0]]
 
 
-
 def test_permutation_calibration_removes_the_overlap_that_code_diversity_alone_gives():
     # 3 heads, 40 + 40 prompts, labels meaningless for heads 0 and 1: head 0 uses 2 codes, head 1 uses 30
     # (the plug-in overlap of head 1 is far above 0 by sampling alone); head 2 differs for real.
     g = torch.Generator().manual_seed(0)
     n = 40
+
     def draw(n_codes: int, offset: int = 0) -> torch.Tensor:
         return torch.randint(n_codes, (n,), generator=g) + offset
+
     pos = torch.stack([draw(2), draw(30), draw(4)], -1)[:, None, :, None]  # [prompts, layers=1, heads=3, k=1]
     neg = torch.stack([draw(2), draw(30), draw(4, offset=2)], -1)[:, None, :, None]
     plain = scoring.overlap_head_scores(pos, neg, d_sae=32)[0]
@@ -130,6 +149,7 @@ def test_permutation_calibration_removes_the_overlap_that_code_diversity_alone_g
     with pytest.raises(ValueError, match="n_permutations"):
         scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 0, seed=0)
 
+
 def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
     # head 0: the two prompts of a pair get the same code (it follows what they share), so positives and
     # negatives use codes alike and the overlap is 0; the pooled null splits pairs and expects more, so
@@ -142,20 +162,30 @@ def test_pair_null_keeps_each_pair_split_as_the_real_labels_do():
     neg = torch.stack([shared, torch.randint(4, (n,), generator=g) + 2], -1)[:, None, :, None]
     pairs = torch.arange(n)
     pooled = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0)[0]
-    paired = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 100, seed=0,
-                                            pair_of_positive=pairs)[0]
+    paired = scoring.permutation_calibrated(
+        scoring.overlap_head_scores, pos, neg, 32, 100, seed=0, pair_of_positive=pairs
+    )[0]
     assert pooled[0] < -0.2 and paired[0] == 0, (pooled, paired)
     assert paired[1] > 0.3 and pooled[1] > 0.3
     # positives may be a subset of the pairs (the solved prompts); unpaired negatives stay negatives
-    subset = scoring.permutation_calibrated(scoring.overlap_head_scores, pos[:30], neg, 32, 100, seed=0,
-                                            pair_of_positive=torch.arange(30))[0]
+    subset = scoring.permutation_calibrated(
+        scoring.overlap_head_scores, pos[:30], neg, 32, 100, seed=0, pair_of_positive=torch.arange(30)
+    )[0]
     assert torch.isfinite(subset).all()
     with pytest.raises(ValueError, match="distinct negative indices"):
-        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0,
-                                       pair_of_positive=torch.zeros(n, dtype=torch.long))
+        scoring.permutation_calibrated(
+            scoring.overlap_head_scores,
+            pos,
+            neg,
+            32,
+            10,
+            seed=0,
+            pair_of_positive=torch.zeros(n, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match="past the 40 negatives"):
-        scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 10, seed=0,
-                                       pair_of_positive=pairs + 1)
+        scoring.permutation_calibrated(
+            scoring.overlap_head_scores, pos, neg, 32, 10, seed=0, pair_of_positive=pairs + 1
+        )
 
 
 def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():
@@ -168,14 +198,17 @@ def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():
     n, h, aucs = 40, 20, []
     differs = (torch.arange(2 * h) >= h).view(1, 2 * h)
     for seed in range(20):
-        clean = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g),
-                           torch.randint(4, (n, 1, h, 1), generator=g)], 2)
-        corrupted = torch.cat([torch.randint(6, (n, 1, h, 1), generator=g),
-                               torch.randint(4, (n, 1, h, 1), generator=g) + 1], 2)
+        clean = torch.cat(
+            [torch.randint(6, (n, 1, h, 1), generator=g), torch.randint(4, (n, 1, h, 1), generator=g)], 2
+        )
+        corrupted = torch.cat(
+            [torch.randint(6, (n, 1, h, 1), generator=g), torch.randint(4, (n, 1, h, 1), generator=g) + 1], 2
+        )
         swapped = random_swaps(n, torch.Generator().manual_seed(1000 + seed)).view(-1, 1, 1, 1)
         pos, neg = torch.where(swapped, corrupted, clean), torch.where(swapped, clean, corrupted)
-        scores = scoring.permutation_calibrated(scoring.overlap_head_scores, pos, neg, 32, 50, seed,
-                                                pair_of_positive=torch.arange(n))
+        scores = scoring.permutation_calibrated(
+            scoring.overlap_head_scores, pos, neg, 32, 50, seed, pair_of_positive=torch.arange(n)
+        )
         aucs.append(evaluation.roc_auc(scores, differs))
     assert abs(sum(aucs) / len(aucs) - 0.5) < 0.04, aucs
 
@@ -189,6 +222,7 @@ def test_a_pair_calibrated_method_needs_the_pairing():
 
 
 # --- codes ------------------------------------------------------------------------------------------
+
 
 def test_oneill_sae_trains_and_flags_silent_vectors():
     generator = torch.Generator().manual_seed(0)
@@ -217,6 +251,7 @@ def test_codebook_codes_leave_zero_vectors_without_code():
 
 # --- tasks ------------------------------------------------------------------------------------------
 
+
 def word_tokenizer(words: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -230,26 +265,41 @@ def word_tokenizer(words: list[str]):
 def test_task_metrics():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
     good, bad = torch.tensor([[0, -1], [2, 1]]), torch.tensor([[1, 2], [0, -1]])
-    make = lambda metric: tasks.Task("t", torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
-                                     good, bad, metric)
+    make = lambda metric: tasks.Task(
+        "t", torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), good, bad, metric
+    )
     assert torch.allclose(tasks.task_metric(make("prob_diff"), logits), torch.tensor([0.0, 0.8]))
-    expected = torch.stack([logits[0, 0] - (logits[0, 1] + logits[0, 2]) / 2, (logits[1, 2] + logits[1, 1]) / 2 - logits[1, 0]])
+    expected = torch.stack(
+        [logits[0, 0] - (logits[0, 1] + logits[0, 2]) / 2, (logits[1, 2] + logits[1, 1]) / 2 - logits[1, 0]]
+    )
     assert torch.allclose(tasks.task_metric(make("logit_diff"), logits), expected)
-    assert torch.allclose(tasks.task_metric(make("logit_minus_max_bad"), logits),
-                          torch.stack([logits[0, 0] - logits[0, 1], logits[1, 2] - logits[1, 0]]))
+    assert torch.allclose(
+        tasks.task_metric(make("logit_minus_max_bad"), logits),
+        torch.stack([logits[0, 0] - logits[0, 1], logits[1, 2] - logits[1, 0]]),
+    )
     assert tasks.task_solved(make("logprob"), logits).tolist() == [True, True]
 
 
 def test_from_pairs_and_single_token_checks():
     tok = word_tokenizer(["the", "cat", "dog", "sat", "ran"])
-    task = tasks.from_pairs(tok, ["the cat sat", "the dog sat"], ["the dog sat", "the cat sat"],
-                            [["ran"], ["sat"]], [["sat"], ["ran"]])
+    task = tasks.from_pairs(
+        tok,
+        ["the cat sat", "the dog sat"],
+        ["the dog sat", "the cat sat"],
+        [["ran"], ["sat"]],
+        [["sat"], ["ran"]],
+    )
     assert task.clean_tokens.shape == (2, 4) and (task.clean_tokens[:, 0] == tok.bos_token_id).all()
     with pytest.raises(ValueError, match="single tokens"):
         tasks.from_pairs(tok, ["the cat"], ["the dog"], [["zebra"]], [["cat"]])
     with pytest.raises(ValueError, match="different lengths"):
-        tasks.from_pairs(tok, ["the cat", "the cat sat"], ["the dog", "the dog sat"], [["ran"], ["ran"]],
-                         [["sat"], ["sat"]])
+        tasks.from_pairs(
+            tok,
+            ["the cat", "the cat sat"],
+            ["the dog", "the dog sat"],
+            [["ran"], ["ran"]],
+            [["sat"], ["sat"]],
+        )
 
 
 def test_ioi_needs_single_token_names(tiny_lm):
@@ -258,11 +308,30 @@ def test_ioi_needs_single_token_names(tiny_lm):
 
 
 def test_ioi_prompts_on_a_word_tokenizer():
-    words = ["Then,", "and", "went", "to", "the", "gave", "a", "store.", "ring", "Mary", "John", "Tom", "Anna"]
+    words = [
+        "Then,",
+        "and",
+        "went",
+        "to",
+        "the",
+        "gave",
+        "a",
+        "store.",
+        "ring",
+        "Mary",
+        "John",
+        "Tom",
+        "Anna",
+    ]
     tok = word_tokenizer(words)
     # words without the leading space of GPT-2 style BPE: give the names as the tokenizer sees them
-    task = tasks.from_pairs(tok, ["Then, Mary and John went to the store. John gave a ring to"],
-                            ["Then, Mary and John went to the store. Tom gave a ring to"], [["Mary"]], [["John"]])
+    task = tasks.from_pairs(
+        tok,
+        ["Then, Mary and John went to the store. John gave a ring to"],
+        ["Then, Mary and John went to the store. Tom gave a ring to"],
+        [["Mary"]],
+        [["John"]],
+    )
     assert task.good_tokens.tolist() == [[tok.convert_tokens_to_ids("Mary")]]
 
 
@@ -285,6 +354,7 @@ def test_ground_truth_lists():
 
 
 # --- hooks on a real TransformerBridge ---------------------------------------------------------------
+
 
 def test_head_results_match_hook_result_and_sum_to_attention_output(tiny_lm):
     tokens = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(0))
@@ -317,7 +387,7 @@ def test_ablating_every_head_with_its_own_z_changes_nothing_and_zeroing_does(tin
 def gemma_tokenizer():
     from transformers import AutoTokenizer
 
-    from sae.models import toolkit_cache_dir
+    from sae.lm import toolkit_cache_dir
 
     directory = toolkit_cache_dir() / "models" / "gemma-3-270m-q4_k_m-fp32"
     if not (directory / "tokenizer.json").is_file():
@@ -358,11 +428,15 @@ def test_greater_than_digits_on_the_gemma_tokenizer(gemma_tokenizer):
 
 # --- faithfulness, KL and the re-initialised control ---------------------------------------------------
 
+
 def _tiny_task(model, n: int = 4) -> tasks.Task:
     generator = torch.Generator().manual_seed(5)
     clean = torch.randint(3, 300, (n, 6), generator=generator)
     corrupted = torch.randint(3, 300, (n, 6), generator=generator)
-    good, bad = torch.randint(3, 300, (n, 1), generator=generator), torch.randint(3, 300, (n, 1), generator=generator)
+    good, bad = (
+        torch.randint(3, 300, (n, 1), generator=generator),
+        torch.randint(3, 300, (n, 1), generator=generator),
+    )
     return tasks.Task("tiny", clean, corrupted, good, bad, "logit_diff")
 
 
@@ -374,8 +448,9 @@ def test_faithfulness_with_a_shared_reference_and_kl(tiny_lm):
     everything, circuit = torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
     circuit[0, 0] = True
     reference = ablation_reference(tiny_lm, task, "resample")
-    assert circuit_faithfulness(tiny_lm, task, circuit, "resample", reference)["faithfulness"] == pytest.approx(
-        circuit_faithfulness(tiny_lm, task, circuit, "resample")["faithfulness"])
+    assert circuit_faithfulness(tiny_lm, task, circuit, "resample", reference)[
+        "faithfulness"
+    ] == pytest.approx(circuit_faithfulness(tiny_lm, task, circuit, "resample")["faithfulness"])
     full = circuit_faithfulness(tiny_lm, task, everything, "resample", reference)
     assert full["faithfulness"] == pytest.approx(1.0) and full["kl_circuit"] == pytest.approx(0.0, abs=1e-5)
     empty = circuit_faithfulness(tiny_lm, task, ~everything, "resample", reference)
@@ -391,14 +466,19 @@ def test_reinitialised_copy_redraws_matrices_only(tiny_lm):
     for (name, old), new in zip(tiny_lm.named_parameters(), fresh.parameters()):
         if old.ndim >= 2:
             assert not torch.equal(old, new), name
-            assert new.detach().float().std().item() == pytest.approx(old.detach().float().std().item(), rel=0.2), name
+            assert new.detach().float().std().item() == pytest.approx(
+                old.detach().float().std().item(), rel=0.2
+            ), name
         else:
             assert torch.equal(old, new), name
 
 
 # --- head-normalised codebook methods ------------------------------------------------------------
 
-def _scaled_head_vectors(idx: torch.Tensor, directions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+
+def _scaled_head_vectors(
+    idx: torch.Tensor, directions: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """[prompts, 1 layer, 3 heads, d]: head 1 = head 0 × 10 (same directions), head 2 writes nothing."""
     base = directions[idx] + 0.3 * torch.randn(len(idx), directions.shape[1], generator=generator)
     return torch.stack([base, base * 10, torch.zeros_like(base)], 1)[:, None]

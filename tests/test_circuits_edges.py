@@ -14,7 +14,7 @@ from sae.analysis.circuits.toy_induction import induction_task, train_induction_
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from sae.models import load_model
+    from sae.lm import load_model
 
     directory = tmp_path_factory.mktemp("edges") / "model"
     train_induction_model(directory, steps=700, seed=0)
@@ -61,11 +61,15 @@ def test_edges_out_of_the_input_sum_to_the_attribution_of_the_embedding_change(m
     # split (embeddings(corrupt) - embeddings(clean)) · dm/d embeddings among them
     from sae.analysis.circuits.tasks import task_metric
 
-    clean, corrupt = edges.embeddings(model, task.clean_tokens), edges.embeddings(model, task.corrupted_tokens)
+    clean, corrupt = (
+        edges.embeddings(model, task.clean_tokens),
+        edges.embeddings(model, task.corrupted_tokens),
+    )
     leaf = clean.clone().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.run_with_hooks(task.clean_tokens,
-                                      fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: leaf)])
+        logits = model.run_with_hooks(
+            task.clean_tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: leaf)]
+        )
         task_metric(task, logits[:, -1]).sum().backward()
     whole = float(((corrupt - clean) * leaf.grad).sum()) / len(task)
     ap = estimates["ap"]

@@ -12,14 +12,18 @@ import torch
 from sae.analysis.circuits import evaluation
 from sae.analysis.circuits.activations import last_logits_with_ablation
 from sae.analysis.circuits.methods import run_method
-from sae.analysis.circuits.patching import circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
+from sae.analysis.circuits.patching import (
+    circuit_faithfulness,
+    exhaustive_head_patching,
+    ground_truth_from_effects,
+)
 from sae.analysis.circuits.tasks import task_metric, task_solved
 from sae.analysis.circuits.toy_induction import induction_task, train_induction_model
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from sae.models import load_model
+    from sae.lm import load_model
 
     directory = tmp_path_factory.mktemp("induction") / "model"
     info = train_induction_model(directory, steps=700, seed=0)
@@ -36,7 +40,9 @@ def truth(trained, task):
     model, _ = trained
     run = exhaustive_head_patching(model, task, "resample")
     nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
-    corrupted = float(task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)).mean())
+    corrupted = float(
+        task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)).mean()
+    )
     return ground_truth_from_effects(run.details["effects"], run.details["clean_metric"], corrupted)
 
 
@@ -51,7 +57,9 @@ def test_the_model_learnt_induction(trained, task):
 
 
 def test_ground_truth_is_a_two_layer_circuit(truth):
-    assert truth[0].any() and truth[1].any(), truth  # previous-token heads in layer 0, induction heads in layer 1
+    assert truth[0].any() and truth[1].any(), (
+        truth
+    )  # previous-token heads in layer 0, induction heads in layer 1
     assert not truth.all(), truth
 
 
@@ -77,10 +85,15 @@ def test_controls_come_out_near_chance(trained, task, truth):
     model, _ = trained
     method = "codebook_overlap_calibrated"
     found = evaluation.roc_auc(run_method(method, model, task, 0).scores, truth)
-    aucs = [evaluation.roc_auc(run_on_shuffled_labels(method, model, task, seed).scores, truth) for seed in range(3)]
+    aucs = [
+        evaluation.roc_auc(run_on_shuffled_labels(method, model, task, seed).scores, truth)
+        for seed in range(3)
+    ]
     mean = sum(aucs) / len(aucs)
     assert found > 0.8 and abs(mean - 0.5) < 0.2 and mean < found - 0.2, (found, aucs)
-    random_aucs = [evaluation.roc_auc(run_method("random", model, task, seed).scores, truth) for seed in range(30)]
+    random_aucs = [
+        evaluation.roc_auc(run_method("random", model, task, seed).scores, truth) for seed in range(30)
+    ]
     assert abs(sum(random_aucs) / len(random_aucs) - 0.5) < 0.12, random_aucs
 
 
@@ -93,16 +106,34 @@ def test_circuits_command_writes_report_and_heatmaps(trained, tmp_path):
     _, info = trained
     parser = argparse.ArgumentParser()  # as analyze.py's SUBCOMMANDS registry uses the pair
     add_circuits_arguments(parser)
-    args = parser.parse_args(["--task", "induction", "--model", str(info["directory"]), "--prompts", "40",
-                              "--methods", "oneill", "attribution_patching", "random", "--controls",
-                              "--out", str(tmp_path)])
+    args = parser.parse_args(
+        [
+            "--task",
+            "induction",
+            "--model",
+            str(info["directory"]),
+            "--prompts",
+            "40",
+            "--methods",
+            "oneill",
+            "attribution_patching",
+            "random",
+            "--controls",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert run_circuits(args) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task_check"]["clean_solved"] > 0.9
     assert set(report["methods"]) == {"oneill", "attribution_patching", "random"}
     controls = {name: entry["controls"] for name, entry in report["methods"].items()}
     assert set(controls["oneill"]) >= {"shuffled_labels_auc", "reinit_auc", "near_chance"}
-    assert set(controls["attribution_patching"]) == {"reinit_auc", "near_chance", "chance_band"}  # no prompt labels
+    assert set(controls["attribution_patching"]) == {
+        "reinit_auc",
+        "near_chance",
+        "chance_band",
+    }  # no prompt labels
     assert controls["random"]["near_chance"] is None  # no control applies to a method that reads nothing
     assert 0 <= report["methods"]["oneill"]["evaluation"]["roc_auc"] <= 1
     assert report["methods"]["attribution_patching"]["backward_prompts"] == 40
@@ -122,15 +153,38 @@ def test_analyze_py_circuits_end_to_end(trained, tmp_path):
     _, info = trained
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "circuits"
-    done = subprocess.run([sys.executable, str(repo / "analyze.py"), "circuits", "--task", "induction", "--model",
-                           str(info["directory"]), "--prompts", "30", "--methods", "attribution_patching_edges",
-                           "random", "--out", str(out)], cwd=repo, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "analyze.py"),
+            "circuits",
+            "--task",
+            "induction",
+            "--model",
+            str(info["directory"]),
+            "--prompts",
+            "30",
+            "--methods",
+            "attribution_patching_edges",
+            "random",
+            "--out",
+            str(out),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     edges = report["methods"]["attribution_patching_edges"]["top_edges"]
     assert edges and {"from", "to", "estimate"} <= set(edges[0])
-    assert all(e["from"] == "input" or e["to"] == "logits" or int(e["to"].split(".")[0]) > int(e["from"].split(".")[0])
-               for e in edges)
+    assert all(
+        e["from"] == "input"
+        or e["to"] == "logits"
+        or int(e["to"].split(".")[0]) > int(e["from"].split(".")[0])
+        for e in edges
+    )
     assert report["methods"]["attribution_patching_edges"]["evaluation"]["roc_auc"] > 0.6
     assert (out / "attribution_patching_edges.png").read_bytes()[:4] == b"\x89PNG"
     assert report["ground_truth"]["source"].startswith("exhaustive resample patching")
@@ -145,16 +199,32 @@ def test_model_study_runs_controls_and_extends_without_recomputing(trained, task
     model, _ = trained
     small = task.select(torch.arange(20))
     reinit = reinitialised_copy(model, seed=0)
-    first = study.evaluate_model(model, small, ["oneill", "attribution_patching"], [0, 1], reinit_model=reinit,
-                                 reinit_methods=["oneill", "attribution_patching"],
-                                 shuffle_methods=["oneill", "attribution_patching"])
+    first = study.evaluate_model(
+        model,
+        small,
+        ["oneill", "attribution_patching"],
+        [0, 1],
+        reinit_model=reinit,
+        reinit_methods=["oneill", "attribution_patching"],
+        shuffle_methods=["oneill", "attribution_patching"],
+    )
     for seed in first:
         assert set(seed["shuffled_control"]) == {"oneill"}  # only code methods have positive/negative labels
         assert set(seed["reinit_control"]) == {"oneill", "attribution_patching"}
     # a method that does not depend on the seed runs once, its control too
-    assert first[1]["reinit_control"]["attribution_patching"] is first[0]["reinit_control"]["attribution_patching"]
-    extended = study.evaluate_model(model, small, ["oneill", "codebook_overlap"], [0, 1], reinit_model=reinit,
-                                    previous=first, shuffle_methods=["codebook_overlap"])
+    assert (
+        first[1]["reinit_control"]["attribution_patching"]
+        is first[0]["reinit_control"]["attribution_patching"]
+    )
+    extended = study.evaluate_model(
+        model,
+        small,
+        ["oneill", "codebook_overlap"],
+        [0, 1],
+        reinit_model=reinit,
+        previous=first,
+        shuffle_methods=["codebook_overlap"],
+    )
     for old, new in zip(first, extended):
         assert new["methods"]["oneill"] == old["methods"]["oneill"]
         assert new["shuffled_control"]["oneill"] == old["shuffled_control"]["oneill"]

@@ -42,7 +42,9 @@ def test_two_ranks_match_one_process_on_the_same_tokens(tmp_path):
     assert not (tmp_path / "two" / "checkpoint.tmp").exists()
     # Firing counts are summed over ranks, and so are the tokens they are divided by.
     for out in ("one", "two"):
-        assert json.loads((tmp_path / out / "topk_k4_128" / "metrics.json").read_text())["l0"] == pytest.approx(4)
+        assert json.loads((tmp_path / out / "topk_k4_128" / "metrics.json").read_text())[
+            "l0"
+        ] == pytest.approx(4)
 
 
 def test_a_failing_rank_fails_the_job_with_its_error(tmp_path):

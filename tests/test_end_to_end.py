@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _tiny_config(tmp_path: Path, model_dir: Path) -> Path:
@@ -27,7 +29,7 @@ name = "{model_dir}"
 [data]
 context_size = 32
 [cache]
-dir = "{tmp_path / 'cache'}"
+dir = "{tmp_path / "cache"}"
 hookpoints = ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
 tokens = 4000
 batch_contexts = 8
@@ -38,7 +40,7 @@ d_sae = 64
 k = 4
 [train]
 batch_size = 256
-out_dir = "{tmp_path / 'out'}"
+out_dir = "{tmp_path / "out"}"
 [eval]
 tokens = 500
 """)
@@ -51,12 +53,26 @@ def test_train_py_runs_the_whole_job_and_reruns_from_its_artifacts(tmp_path, tin
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CE loss recovered" in result.stdout
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert {"ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_recovered", "delta_lm_loss",
-            "kl_clean_spliced", "fvu", "l0", "dead_fraction", "dense_fraction"} <= set(report["eval"])
+    assert {
+        "ce_loss_clean",
+        "ce_loss_spliced",
+        "ce_loss_zero_ablation",
+        "ce_loss_recovered",
+        "delta_lm_loss",
+        "kl_clean_spliced",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+    } <= set(report["eval"])
     assert report["eval"]["l0"] == pytest.approx(4, abs=0.01) and report["eval"]["tokens"] >= 500
     sae_dir = Path(report["sae"]["dir"])
     model = sae.load(sae_dir)
-    assert (model.cfg.hookpoint, model.cfg.model_name, model.cfg.d_in) == ("blocks.1.hook_resid_post", str(tiny_lm_dir), 32)
+    assert (model.cfg.hookpoint, model.cfg.model_name, model.cfg.d_in) == (
+        "blocks.1.hook_resid_post",
+        str(tiny_lm_dir),
+        32,
+    )
     assert (sae_dir / "feature_density.png").is_file() and (sae_dir / "eval.json").is_file()
 
     manifest = read_manifest(tmp_path / "cache")
@@ -84,9 +100,19 @@ def test_config_errors_name_the_key(tmp_path, tiny_lm_dir):
 def test_gemma_end_to_end(tmp_path):
     """The real Gemma 3 270M: cache ~16k tokens, train briefly, evaluate with the model in the loop."""
     result = _train(
-        "--set", f"cache.dir={tmp_path / 'cache'}", "--set", "cache.tokens=16000",
-        "--set", f"train.out_dir={tmp_path / 'out'}", "--set", "train.batch_size=1024",
-        "--set", "sae.d_sae=2048", "--set", "eval.tokens=2000", timeout=1200,
+        "--set",
+        f"cache.dir={tmp_path / 'cache'}",
+        "--set",
+        "cache.tokens=16000",
+        "--set",
+        f"train.out_dir={tmp_path / 'out'}",
+        "--set",
+        "train.batch_size=1024",
+        "--set",
+        "sae.d_sae=2048",
+        "--set",
+        "eval.tokens=2000",
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -19,7 +19,9 @@ def _sae(hookpoint: str, d_in: int, kind: str, **cfg) -> SparseAutoencoder:
     config = SAEConfig(architecture="topk", d_in=d_in, d_sae=2 * d_in, k=2 * d_in, hookpoint=hookpoint, **cfg)
     W = torch.cat([torch.eye(d_in), -torch.eye(d_in)]) if kind == "exact" else torch.zeros(2 * d_in, d_in)
     zeros = torch.zeros
-    return SparseAutoencoder.from_tensors(config, {"W_enc": W, "W_dec": W, "b_enc": zeros(2 * d_in), "b_dec": zeros(d_in)})
+    return SparseAutoencoder.from_tensors(
+        config, {"W_enc": W, "W_dec": W, "b_enc": zeros(2 * d_in), "b_dec": zeros(d_in)}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,21 @@ def batches(tiny_lm, tiny_lm_dir, tmp_path_factory):
 
 
 def test_exact_reconstruction_changes_nothing(tiny_lm, batches, tmp_path):
-    result = evaluate(tiny_lm, _sae("blocks.0.hook_resid_post", D_MODEL, "exact"), batches, out_dir=tmp_path, progress=False)
+    result = evaluate(
+        tiny_lm, _sae("blocks.0.hook_resid_post", D_MODEL, "exact"), batches, out_dir=tmp_path, progress=False
+    )
     assert result.tokens == 12 * 31
     assert result.ce_loss_spliced == pytest.approx(result.ce_loss_clean, abs=1e-5)
     assert result.ce_loss_zero_ablation > result.ce_loss_clean
     assert result.ce_loss_recovered == pytest.approx(1.0, abs=1e-3)
-    assert result.kl_clean_spliced == pytest.approx(0.0, abs=1e-6) and result.fvu == pytest.approx(0.0, abs=1e-6)
-    assert result.l0 == pytest.approx(D_MODEL, abs=0.5) and result.dead_fraction == 0 and result.dense_fraction > 0.9
+    assert result.kl_clean_spliced == pytest.approx(0.0, abs=1e-6) and result.fvu == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert (
+        result.l0 == pytest.approx(D_MODEL, abs=0.5)
+        and result.dead_fraction == 0
+        and result.dense_fraction > 0.9
+    )
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["ce_loss_clean"] == result.ce_loss_clean
     assert (tmp_path / "feature_density.png").read_bytes()[:4] == b"\x89PNG"
@@ -47,12 +57,19 @@ def test_zero_reconstruction_equals_zero_ablation(tiny_lm, batches):
     result = evaluate(tiny_lm, _sae("blocks.0.hook_resid_post", D_MODEL, "zero"), batches, progress=False)
     assert result.ce_loss_spliced == pytest.approx(result.ce_loss_zero_ablation, abs=1e-6)
     assert result.ce_loss_recovered == pytest.approx(0.0, abs=1e-4)
-    assert result.kl_clean_spliced > 0 and result.fvu >= 1.0 and result.l0 == 0 and result.dead_fraction == 1.0
+    assert (
+        result.kl_clean_spliced > 0 and result.fvu >= 1.0 and result.l0 == 0 and result.dead_fraction == 1.0
+    )
 
 
 def test_clean_ce_matches_the_models_own_loss(tiny_lm, batches):
-    result = evaluate(tiny_lm, _sae("blocks.0.hook_resid_post", D_MODEL, "exact"), batches,
-                      exclude_bos=False, progress=False)
+    result = evaluate(
+        tiny_lm,
+        _sae("blocks.0.hook_resid_post", D_MODEL, "exact"),
+        batches,
+        exclude_bos=False,
+        progress=False,
+    )
     with torch.inference_mode():
         losses = [tiny_lm(b, return_type="loss").item() for b in batches]
     assert result.ce_loss_clean == pytest.approx(sum(losses) / len(losses), rel=1e-5)
@@ -62,9 +79,15 @@ def test_clean_ce_matches_the_models_own_loss(tiny_lm, batches):
 def test_per_head_sae_splices_concatenated_heads(tiny_lm, batches):
     sae = _sae("blocks.1.attn.hook_z", D_MODEL, "exact", hook_layout="heads")  # 4 heads x 8 = 32
     assert evaluate(tiny_lm, sae, batches, progress=False).kl_clean_spliced == pytest.approx(0.0, abs=1e-6)
-    zero = evaluate(tiny_lm, _sae("blocks.1.attn.hook_z", 8, "zero", hook_layout="heads", hook_head_index=2),
-                    batches, progress=False)
-    assert 0 < zero.kl_clean_spliced and zero.ce_loss_spliced == pytest.approx(zero.ce_loss_zero_ablation, abs=1e-6)
+    zero = evaluate(
+        tiny_lm,
+        _sae("blocks.1.attn.hook_z", 8, "zero", hook_layout="heads", hook_head_index=2),
+        batches,
+        progress=False,
+    )
+    assert 0 < zero.kl_clean_spliced and zero.ce_loss_spliced == pytest.approx(
+        zero.ce_loss_zero_ablation, abs=1e-6
+    )
 
 
 def test_unknown_hookpoint(tiny_lm, batches):

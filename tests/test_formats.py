@@ -52,13 +52,17 @@ def test_sparsify_matches_sparse_coder(tmp_path, activation, skip):
     cfg = SparseCoderConfig(activation=activation, num_latents=D_SAE, k=K, skip_connection=skip)
     coder = randomized(SparseCoder(D_IN, cfg), seed=1)
     coder.save_to_disk(tmp_path / "run" / "layers.10")
-    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "hookpoints": ["layers.10"]}))
+    (tmp_path / "run" / "config.json").write_text(
+        json.dumps({"model": "EleutherAI/pythia-70m", "hookpoints": ["layers.10"]})
+    )
 
     folder = tmp_path / "run" / "layers.10"
     assert detect_format(folder) == "sparsify"
     model = sae.load(str(folder))
     assert model.cfg.architecture == activation and model.cfg.skip_connection == skip
-    assert model.cfg.hookpoint == "blocks.10.hook_resid_post" and model.cfg.model_name == "EleutherAI/pythia-70m"
+    assert (
+        model.cfg.hookpoint == "blocks.10.hook_resid_post" and model.cfg.model_name == "EleutherAI/pythia-70m"
+    )
     # SAELens's sparsify loader transposed W_dec and dropped the b_dec subtraction: ours keeps both as stored
     assert torch.equal(model.W_dec, coder.W_dec) and model.cfg.apply_b_dec_to_input
 
@@ -74,26 +78,36 @@ def test_sparsify_matches_sparse_coder(tmp_path, activation, skip):
 
 def test_sparsify_dtype_comes_from_the_file(tmp_path):
     """sparsify #116: a bf16 file must load as bf16 and compute like sparsify's bf16 coder."""
-    coder = randomized(SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K), dtype=torch.bfloat16), seed=3)
+    coder = randomized(
+        SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K), dtype=torch.bfloat16), seed=3
+    )
     coder.save_to_disk(tmp_path / "layers.2")
     model = sae.load(str(tmp_path / "layers.2"))
     assert model.cfg.dtype == "bfloat16" and model.W_enc.dtype == torch.bfloat16
-    assert torch.equal(model.W_enc, coder.encoder.weight) and torch.equal(model.b_dec, coder.b_dec)  # bit for bit
+    assert torch.equal(model.W_enc, coder.encoder.weight) and torch.equal(
+        model.b_dec, coder.b_dec
+    )  # bit for bit
     x = random_inputs(4).to(torch.bfloat16)
     assert model.encode(x).dtype == torch.bfloat16 and model(x).dtype == torch.bfloat16
     # bf16 roundings differ between a fused and an unfused bias (near-ties flip): compare the same weights in fp32
     model, coder = model.float(), coder.float()
     with torch.no_grad():
         dense, recon = sparsify_dense(coder, x.float())
-        assert rel_err(model.encode(x.float()), dense) < TOLERANCE and rel_err(model(x.float()), recon) < TOLERANCE
+        assert (
+            rel_err(model.encode(x.float()), dense) < TOLERANCE
+            and rel_err(model(x.float()), recon) < TOLERANCE
+        )
 
 
-@pytest.mark.parametrize("module,transcode,hook", [
-    ("layers.10", False, "blocks.10.hook_resid_post"),
-    ("layers.3.mlp", False, "blocks.3.hook_mlp_out"),
-    ("gpt_neox.layers.3.attention", False, "blocks.3.hook_attn_out"),
-    ("layers.3.mlp", True, "blocks.3.ln2.hook_normalized"),
-])
+@pytest.mark.parametrize(
+    "module,transcode,hook",
+    [
+        ("layers.10", False, "blocks.10.hook_resid_post"),
+        ("layers.3.mlp", False, "blocks.3.hook_mlp_out"),
+        ("gpt_neox.layers.3.attention", False, "blocks.3.hook_attn_out"),
+        ("layers.3.mlp", True, "blocks.3.ln2.hook_normalized"),
+    ],
+)
 def test_sparsify_hookpoints_map_to_transformer_lens(module, transcode, hook):
     from sae.formats.sparsify import map_hookpoint
 
@@ -101,8 +115,15 @@ def test_sparsify_hookpoints_map_to_transformer_lens(module, transcode, hook):
 
 
 def test_sparsify_export_loads_in_sparsify(tmp_path):
-    cfg = sae.SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, skip_connection=True,
-                        model_name="gpt2", hookpoint="blocks.4.hook_resid_post")
+    cfg = sae.SAEConfig(
+        architecture="topk",
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K,
+        skip_connection=True,
+        model_name="gpt2",
+        hookpoint="blocks.4.hook_resid_post",
+    )
     model = randomized(sae.SparseAutoencoder(cfg), seed=5)
     model.save(tmp_path / "exported", format="sparsify")
     coder = SparseCoder.load_from_disk(tmp_path / "exported")
@@ -113,7 +134,11 @@ def test_sparsify_export_loads_in_sparsify(tmp_path):
     again = sae.load(str(tmp_path / "exported"))  # ours -> sparsify -> ours
     for name, p in model.named_parameters():
         assert torch.equal(p, getattr(again, name)), name
-    assert (again.cfg.model_name, again.cfg.hookpoint, again.cfg.source_format) == ("gpt2", cfg.hookpoint, "sparsify")
+    assert (again.cfg.model_name, again.cfg.hookpoint, again.cfg.source_format) == (
+        "gpt2",
+        cfg.hookpoint,
+        "sparsify",
+    )
 
 
 @pytest.mark.parametrize("architecture", ["relu", "jumprelu", "codebook"])
@@ -131,7 +156,9 @@ def test_exports_refuse_what_the_format_cannot_compute(tmp_path, architecture):
 # --- Gemma Scope: the release's reference JumpReLU ------------------------------------------------
 
 
-def gemma_scope_reference(params: dict[str, np.ndarray], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gemma_scope_reference(
+    params: dict[str, np.ndarray], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward of the Gemma Scope tutorial's JumpReLUSAE (no b_dec subtraction, raw threshold)."""
     p = {k: torch.from_numpy(v) for k, v in params.items()}
     pre_acts = x @ p["W_enc"] + p["b_enc"]
@@ -216,10 +243,13 @@ def openai_reference(state: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return latents, recons
 
 
-@pytest.mark.parametrize("activation,location,hook", [
-    ("TopK", "resid_post_mlp_v5_32k", "blocks.6.hook_resid_post"),
-    ("ReLU", "resid_delta_attn", "blocks.6.hook_attn_out"),
-])
+@pytest.mark.parametrize(
+    "activation,location,hook",
+    [
+        ("TopK", "resid_post_mlp_v5_32k", "blocks.6.hook_resid_post"),
+        ("ReLU", "resid_delta_attn", "blocks.6.hook_attn_out"),
+    ],
+)
 def test_openai_matches_their_forward(tmp_path, activation, location, hook):
     state = openai_state_dict(activation)
     path = tmp_path / location / "autoencoders" / "6.pt"
@@ -228,7 +258,9 @@ def test_openai_matches_their_forward(tmp_path, activation, location, hook):
     assert detect_format(path) == "openai"
     model = sae.load(str(path))
     assert model.cfg.architecture == ("topk" if activation == "TopK" else "relu")
-    assert model.cfg.input_norm == ("layernorm" if activation == "TopK" else "none")  # old TopK files are not ReLU
+    assert model.cfg.input_norm == (
+        "layernorm" if activation == "TopK" else "none"
+    )  # old TopK files are not ReLU
     assert (model.cfg.hookpoint, model.cfg.model_name) == (hook, "gpt2-small")
     x = random_inputs(10) * 5  # an un-normalised residual stream
     latents, recons = openai_reference(state, x)
@@ -256,17 +288,33 @@ def test_openai_pickled_code_is_never_executed(tmp_path):
 
 def test_saelens_pre6_scaling_factor_is_folded_into_the_decoder(tmp_path):
     g = torch.Generator().manual_seed(11)
-    w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g),
-         "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g),
-         "scaling_factor": torch.rand(D_SAE, generator=g) + 0.5}
+    w = {
+        "W_enc": torch.randn(D_IN, D_SAE, generator=g),
+        "b_enc": torch.randn(D_SAE, generator=g),
+        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
+        "b_dec": torch.randn(D_IN, generator=g),
+        "scaling_factor": torch.rand(D_SAE, generator=g) + 0.5,
+    }
     save_file(w, tmp_path / "sae_weights.safetensors")
-    (tmp_path / "cfg.json").write_text(json.dumps({
-        "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "hook_point": "blocks.1.hook_resid_pre",
-        "model_name": "gpt2", "activation_fn_str": "relu", "finetuning_scaling_factor": True,
-        "normalize_activations": False}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D_IN,
+                "d_sae": D_SAE,
+                "dtype": "float32",
+                "hook_point": "blocks.1.hook_resid_pre",
+                "model_name": "gpt2",
+                "activation_fn_str": "relu",
+                "finetuning_scaling_factor": True,
+                "normalize_activations": False,
+            }
+        )
+    )
     model = sae.load(str(tmp_path))
     x = random_inputs(12)
-    f = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()  # sae_lens 3-5: encode, then (f * s) W_dec + b_dec
+    f = (
+        (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    ).relu()  # sae_lens 3-5: encode, then (f * s) W_dec + b_dec
     recon = (f * w["scaling_factor"]) @ w["W_dec"] + w["b_dec"]
     with torch.no_grad():
         assert rel_err(model.encode(x), f) < TOLERANCE and rel_err(model(x), recon) < TOLERANCE
@@ -276,7 +324,9 @@ def test_saelens_pre6_scaling_factor_is_folded_into_the_decoder(tmp_path):
 def test_saelens_per_token_rescaling_is_refused_by_name(tmp_path):
     cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
     sae.SparseAutoencoder(cfg).save(tmp_path, format="saelens")
-    data = json.loads((tmp_path / "cfg.json").read_text()) | {"normalize_activations": "constant_norm_rescale"}
+    data = json.loads((tmp_path / "cfg.json").read_text()) | {
+        "normalize_activations": "constant_norm_rescale"
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     with pytest.raises(FormatError, match="cfg.json: normalize_activations 'constant_norm_rescale'"):
         sae.load(str(tmp_path))
@@ -319,7 +369,9 @@ def test_a_name_never_decides_the_format(tmp_path):
 def test_sparsify_run_folder_points_at_its_hookpoints(tmp_path):
     for hookpoint in ("layers.1", "layers.2"):
         SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K)).save_to_disk(tmp_path / hookpoint)
-    with pytest.raises(FormatError, match="a sparsify run with 2 hookpoints; load one of them.*layers.1, layers.2"):
+    with pytest.raises(
+        FormatError, match="a sparsify run with 2 hookpoints; load one of them.*layers.1, layers.2"
+    ):
         sae.load(str(tmp_path))
 
 
@@ -360,13 +412,21 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     state = openai_state_dict("TopK")
     state["decoder.weight"] = state["decoder.weight"].T.contiguous()  # stored the wrong way round
     torch.save(state, tmp_path / "b.pt")
-    with pytest.raises(FormatError, match=r"b.pt: tensor decoder.weight has shape \(64, 16\), expected \(16, 64\)"):
+    with pytest.raises(
+        FormatError, match=r"b.pt: tensor decoder.weight has shape \(64, 16\), expected \(16, 64\)"
+    ):
         sae.load(str(tmp_path / "b.pt"))
 
 
 def test_check_width_against_the_models_hook():
-    cfg = sae.SAEConfig(architecture="topk", d_in=D_IN, d_sae=D_SAE, k=K, model_name="gpt2",
-                        hookpoint="blocks.2.hook_resid_post")
+    cfg = sae.SAEConfig(
+        architecture="topk",
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K,
+        model_name="gpt2",
+        hookpoint="blocks.2.hook_resid_post",
+    )
     model = sae.SparseAutoencoder(cfg)
     check_width(D_IN, model)
     with pytest.raises(ValueError, match="SAE reads d_in=16 .*blocks.2.hook_resid_post has width 768"):
@@ -378,7 +438,9 @@ def test_saelens_expected_average_scaling_is_folded_when_given(tmp_path):
     cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
     raw = randomized(sae.SparseAutoencoder(cfg), seed=14)
     raw.save(tmp_path, format="saelens")
-    data = json.loads((tmp_path / "cfg.json").read_text()) | {"normalize_activations": "expected_average_only_in"}
+    data = json.loads((tmp_path / "cfg.json").read_text()) | {
+        "normalize_activations": "expected_average_only_in"
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(data))
     with pytest.warns(UserWarning, match="no norm_scaling_factor was given; the SAE reads raw activations"):
         unscaled = sae.load(str(tmp_path))
@@ -410,7 +472,10 @@ def test_hub_reference_downloads_only_the_subpath(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = sae.load("hf://EleutherAI/sae-pythia-160m-32k/layers.5")
     assert calls == [("EleutherAI/sae-pythia-160m-32k", ["layers.5", "layers.5/*", "config.json"])]
-    assert (model.cfg.hookpoint, model.cfg.model_name) == ("blocks.5.hook_resid_post", "EleutherAI/pythia-160m")
+    assert (model.cfg.hookpoint, model.cfg.model_name) == (
+        "blocks.5.hook_resid_post",
+        "EleutherAI/pythia-160m",
+    )
     with pytest.raises(ValueError, match="expected hf://org/repo"):
         sae.load("hf://just-a-name")
 

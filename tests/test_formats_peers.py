@@ -43,7 +43,12 @@ SAELENS_CASES = {  # fixture -> (our architecture, apply_b_dec_to_input, input_n
     "hook_z": ("relu", True, "none", "heads"),
     "batchtopk": ("jumprelu", True, "none", "flat"),  # SAELens saves BatchTopK as JumpReLU
     "matryoshka": ("jumprelu", True, "none", "flat"),  # and Matryoshka BatchTopK too
-    "pre6_topk": ("topk", True, "none", "flat"),  # old activation_fn_str="topk": TopK, not ReLU (SAELens #553)
+    "pre6_topk": (
+        "topk",
+        True,
+        "none",
+        "flat",
+    ),  # old activation_fn_str="topk": TopK, not ReLU (SAELens #553)
 }
 
 
@@ -54,7 +59,9 @@ def test_saelens_files_match_saelens_forward(name):
     model = sae.load(str(folder))
     architecture, apply_b_dec, input_norm, layout = SAELENS_CASES[name]
     cfg = model.cfg
-    assert (cfg.architecture, cfg.apply_b_dec_to_input, cfg.input_norm, cfg.hook_layout) == SAELENS_CASES[name]
+    assert (cfg.architecture, cfg.apply_b_dec_to_input, cfg.input_norm, cfg.hook_layout) == SAELENS_CASES[
+        name
+    ]
     assert cfg.source_format == "saelens" and cfg.model_name == "gpt2"
     assert cfg.hookpoint == ("blocks.3.attn.hook_z" if name == "hook_z" else "blocks.3.hook_resid_post")
     assert_same_forward(model, folder)
@@ -64,12 +71,18 @@ def test_saelens_files_match_saelens_forward(name):
 def test_saelens_batchtopk_threshold_is_kept(name):
     """SAELens #608: BatchTopK thresholds silently dropped. Ours must be the learnt one on every latent."""
     model = sae.load(str(FIXTURES / "saelens" / name))
-    assert model.threshold.min() > 0.0 and torch.allclose(model.threshold, model.threshold[0].expand_as(model.threshold))
+    assert model.threshold.min() > 0.0 and torch.allclose(
+        model.threshold, model.threshold[0].expand_as(model.threshold)
+    )
 
 
 DICTIONARY_LEARNING_CASES = {
-    "standard": "relu", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu",
-    "jumprelu": "jumprelu", "gated": "gated",
+    "standard": "relu",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
 }
 
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sae.kernels import dense_decode, dense_topk_encode, encoder_rows_per_chunk, sparse_decode, top_k, topk_encode
+from sae.kernels import (
+    dense_decode,
+    dense_topk_encode,
+    encoder_rows_per_chunk,
+    sparse_decode,
+    top_k,
+    topk_encode,
+)
 
 TOKENS, D_IN, D_SAE, K = 96, 24, 160, 6
 
@@ -63,11 +70,18 @@ def test_bf16_encoder_selects_nearly_the_same_latents():
 
 def test_fewer_aux_candidates_than_k_aux():
     x = torch.randn(4, D_IN)
-    code, aux = topk_encode(x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K,
-                            aux_latents=torch.tensor([3, 4]), k_aux=10)
+    code, aux = topk_encode(
+        x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K, aux_latents=torch.tensor([3, 4]), k_aux=10
+    )
     assert aux.indices.shape == (4, 2) and set(aux.indices.flatten().tolist()) <= {3, 4}
-    _, none = topk_encode(x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K,
-                          aux_latents=torch.tensor([], dtype=torch.long), k_aux=10)
+    _, none = topk_encode(
+        x,
+        torch.randn(D_SAE, D_IN),
+        torch.zeros(D_SAE),
+        K,
+        aux_latents=torch.tensor([], dtype=torch.long),
+        k_aux=10,
+    )
     assert none is None
 
 
@@ -91,11 +105,17 @@ def test_encoder_chunks_agree_with_dense_reference():
     d_sae, d_in, k = 1 << 16, 8, 4
     tokens = 2 * encoder_rows_per_chunk(d_sae, torch.device("cpu")) + 5
     g = torch.Generator().manual_seed(3)
-    x, W, b = torch.randn(tokens, d_in, generator=g), torch.randn(d_sae, d_in, generator=g), torch.randn(d_sae, generator=g)
+    x, W, b = (
+        torch.randn(tokens, d_in, generator=g),
+        torch.randn(d_sae, d_in, generator=g),
+        torch.randn(d_sae, generator=g),
+    )
     aux = torch.arange(0, d_sae, 3)
     sparse, sparse_aux = topk_encode(x, W, b, k, aux_latents=aux, k_aux=6)
     dense, dense_aux = dense_topk_encode(x, W, b, k, aux_latents=aux, k_aux=6)
     for got, want in [(sparse, dense), (sparse_aux, dense_aux)]:
         order_got, order_want = got.indices.sort(-1), want.indices.sort(-1)
         assert torch.equal(order_got.values, order_want.values)
-        assert torch.allclose(got.values.gather(1, order_got.indices), want.values.gather(1, order_want.indices))
+        assert torch.allclose(
+            got.values.gather(1, order_got.indices), want.values.gather(1, order_want.indices)
+        )

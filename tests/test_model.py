@@ -14,7 +14,9 @@ D_IN, D_SAE = 16, 64
 
 def make(architecture: str, **kw) -> sae.SparseAutoencoder:
     defaults = {"topk": {"k": 4}, "codebook": {"k": 3}, "groupmax": {"k": 8}}
-    cfg = sae.SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, **(defaults.get(architecture, {}) | kw))
+    cfg = sae.SAEConfig(
+        architecture=architecture, d_in=D_IN, d_sae=D_SAE, **(defaults.get(architecture, {}) | kw)
+    )
     model = sae.SparseAutoencoder.from_config(cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial values for every tensor, thresholds included
@@ -59,7 +61,10 @@ def test_codebook_codes_are_binary_and_cosine_choice():
     x = torch.randn(6, D_IN)
     f = model.encode(x)
     assert set(f.unique().tolist()) <= {0.0, 1.0} and ((f > 0).sum(-1) == 3).all()
-    sims = torch.nn.functional.normalize(x - model.b_dec, dim=-1) @ torch.nn.functional.normalize(model.W_enc, dim=-1).T
+    sims = (
+        torch.nn.functional.normalize(x - model.b_dec, dim=-1)
+        @ torch.nn.functional.normalize(model.W_enc, dim=-1).T
+    )
     expected = (sims + model.b_enc).topk(3, dim=-1).indices
     assert torch.equal(model.codes(x).sort(-1).values, expected.sort(-1).values)
 

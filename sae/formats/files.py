@@ -92,7 +92,9 @@ def require_tensors(tensors: dict[str, Any], names: list[str], source: Path | st
     missing = [n for n in names if n not in tensors]
     if missing:
         found = ", ".join(sorted(map(str, tensors))) or "nothing"
-        raise FormatError(f"{source}: missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)}; found {found}")
+        raise FormatError(
+            f"{source}: missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)}; found {found}"
+        )
     for name in names:
         if not isinstance(tensors[name], Tensor):
             raise FormatError(f"{source}: {name} is a {type(tensors[name]).__name__}, expected a tensor")
@@ -115,7 +117,9 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 def dtype_name(tensor: Tensor, name: str, source: Path | str) -> str:
     """Our dtype name for a stored tensor: the dtype comes from the file, never a default (sparsify #116)."""
     if tensor.dtype not in DTYPE_NAMES:
-        raise FormatError(f"{source}: tensor {name} has dtype {tensor.dtype}; expected float32, bfloat16 or float16")
+        raise FormatError(
+            f"{source}: tensor {name} has dtype {tensor.dtype}; expected float32, bfloat16 or float16"
+        )
     return DTYPE_NAMES[tensor.dtype]
 
 
@@ -125,7 +129,6 @@ def sae_config(source: Path | str, **fields: Any) -> SAEConfig:
         return SAEConfig(**fields)
     except ConfigError as e:
         raise FormatError(f"{source}: {e}") from None
-
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -62,8 +62,10 @@ def load_gemma_scope(path: str | Path) -> SparseAutoencoder:
         model_name = f"gemma-2-{release_match['size']}" + ("-it" if release_match["variant"] == "it" else "")
     else:
         unknown = "model and hookpoint are" if sae_match else "model, hookpoint, width and L0 are"
-        warnings.warn(f"{params_path}: path is not .../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/"
-                      f"average_l0_N/params.npz, so the {unknown} unknown")
+        warnings.warn(
+            f"{params_path}: path is not .../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/"
+            f"average_l0_N/params.npz, so the {unknown} unknown"
+        )
 
     cfg = sae_config(
         params_path,

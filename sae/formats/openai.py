@@ -39,7 +39,9 @@ def load_openai(path: str | Path) -> SparseAutoencoder:
     path = Path(path)
     state = read_torch_state_dict(path)
     require_tensors(state, TENSORS, path)
-    if unexpected := sorted(set(state) - set(TENSORS) - TRAINING_STATS - {"activation", "activation_state_dict"}):
+    if unexpected := sorted(
+        set(state) - set(TENSORS) - TRAINING_STATS - {"activation", "activation_state_dict"}
+    ):
         raise FormatError(f"{path}: unexpected entries {', '.join(unexpected)} in an OpenAI autoencoder")
     n_latents, d_in = state["encoder.weight"].shape
     require_shape(state["pre_bias"], (d_in,), "pre_bias", path)
@@ -55,9 +57,13 @@ def load_openai(path: str | Path) -> SparseAutoencoder:
         k = activation_state.get("k")
         k = int(k.item()) if isinstance(k, Tensor) else k
         if not isinstance(k, int):
-            raise FormatError(f"{path}: TopK activation without an integer activation_state_dict['k'] (got {k!r})")
+            raise FormatError(
+                f"{path}: TopK activation without an integer activation_state_dict['k'] (got {k!r})"
+            )
         if activation_state.get("postact_fn", "ReLU") != "ReLU":
-            raise FormatError(f"{path}: TopK postact_fn {activation_state['postact_fn']!r}; only ReLU is supported")
+            raise FormatError(
+                f"{path}: TopK postact_fn {activation_state['postact_fn']!r}; only ReLU is supported"
+            )
     elif activation != "ReLU":
         raise FormatError(f"{path}: activation {activation!r}; OpenAI autoencoders use ReLU or TopK")
 
@@ -70,7 +76,9 @@ def load_openai(path: str | Path) -> SparseAutoencoder:
         d_in=d_in,
         d_sae=n_latents,
         k=k,
-        input_norm="layernorm" if activation == "TopK" else "none",  # their `normalize = activation == "TopK"`
+        input_norm="layernorm"
+        if activation == "TopK"
+        else "none",  # their `normalize = activation == "TopK"`
         dtype=dtype_name(state["encoder.weight"], "encoder.weight", path),
         model_name=OPENAI_MODEL if release else None,
         hookpoint=LOCATION_HOOKS[release["location"]].format(release["layer"]) if release else None,

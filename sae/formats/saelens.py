@@ -24,14 +24,26 @@ from torch import Tensor
 from ..io import atomic_save_file, atomic_write_json
 from ..model import SparseAutoencoder
 from .files import (
-    FormatError, read_json, read_safetensors, require_key, require_shape, require_tensors, sae_config,
+    FormatError,
+    read_json,
+    read_safetensors,
+    require_key,
+    require_shape,
+    require_tensors,
+    sae_config,
 )
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")  # BatchTopK and Matryoshka are saved as jumprelu
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
-          "torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
+DTYPES = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "torch.float32": "float32",
+    "torch.float16": "float16",
+    "torch.bfloat16": "bfloat16",
+}
 SAELENS_VERSION_WRITTEN = "6.0.0"
 
 
@@ -67,8 +79,9 @@ def upgrade_pre_6_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "dtype": cfg.get("dtype", "float32"),
         "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
         "normalize_activations": normalize,
-        "reshape_activations": cfg.get("reshape_activations",
-                                       "hook_z" if hook_name and hook_name.endswith("hook_z") else "none"),
+        "reshape_activations": cfg.get(
+            "reshape_activations", "hook_z" if hook_name and hook_name.endswith("hook_z") else "none"
+        ),
         "metadata": {
             "model_name": cfg.get("model_name", metadata.get("model_name")),
             "hook_name": hook_name,
@@ -103,8 +116,10 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
         raise FormatError(f"{cfg_path}: {e}") from None
     architecture = require_key(cfg, "architecture", cfg_path)
     if architecture not in ARCHITECTURES:
-        raise FormatError(f"{cfg_path}: SAELens architecture {architecture!r} is not supported; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
+        raise FormatError(
+            f"{cfg_path}: SAELens architecture {architecture!r} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
     d_in, d_sae = require_key(cfg, "d_in", cfg_path), require_key(cfg, "d_sae", cfg_path)
     dtype_str = str(cfg.get("dtype", "float32"))
     if dtype_str not in DTYPES:
@@ -121,8 +136,10 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
     require_tensors(tensors, required, weights_path)
     known = set(required) | {"scaling_factor"}
     if unexpected := sorted(set(tensors) - known):
-        raise FormatError(f"{weights_path}: unexpected tensors {', '.join(unexpected)} for a SAELens "
-                          f"{architecture} SAE (expected {', '.join(required)})")
+        raise FormatError(
+            f"{weights_path}: unexpected tensors {', '.join(unexpected)} for a SAELens "
+            f"{architecture} SAE (expected {', '.join(required)})"
+        )
     require_shape(tensors["W_enc"], (d_in, d_sae), "W_enc", weights_path)
     require_shape(tensors["W_dec"], (d_sae, d_in), "W_dec", weights_path)
     require_shape(tensors["b_dec"], (d_in,), "b_dec", weights_path)
@@ -142,14 +159,22 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
         input_norm = "layernorm"  # SAELens's run_time_activation_ln_in/out: the same LN as OpenAI's
     elif normalize == "expected_average_only_in":
         if norm_scaling_factor is None:
-            warnings.warn(f"{cfg_path}: normalize_activations is 'expected_average_only_in' and no "
-                          "norm_scaling_factor was given; the SAE reads raw activations, as SAELens's "
-                          "load_from_disk does")
+            warnings.warn(
+                f"{cfg_path}: normalize_activations is 'expected_average_only_in' and no "
+                "norm_scaling_factor was given; the SAE reads raw activations, as SAELens's "
+                "load_from_disk does"
+            )
         else:  # SAELens's fold_activation_norm_scaling_factor
-            W_enc, W_dec, b_dec = W_enc * norm_scaling_factor, W_dec / norm_scaling_factor, b_dec / norm_scaling_factor
+            W_enc, W_dec, b_dec = (
+                W_enc * norm_scaling_factor,
+                W_dec / norm_scaling_factor,
+                b_dec / norm_scaling_factor,
+            )
     elif normalize != "none":
-        raise FormatError(f"{cfg_path}: normalize_activations {normalize!r} is a per-token rescaling our SAEs "
-                          "cannot express; supported: none, layer_norm, expected_average_only_in")
+        raise FormatError(
+            f"{cfg_path}: normalize_activations {normalize!r} is a per-token rescaling our SAEs "
+            "cannot express; supported: none, layer_norm, expected_average_only_in"
+        )
 
     if architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         # SAELens: f = TopK(pre * |W_dec,i|), decode (f / |W_dec,i|) W_dec. Scaling latent i's encoder row
@@ -186,7 +211,9 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
 def export_saelens(model: SparseAutoencoder, path: str | Path) -> Path:
     """Write a SAELens v6 folder (`SAE.load_from_disk(path)`; Neuronpedia's upload format)."""
     cfg = model.cfg
-    architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}.get(cfg.architecture)
+    architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}.get(
+        cfg.architecture
+    )
     problems = []
     if architecture is None:
         problems.append(f"architecture {cfg.architecture!r} (SAELens has standard, topk, jumprelu, gated)")

@@ -18,8 +18,15 @@ from pathlib import Path
 from ..io import atomic_save_file, atomic_write_json
 from ..model import SparseAutoencoder
 from .files import (
-    FormatError, dtype_name, read_json, read_safetensors, require_key, require_shape, require_tensors,
-    sae_config, safetensors_metadata,
+    FormatError,
+    dtype_name,
+    read_json,
+    read_safetensors,
+    require_key,
+    require_shape,
+    require_tensors,
+    sae_config,
+    safetensors_metadata,
 )
 
 CFG_FILE = "cfg.json"
@@ -45,7 +52,9 @@ def map_hookpoint(module_name: str, transcode: bool) -> str | None:
     for pattern, hook in TRANSCODER_HOOKS if transcode else SAE_HOOKS:
         if match := pattern.match(module_name):
             return hook.format(match.group(1))
-    warnings.warn(f"sparsify hookpoint {module_name!r} has no transformer-lens equivalent we know; hookpoint left unset")
+    warnings.warn(
+        f"sparsify hookpoint {module_name!r} has no transformer-lens equivalent we know; hookpoint left unset"
+    )
     return None
 
 
@@ -59,7 +68,9 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
 
     d_sae, d_in = tensors["encoder.weight"].shape  # [d_sae, d_in]
     if require_key(cfg, "d_in", cfg_path) != d_in:
-        raise FormatError(f"{cfg_path}: d_in is {cfg['d_in']} but {weights_path} encoder.weight is {(d_sae, d_in)}")
+        raise FormatError(
+            f"{cfg_path}: d_in is {cfg['d_in']} but {weights_path} encoder.weight is {(d_sae, d_in)}"
+        )
     num_latents = cfg.get("num_latents") or d_in * cfg.get("expansion_factor", 32)
     if num_latents != d_sae:
         raise FormatError(f"{cfg_path}: {num_latents} latents configured but encoder.weight has {d_sae} rows")
@@ -72,12 +83,15 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
         raise FormatError(f"{cfg_path}: activation {activation!r}; sparsify has topk and groupmax")
     skip = bool(cfg.get("skip_connection", False))
     if skip != ("W_skip" in tensors):
-        raise FormatError(f"{cfg_path}: skip_connection is {skip} but {weights_path} "
-                          f"{'lacks' if skip else 'has'} W_skip")
+        raise FormatError(
+            f"{cfg_path}: skip_connection is {skip} but {weights_path} {'lacks' if skip else 'has'} W_skip"
+        )
     transcode = bool(cfg.get("transcode", False))
     if transcode:  # our config names one hook; a transcoder reads one module's input and predicts its output
-        warnings.warn(f"{cfg_path}: a transcoder; its hookpoint is where it reads, but it reconstructs the "
-                      f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful")
+        warnings.warn(
+            f"{cfg_path}: a transcoder; its hookpoint is where it reads, but it reconstructs the "
+            f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful"
+        )
 
     # Metadata: sparsify keeps the model in the run's config.json and the hookpoint as the folder name;
     # our own exports (a lone folder) carry both in the safetensors header instead.
@@ -144,15 +158,18 @@ def export_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
     if cfg.hookpoint:
         metadata |= {"hookpoint": cfg.hookpoint, "model_name": cfg.model_name or ""}
     atomic_save_file(tensors, path / WEIGHTS_FILE, metadata=metadata)
-    atomic_write_json(path / CFG_FILE, {
-        "activation": cfg.architecture,
-        "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
-        "normalize_decoder": True,
-        "num_latents": cfg.d_sae,
-        "k": cfg.k,
-        "multi_topk": False,
-        "skip_connection": cfg.skip_connection,
-        "transcode": False,
-        "d_in": cfg.d_in,
-    })
+    atomic_write_json(
+        path / CFG_FILE,
+        {
+            "activation": cfg.architecture,
+            "expansion_factor": max(1, cfg.d_sae // cfg.d_in),
+            "normalize_decoder": True,
+            "num_latents": cfg.d_sae,
+            "k": cfg.k,
+            "multi_topk": False,
+            "skip_connection": cfg.skip_connection,
+            "transcode": False,
+            "d_in": cfg.d_in,
+        },
+    )
     return path

@@ -12,16 +12,49 @@ LLM access goes through `clients.Client` (async `complete` and `chat`): `OpenAIC
 OpenAI-compatible server, `LlamaCppClient` for a GGUF in process.
 """
 
-from sae.analysis.autointerp.clients import Client, Completion, LlamaCppClient, OpenAIClient, RequestFailed, TokenLogprob
+from sae.analysis.autointerp.clients import (
+    Client,
+    Completion,
+    LlamaCppClient,
+    OpenAIClient,
+    RequestFailed,
+    TokenLogprob,
+)
 from sae.analysis.autointerp.explainer import ExplainerConfig, Explanation, explain
 from sae.analysis.autointerp.pipeline import AutointerpConfig, LatentResult, interpret, summary_table
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
-from sae.analysis.autointerp.scorers import EmbeddingScorer, Score, ScorerConfig, detection_score, fuzzing_score
+from sae.analysis.autointerp.scorers import (
+    EmbeddingScorer,
+    Score,
+    ScorerConfig,
+    detection_score,
+    fuzzing_score,
+)
 from sae.analysis.autointerp.simulation import SimulationConfig, simulation_score
 
 __all__ = [
-    "AutointerpConfig", "Client", "Completion", "EmbeddingScorer", "Example", "ExplainerConfig", "Explanation",
-    "LatentRecord", "LatentResult", "LlamaCppClient", "OpenAIClient", "RecordConfig", "RequestFailed", "Score",
-    "ScorerConfig", "SimulationConfig", "TokenLogprob", "collect_records", "detection_score", "explain",
-    "fuzzing_score", "interpret", "simulation_score", "summary_table",
+    "AutointerpConfig",
+    "Client",
+    "Completion",
+    "EmbeddingScorer",
+    "Example",
+    "ExplainerConfig",
+    "Explanation",
+    "LatentRecord",
+    "LatentResult",
+    "LlamaCppClient",
+    "OpenAIClient",
+    "RecordConfig",
+    "RequestFailed",
+    "Score",
+    "ScorerConfig",
+    "SimulationConfig",
+    "TokenLogprob",
+    "collect_records",
+    "detection_score",
+    "explain",
+    "fuzzing_score",
+    "interpret",
+    "simulation_score",
+    "summary_table",
 ]

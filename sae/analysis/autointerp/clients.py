@@ -45,7 +45,12 @@ class Client(Protocol):
     """What explainers and scorers need from an LLM; every backend implements exactly this."""
 
     async def complete(
-        self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
+        self,
+        prompt: str,
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
+        temperature: float = 0.0,
         echo: bool = False,
     ) -> Completion:
         """echo: also return the prompt's tokens with their logprobs (what the simulation and intervention
@@ -53,7 +58,11 @@ class Client(Protocol):
         ...
 
     async def chat(
-        self, messages: list[Message], max_tokens: int, logprobs: int = 0, stop: list[str] | None = None,
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
         temperature: float = 0.0,
     ) -> Completion: ...
 
@@ -94,15 +103,24 @@ class OpenAIClient:
     """An OpenAI-compatible server at `base_url` (e.g. http://127.0.0.1:8000/v1). Use as an async context manager."""
 
     def __init__(
-        self, base_url: str, model: str = "default", api_key: str | None = None, max_concurrency: int = 8,
-        requests_per_second: float | None = None, timeout_s: float = 60.0, max_retries: int = 4,
-        backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+        self,
+        base_url: str,
+        model: str = "default",
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        requests_per_second: float | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
     ):
         import httpx  # the only HTTP dependency (extra "autointerp")
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/", headers=headers, timeout=httpx.Timeout(timeout_s),
+            base_url=base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=max_concurrency),
         )
         self.model = model
@@ -121,10 +139,20 @@ class OpenAIClient:
         await self.http.aclose()
 
     async def complete(
-        self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
+        self,
+        prompt: str,
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
+        temperature: float = 0.0,
         echo: bool = False,
     ) -> Completion:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
         if echo:
             body["echo"] = True
         if logprobs:
@@ -134,10 +162,19 @@ class OpenAIClient:
         return await self._post("completions", body, parse_completion_choice)
 
     async def chat(
-        self, messages: list[Message], max_tokens: int, logprobs: int = 0, stop: list[str] | None = None,
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
         temperature: float = 0.0,
     ) -> Completion:
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
         if logprobs:
             body["logprobs"], body["top_logprobs"] = True, logprobs
         if stop:
@@ -160,14 +197,23 @@ class OpenAIClient:
                     last_error, retry_after = f"{type(e).__name__}: {e}", None
                 else:
                     if response.status_code == 200:
-                        return _completion(response.json(), parse_choice, time.monotonic() - started, self.http.base_url, path)
+                        return _completion(
+                            response.json(),
+                            parse_choice,
+                            time.monotonic() - started,
+                            self.http.base_url,
+                            path,
+                        )
                     last_error = f"HTTP {response.status_code}: {response.text[:300]}"
                     if response.status_code not in RETRY_STATUS:
                         raise RequestFailed(f"{self.http.base_url}{path}: {last_error}", attempt + 1)
                     retry_after = _retry_after_seconds(response.headers.get("retry-after"))
             if attempt < self.max_retries:
                 await asyncio.sleep(retry_after if retry_after is not None else self._backoff(attempt))
-        raise RequestFailed(f"{self.http.base_url}{path}: {last_error} (after {self.max_retries + 1} attempts)", self.max_retries + 1)
+        raise RequestFailed(
+            f"{self.http.base_url}{path}: {last_error} (after {self.max_retries + 1} attempts)",
+            self.max_retries + 1,
+        )
 
     def _backoff(self, attempt: int) -> float:
         """Exponential with full jitter, so many waiting requests do not retry in lockstep."""
@@ -186,15 +232,25 @@ def _completion(payload: dict[str, Any], parse_choice, latency_s: float, base_ur
         choice = payload["choices"][0]
         text, logprobs = parse_choice(choice)
         usage = payload.get("usage") or {}
-        offsets = (choice.get("logprobs") or {}).get("text_offset") if parse_choice is parse_completion_choice else None
+        offsets = (
+            (choice.get("logprobs") or {}).get("text_offset")
+            if parse_choice is parse_completion_choice
+            else None
+        )
         return Completion(
-            text=text, logprobs=logprobs, prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)), finish_reason=choice.get("finish_reason"),
-            latency_s=latency_s, text_offsets=[int(o) for o in offsets] if offsets is not None else None,
+            text=text,
+            logprobs=logprobs,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            finish_reason=choice.get("finish_reason"),
+            latency_s=latency_s,
+            text_offsets=[int(o) for o in offsets] if offsets is not None else None,
         )
     except (KeyError, IndexError, TypeError, ValueError) as e:
         # A 200 with a body we cannot read is the server's bug, not a transient failure: no retry.
-        raise RequestFailed(f"{base_url}{path}: unexpected response body ({type(e).__name__}: {e}): {str(payload)[:300]}", 1) from e
+        raise RequestFailed(
+            f"{base_url}{path}: unexpected response body ({type(e).__name__}: {e}): {str(payload)[:300]}", 1
+        ) from e
 
 
 def parse_completion_choice(choice: dict[str, Any]) -> tuple[str, list[TokenLogprob] | None]:
@@ -216,8 +272,11 @@ def parse_chat_choice(choice: dict[str, Any]) -> tuple[str, list[TokenLogprob] |
     if not lp or lp.get("content") is None:
         return text, None
     return text, [
-        TokenLogprob(item["token"], _finite(item["logprob"]),
-                     {alt["token"]: _finite(alt["logprob"]) for alt in item.get("top_logprobs") or []})
+        TokenLogprob(
+            item["token"],
+            _finite(item["logprob"]),
+            {alt["token"]: _finite(alt["logprob"]) for alt in item.get("top_logprobs") or []},
+        )
         for item in lp["content"]
     ]
 
@@ -243,27 +302,59 @@ class LlamaCppClient:
 
         # logits_all: logprobs need every position's logits (as llama-cpp-python's server keeps by default);
         # with Gemma's 262k vocabulary that is 1 MB per context position.
-        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         seed=seed, logits_all=True, verbose=False)
+        self.llm = Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            seed=seed,
+            logits_all=True,
+            verbose=False,
+        )
         self.lock = asyncio.Lock()
 
     async def complete(
-        self, prompt: str, max_tokens: int, logprobs: int = 0, stop: list[str] | None = None, temperature: float = 0.0,
+        self,
+        prompt: str,
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
+        temperature: float = 0.0,
         echo: bool = False,
     ) -> Completion:
         if temperature == 0.0:
             return await self._locked(self._greedy, prompt, max_tokens, logprobs, stop or [], echo)
-        kwargs = dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
-                      logprobs=logprobs or None, echo=echo)
-        return await self._locked(self._library_call, self.llm.create_completion, kwargs, parse_completion_choice)
+        kwargs = dict(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop or [],
+            logprobs=logprobs or None,
+            echo=echo,
+        )
+        return await self._locked(
+            self._library_call, self.llm.create_completion, kwargs, parse_completion_choice
+        )
 
     async def chat(
-        self, messages: list[Message], max_tokens: int, logprobs: int = 0, stop: list[str] | None = None,
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        logprobs: int = 0,
+        stop: list[str] | None = None,
         temperature: float = 0.0,
     ) -> Completion:
-        kwargs = dict(messages=messages, max_tokens=max_tokens, temperature=temperature, stop=stop or [],
-                      logprobs=bool(logprobs), top_logprobs=logprobs or None)
-        return await self._locked(self._library_call, self.llm.create_chat_completion, kwargs, parse_chat_choice)
+        kwargs = dict(
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=stop or [],
+            logprobs=bool(logprobs),
+            top_logprobs=logprobs or None,
+        )
+        return await self._locked(
+            self._library_call, self.llm.create_chat_completion, kwargs, parse_chat_choice
+        )
 
     async def _locked(self, function, *args) -> Completion:
         async with self.lock:
@@ -295,7 +386,7 @@ class LlamaCppClient:
             llm.n_tokens = prefix
         else:
             llm.reset()
-        llm.eval(tokens[llm.n_tokens:])
+        llm.eval(tokens[llm.n_tokens :])
 
     def _top(self, row, logprobs: int, context: list[int]) -> tuple[Any, dict[str, float]]:
         """Log-softmax of one logits row and its `logprobs` most likely tokens as text -> logprob."""
@@ -341,7 +432,9 @@ class LlamaCppClient:
             if token == llm.token_eos():
                 finish = "stop"
                 break
-            new_text = llm.detokenize(generated + [token], prev_tokens=prompt_ids[first:]).decode("utf-8", errors="ignore")
+            new_text = llm.detokenize(generated + [token], prev_tokens=prompt_ids[first:]).decode(
+                "utf-8", errors="ignore"
+            )
             hit = min((new_text.find(s) for s in stop if s in new_text), default=-1)
             if hit >= 0:
                 text, finish = new_text[:hit], "stop"
@@ -356,7 +449,11 @@ class LlamaCppClient:
             if len(generated) < max_tokens:
                 llm.eval([token])
         return Completion(
-            text=(prompt + text) if echo else text, logprobs=entries if logprobs else None,
-            prompt_tokens=len(prompt_ids), completion_tokens=len(generated), finish_reason=finish, latency_s=0.0,
+            text=(prompt + text) if echo else text,
+            logprobs=entries if logprobs else None,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(generated),
+            finish_reason=finish,
+            latency_s=0.0,
             text_offsets=offsets if logprobs else None,
         )

@@ -28,23 +28,31 @@ INSTRUCTIONS = (
 # small model copies is "quote the marked tokens of these examples", which grounds it in the latent's own
 # evidence (the LLM still writes the explanation). Topics are kept away from the concepts the tests use.
 DEMONSTRATIONS = (
-    (["I bought three <<apples>> and two <<pears>> at the market",
-      "She put a <<banana>> in her lunch box",
-      "The <<orange>> tree in the garden grew tall",
-      "a bowl of <<cherries>> and <<grapes>>"],
-     '"apples", "pears" and other fruit names'),
-    (["    n = <<len>>(self.items)",
-      "if <<len>>(args) > 2:\\n",
-      "    total += <<len>>(line)"],
-     '"len" calls in Python code'),
-    (["It will <<rain>> tomorrow",
-      "a <<sunny>> and <<windy>> afternoon",
-      "the <<snow>> kept falling"],
-     '"rain", "snow" and other weather words'),
-    (["He said <<that>> he would come",
-      "It is clear <<that>> the plan failed",
-      "They hoped <<that>> it would rain"],
-     '"that" in English sentences'),
+    (
+        [
+            "I bought three <<apples>> and two <<pears>> at the market",
+            "She put a <<banana>> in her lunch box",
+            "The <<orange>> tree in the garden grew tall",
+            "a bowl of <<cherries>> and <<grapes>>",
+        ],
+        '"apples", "pears" and other fruit names',
+    ),
+    (
+        ["    n = <<len>>(self.items)", "if <<len>>(args) > 2:\\n", "    total += <<len>>(line)"],
+        '"len" calls in Python code',
+    ),
+    (
+        ["It will <<rain>> tomorrow", "a <<sunny>> and <<windy>> afternoon", "the <<snow>> kept falling"],
+        '"rain", "snow" and other weather words',
+    ),
+    (
+        [
+            "He said <<that>> he would come",
+            "It is clear <<that>> the plan failed",
+            "They hoped <<that>> it would rain",
+        ],
+        '"that" in English sentences',
+    ),
 )
 Demonstration = tuple[list[str], str]
 
@@ -74,7 +82,9 @@ class ExplainerConfig:
     show_values: bool = False
     max_tokens: int = 24
     list_marked: bool = True  # add a line listing the marked spans (see marked_summary)
-    use_chat: bool = False  # base models (the local default) continue a few-shot prompt; chat models get turns
+    use_chat: bool = (
+        False  # base models (the local default) continue a few-shot prompt; chat models get turns
+    )
     seed: int = 0
 
 
@@ -107,7 +117,9 @@ def marked_summary(texts: list[str], limit: int = 8) -> str:
 
 
 def explainer_prompt(
-    record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig,
+    record: LatentRecord,
+    token_strings: TokenStrings,
+    config: ExplainerConfig,
     demonstrations: tuple[Demonstration, ...] = DEMONSTRATIONS,
 ) -> str:
     rng = random.Random(latent_seed(config.seed, record.latent))
@@ -135,9 +147,11 @@ def parse_explanation(answer: str) -> str | None:
     text = _RUN_ON.split(lines[0], maxsplit=1)[0]
     for prefix in (EXPLANATION_PREFIX, "Explanation:"):  # a model may repeat the prompt's prefix
         if text.lower().startswith(prefix.lower()):
-            text = text[len(prefix):].strip()
+            text = text[len(prefix) :].strip()
     text = text.strip().rstrip(".").strip()
-    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'`":  # only a quote that wraps the whole answer
+    if (
+        len(text) > 1 and text[0] == text[-1] and text[0] in "\"'`"
+    ):  # only a quote that wraps the whole answer
         text = text[1:-1].strip().rstrip(".")
     if not text or _ECHO.match(text) or _COUNTS.search(text) or "<<" in text:
         return None
@@ -157,7 +171,9 @@ def without_demonstration(copied: str) -> tuple[Demonstration, ...]:
     return tuple(d for d in reversed(DEMONSTRATIONS) if d[1] != copied)
 
 
-async def explain(client: Client, record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig) -> Explanation:
+async def explain(
+    client: Client, record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig
+) -> Explanation:
     """One explanation; an answer that repeats a demonstration is asked again once with another demonstration
     set (counted in `retries`), and if that repeats one too it is a "copied_demonstration" failure, never kept."""
     if record.too_few_activations:
@@ -171,16 +187,21 @@ async def explain(client: Client, record: LatentRecord, token_strings: TokenStri
             else:
                 completion = await client.complete(prompt, config.max_tokens, stop=["\n"])
         except RequestFailed as e:
-            return Explanation(record.latent, None, "error", str(e), prompt_tokens, completion_tokens, retries)
+            return Explanation(
+                record.latent, None, "error", str(e), prompt_tokens, completion_tokens, retries
+            )
         prompt_tokens += completion.prompt_tokens
         completion_tokens += completion.completion_tokens
         text = parse_explanation(completion.text)
         if text is None:
-            return Explanation(record.latent, None, "parse", completion.text, prompt_tokens, completion_tokens, retries)
+            return Explanation(
+                record.latent, None, "parse", completion.text, prompt_tokens, completion_tokens, retries
+            )
         copied = copied_demonstration(text)
         if copied is None:
             return Explanation(record.latent, text, None, "", prompt_tokens, completion_tokens, retries)
         if retries == 1:
-            return Explanation(record.latent, None, "copied_demonstration", text, prompt_tokens, completion_tokens,
-                               retries)
+            return Explanation(
+                record.latent, None, "copied_demonstration", text, prompt_tokens, completion_tokens, retries
+            )
         demonstrations, retries = without_demonstration(copied), retries + 1

@@ -55,8 +55,11 @@ def explanation_logprob(completion: Completion, start: int, end: int) -> float |
     the echoed prompt is left out); None without prompt logprobs or offsets."""
     if not completion.logprobs or completion.text_offsets is None:
         return None
-    values = [entry.logprob for offset, entry in zip(completion.text_offsets, completion.logprobs)
-              if start <= offset < end]
+    values = [
+        entry.logprob
+        for offset, entry in zip(completion.text_offsets, completion.logprobs)
+        if start <= offset < end
+    ]
     return sum(values) / len(values) if values else None
 
 
@@ -71,16 +74,23 @@ class InterventionScorer:
 
     def _complete(self, prompt: str, intervention: Intervention | None) -> str:
         tokens = generate(self.model, self.sae, prompt, intervention, self.config.max_new_tokens)
-        return prompt + self.model.tokenizer.decode(tokens[0, self.model.to_tokens(prompt).shape[1]:])
+        return prompt + self.model.tokenizer.decode(tokens[0, self.model.to_tokens(prompt).shape[1] :])
 
     def _steer(self, record: LatentRecord) -> SteeredCompletions:
         prompts = self.config.prompts
         if self.clean is None:
             self.clean = [self._complete(p, None) for p in prompts]
         try:
-            alpha, kl = calibrate_to_kl(self.model, self.sae, record.latent, self.config.target_kl, prompts,
-                                        mode="add", max_activation=record.max_activation,
-                                        iterations=self.config.calibration_iterations)
+            alpha, kl = calibrate_to_kl(
+                self.model,
+                self.sae,
+                record.latent,
+                self.config.target_kl,
+                prompts,
+                mode="add",
+                max_activation=record.max_activation,
+                iterations=self.config.calibration_iterations,
+            )
         except ValueError as e:  # KL never reaches the target, or a latent that never fired (no units)
             return SteeredCompletions(None, None, self.clean, failure=f"calibration: {e}")
         intervention = Intervention(record.latent, "add", strength_in_units(alpha, record.max_activation))
@@ -92,13 +102,22 @@ class InterventionScorer:
                 self.by_latent[record.latent] = await asyncio.to_thread(self._steer, record)
         return self.by_latent[record.latent]
 
-    async def score(self, client: Client, explanation: str, record: LatentRecord, token_strings=None, config=None) -> Score:
+    async def score(
+        self, client: Client, explanation: str, record: LatentRecord, token_strings=None, config=None
+    ) -> Score:
         steered = await self.completions(record)
         info = {"alpha": steered.alpha, "kl": steered.kl, "steered": steered.steered}
         n = len(self.config.prompts)
         if steered.failure:  # counted per judgement: 2 per prompt (clean and steered)
-            return Score("intervention", {"logprob_gain": float("nan"), "win_rate": float("nan")}, 2 * n, 0,
-                         errors=2 * n, failure_details=[steered.failure], info=info)
+            return Score(
+                "intervention",
+                {"logprob_gain": float("nan"), "win_rate": float("nan")},
+                2 * n,
+                0,
+                errors=2 * n,
+                failure_details=[steered.failure],
+                info=info,
+            )
 
         async def ask(text: str) -> tuple[Completion | RequestFailed, int, int]:
             prompt, start = judge_prompt(text, explanation)
@@ -121,7 +140,9 @@ class InterventionScorer:
                 value = explanation_logprob(completion, start, end)
                 if value is None:
                     parse_failures += 1
-                    details.append("no prompt logprobs or offsets in the response (does the server support echo?)")
+                    details.append(
+                        "no prompt logprobs or offsets in the response (does the server support echo?)"
+                    )
                 else:
                     n_judged += 1
                     pair.append(value)
@@ -133,5 +154,14 @@ class InterventionScorer:
         }
         # Counted per judgement (2 per prompt); the metrics use the prompts whose two judgements both came back.
         info["prompts_compared"] = len(gains)
-        return Score("intervention", metrics, 2 * n, n_judged, parse_failures, errors, prompt_tokens=prompt_tokens,
-                     failure_details=details[:5], info=info)
+        return Score(
+            "intervention",
+            metrics,
+            2 * n,
+            n_judged,
+            parse_failures,
+            errors,
+            prompt_tokens=prompt_tokens,
+            failure_details=details[:5],
+            info=info,
+        )

@@ -35,8 +35,14 @@ class LlamaServer:
     """`with LlamaServer(gguf) as server: OpenAIClient(server.base_url)`. Logs go to `log_path`."""
 
     def __init__(
-        self, model_path: str | Path, n_ctx: int = 2048, n_threads: int = 1, port: int | None = None,
-        log_path: str | Path | None = None, startup_timeout_s: float = 120.0, model_alias: str = "local",
+        self,
+        model_path: str | Path,
+        n_ctx: int = 2048,
+        n_threads: int = 1,
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout_s: float = 120.0,
+        model_alias: str = "local",
     ):
         self.model_path, self.n_ctx, self.n_threads = Path(model_path), n_ctx, n_threads
         self.port = port or free_port()
@@ -59,9 +65,23 @@ class LlamaServer:
         if not self.model_path.is_file():
             raise FileNotFoundError(f"GGUF model not found: {self.model_path}")
         command = [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--model_alias", self.model_alias,
-            "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-            "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads),
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.model_path),
+            "--model_alias",
+            self.model_alias,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.n_threads),
+            "--n_threads_batch",
+            str(self.n_threads),
         ]
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -77,15 +97,19 @@ class LlamaServer:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with code {self.process.returncode} while starting "
-                                   f"(log: {self.log_path or 'not kept; pass log_path'})")
+                raise RuntimeError(
+                    f"llama.cpp server exited with code {self.process.returncode} while starting "
+                    f"(log: {self.log_path or 'not kept; pass log_path'})"
+                )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.5)
-        raise TimeoutError(f"llama.cpp server on port {self.port} not ready after {self.startup_timeout_s:.0f} s")
+        raise TimeoutError(
+            f"llama.cpp server on port {self.port} not ready after {self.startup_timeout_s:.0f} s"
+        )
 
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL if it has not exited within 10 s."""

@@ -24,7 +24,11 @@ from sae.analysis.autointerp.explainer import ExplainerConfig, Explanation, copi
 from sae.analysis.autointerp.prompts import TokenStrings
 from sae.analysis.autointerp.records import LatentRecord
 from sae.analysis.autointerp.scorers import (
-    EmbeddingScorer, Score, ScorerConfig, detection_score, fuzzing_score,
+    EmbeddingScorer,
+    Score,
+    ScorerConfig,
+    detection_score,
+    fuzzing_score,
 )
 from sae.analysis.autointerp.simulation import SimulationConfig, simulation_score
 
@@ -96,11 +100,20 @@ class Scorers:
     """The scorers that need more than the LLM client: MiniLM for embedding, the subject model for intervention."""
 
     embedding: EmbeddingScorer | None = None
-    intervention: object | None = None  # intervention.InterventionScorer (imported lazily: it needs torch models)
+    intervention: object | None = (
+        None  # intervention.InterventionScorer (imported lazily: it needs torch models)
+    )
 
 
-async def _run_scorer(name: str, client: Client, text: str, record: LatentRecord, token_strings: TokenStrings,
-                      config: AutointerpConfig, scorers: Scorers) -> Score:
+async def _run_scorer(
+    name: str,
+    client: Client,
+    text: str,
+    record: LatentRecord,
+    token_strings: TokenStrings,
+    config: AutointerpConfig,
+    scorers: Scorers,
+) -> Score:
     if name == "detection":
         return await detection_score(client, text, record, token_strings, config.scorer)
     if name == "fuzzing":
@@ -115,25 +128,43 @@ async def _run_scorer(name: str, client: Client, text: str, record: LatentRecord
 
 
 async def score_latent(
-    client: Client, record: LatentRecord, explanation: Explanation, control: Explanation | None,
-    token_strings: TokenStrings, config: AutointerpConfig, scorers: Scorers,
+    client: Client,
+    record: LatentRecord,
+    explanation: Explanation,
+    control: Explanation | None,
+    token_strings: TokenStrings,
+    config: AutointerpConfig,
+    scorers: Scorers,
 ) -> LatentResult:
     result = LatentResult(
-        latent=record.latent, fire_count=record.fire_count, max_activation=record.max_activation,
-        n_activating_examples=len(record.activating), n_negative_examples=len(record.negatives),
-        explanation=explanation.text, explanation_failure=explanation.failure, explanation_detail=explanation.detail,
+        latent=record.latent,
+        fire_count=record.fire_count,
+        max_activation=record.max_activation,
+        n_activating_examples=len(record.activating),
+        n_negative_examples=len(record.negatives),
+        explanation=explanation.text,
+        explanation_failure=explanation.failure,
+        explanation_detail=explanation.detail,
         explanation_retries=explanation.retries,
-        control_explanation=control.text if control else None, control_from_latent=control.latent if control else None,
-        prompt_tokens=explanation.prompt_tokens, completion_tokens=explanation.completion_tokens,
-        n_neighbour_negatives=record.n_neighbour_negatives, too_few_activations=record.too_few_activations,
+        control_explanation=control.text if control else None,
+        control_from_latent=control.latent if control else None,
+        prompt_tokens=explanation.prompt_tokens,
+        completion_tokens=explanation.completion_tokens,
+        n_neighbour_negatives=record.n_neighbour_negatives,
+        too_few_activations=record.too_few_activations,
     )
     if explanation.text is None:
         return result
     runs = [("scores", explanation.text)] + ([("control_scores", control.text)] if control else [])
     for slot, text in runs:
-        scores: list[Score] = list(await asyncio.gather(
-            *(_run_scorer(name, client, text, record, token_strings, config, scorers) for name in config.scorers)
-        ))
+        scores: list[Score] = list(
+            await asyncio.gather(
+                *(
+                    _run_scorer(name, client, text, record, token_strings, config, scorers)
+                    for name in config.scorers
+                )
+            )
+        )
         for score in scores:
             getattr(result, slot)[score.scorer] = score.to_dict()
             result.prompt_tokens += score.prompt_tokens
@@ -141,8 +172,13 @@ async def score_latent(
 
 
 async def interpret(
-    client: Client, records: list[LatentRecord], token_strings: TokenStrings, config: AutointerpConfig,
-    embedding: EmbeddingScorer | None = None, results_path: str | Path | None = None, intervention=None,
+    client: Client,
+    records: list[LatentRecord],
+    token_strings: TokenStrings,
+    config: AutointerpConfig,
+    embedding: EmbeddingScorer | None = None,
+    results_path: str | Path | None = None,
+    intervention=None,
     run_settings: dict | None = None,
 ) -> tuple[list[LatentResult], dict]:
     """Explain and score `records`; write one JSON line per latent (in completion order) and return the
@@ -155,7 +191,9 @@ async def interpret(
     if "embedding" in config.scorers and embedding is None:
         raise ValueError("the embedding scorer is selected but no EmbeddingScorer was given")
     if "intervention" in config.scorers and intervention is None:
-        raise ValueError("the intervention scorer is selected but no InterventionScorer (subject model + SAE) was given")
+        raise ValueError(
+            "the intervention scorer is selected but no InterventionScorer (subject model + SAE) was given"
+        )
     scorers = Scorers(embedding, intervention)
     settings = {"config": asdict(config), "latents": [r.latent for r in records], **(run_settings or {})}
     progress = RunProgress(results_path, settings)
@@ -164,7 +202,8 @@ async def interpret(
     controls = pair_controls(explanations, config.seed) if config.control else {}
     tasks = [
         score_latent(client, r, e, controls.get(r.latent), token_strings, config, scorers)
-        for r, e in zip(records, explanations) if r.latent not in progress.results
+        for r, e in zip(records, explanations)
+        if r.latent not in progress.results
     ]
     results = list(progress.results.values())
     resumed = len(results)
@@ -180,9 +219,15 @@ async def interpret(
     return results, summarize(results, time.monotonic() - started, resumed)
 
 
-async def _explain_all(client: Client, records: list[LatentRecord], token_strings: TokenStrings,
-                       config: AutointerpConfig, progress: RunProgress) -> list[Explanation]:
+async def _explain_all(
+    client: Client,
+    records: list[LatentRecord],
+    token_strings: TokenStrings,
+    config: AutointerpConfig,
+    progress: RunProgress,
+) -> list[Explanation]:
     """Every record's explanation, in record order: those on disk reused, the others asked for and saved."""
+
     async def explain_and_save(record: LatentRecord) -> Explanation:
         explanation = await explain(client, record, token_strings, config.explainer)
         progress.add_explanation(explanation)
@@ -217,7 +262,8 @@ class RunProgress:
                 raise ValueError(
                     f"{self.path.parent} holds an unfinished run made with other settings "
                     f"(differing: {', '.join(_differing_keys(saved, settings))}); use another output directory, or "
-                    f"delete {partials[0].name} and {partials[1].name} to start again")
+                    f"delete {partials[0].name} and {partials[1].name} to start again"
+                )
         else:
             from sae.io import atomic_write_json
 
@@ -272,8 +318,10 @@ def _complete_lines(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt: delete it to "
-                             f"redo that stage") from None
+            raise ValueError(
+                f"{path}: line {number} is not JSON ({e.msg}); the file is corrupt: delete it to "
+                f"redo that stage"
+            ) from None
     if lines[-1]:
         from sae.io import atomic_write_text
 
@@ -317,7 +365,13 @@ def paired_interval(differences: list[float], seed: int = 0, resamples: int = 10
 
 def _score_counts(results: list[LatentResult], name: str) -> dict[str, int]:
     """Failure counts of one scorer over real and control explanations."""
-    counts = {"latents_scored": 0, "examples_asked": 0, "parse_failures": 0, "errors": 0, "missing_predictions": 0}
+    counts = {
+        "latents_scored": 0,
+        "examples_asked": 0,
+        "parse_failures": 0,
+        "errors": 0,
+        "missing_predictions": 0,
+    }
     for r in results:
         if name not in r.scores:
             continue
@@ -347,35 +401,45 @@ def summarize(results: list[LatentResult], seconds: float, resumed: int = 0) -> 
         for metric in scored[0].scores[name]["metrics"]:
             real = [r.scores[name]["metrics"][metric] for r in scored]
             values: dict = {"real": _mean(real), "undefined": len(real) - len(_defined(real))}
-            paired = [(r.scores[name]["metrics"][metric], r.control_scores[name]["metrics"][metric])
-                      for r in scored if name in r.control_scores]
+            paired = [
+                (r.scores[name]["metrics"][metric], r.control_scores[name]["metrics"][metric])
+                for r in scored
+                if name in r.control_scores
+            ]
             paired = [(a, b) for a, b in paired if _defined([a]) and _defined([b])]
             if any(name in r.control_scores for r in scored):
-                control = [r.control_scores[name]["metrics"][metric] for r in scored if name in r.control_scores]
+                control = [
+                    r.control_scores[name]["metrics"][metric] for r in scored if name in r.control_scores
+                ]
                 values["control"] = _mean(control)
                 values["control_undefined"] = len(control) - len(_defined(control))
                 values["real_minus_control"] = _mean([a - b for a, b in paired])
                 values["real_minus_control_ci95"] = paired_interval([a - b for a, b in paired])
                 values["latents_paired"] = len(paired)
-                values["real_higher"] = sum(a > b for a, b in paired)  # latents where the real explanation wins
+                values["real_higher"] = sum(
+                    a > b for a, b in paired
+                )  # latents where the real explanation wins
                 values["control_higher"] = sum(a < b for a, b in paired)
             entry[metric] = values
         scorers[name] = entry
-    return json_safe({
-        "latents": len(results),
-        "explained": sum(r.explanation is not None for r in results),
-        "explanation_failures": failures,
-        # The explainer asks again once when an answer repeats a demonstration and fails the latent if the
-        # retry repeats one too ("copied_demonstration" above), so kept explanations should never copy one.
-        "explanation_retries_after_a_copy": sum(r.explanation_retries for r in results),
-        "explanations_copying_a_demonstration": sum(copied_demonstration(r.explanation or "") is not None
-                                                    for r in results),
-        "scorers": scorers,
-        "seconds": seconds,
-        "latents_resumed": resumed,  # scored by an earlier, killed run; not counted in the rate below
-        "latents_per_minute": 60 * (len(results) - resumed) / seconds if seconds > 0 else None,
-        "prompt_tokens_per_latent": sum(r.prompt_tokens for r in results) / max(1, len(results)),
-    })
+    return json_safe(
+        {
+            "latents": len(results),
+            "explained": sum(r.explanation is not None for r in results),
+            "explanation_failures": failures,
+            # The explainer asks again once when an answer repeats a demonstration and fails the latent if the
+            # retry repeats one too ("copied_demonstration" above), so kept explanations should never copy one.
+            "explanation_retries_after_a_copy": sum(r.explanation_retries for r in results),
+            "explanations_copying_a_demonstration": sum(
+                copied_demonstration(r.explanation or "") is not None for r in results
+            ),
+            "scorers": scorers,
+            "seconds": seconds,
+            "latents_resumed": resumed,  # scored by an earlier, killed run; not counted in the rate below
+            "latents_per_minute": 60 * (len(results) - resumed) / seconds if seconds > 0 else None,
+            "prompt_tokens_per_latent": sum(r.prompt_tokens for r in results) / max(1, len(results)),
+        }
+    )
 
 
 def _number(value: float | None, sign: bool = False) -> str:
@@ -395,7 +459,11 @@ def summary_table(summary: dict) -> str:
         f"({summary['explanations_copying_a_demonstration']} copying a demonstration, "
         f"{summary['explanation_retries_after_a_copy']} retries after a copy), explanation failures "
         f"{summary['explanation_failures'] or 'none'}; "
-        + (f"{summary['latents_resumed']} resumed from a killed run; " if summary.get("latents_resumed") else "")
+        + (
+            f"{summary['latents_resumed']} resumed from a killed run; "
+            if summary.get("latents_resumed")
+            else ""
+        )
         + f"{_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",

@@ -23,7 +23,7 @@ def token_strings_from_tokenizer(tokenizer) -> TokenStrings:
         out, previous = [], ""
         for i in range(len(ids)):
             text = tokenizer.decode(ids[: i + 1])
-            out.append(text[len(previous):] if text.startswith(previous) else text)
+            out.append(text[len(previous) :] if text.startswith(previous) else text)
             previous = text
         return out
 
@@ -64,7 +64,10 @@ def activation_levels(example: Example, max_activation: float) -> list[int]:
 
 
 def render_example(
-    example: Example, token_strings: TokenStrings, max_activation: float, show_values: bool = False,
+    example: Example,
+    token_strings: TokenStrings,
+    max_activation: float,
+    show_values: bool = False,
 ) -> str:
     pieces = token_strings(example.tokens)
     text = mark_tokens(pieces, [a > 0 for a in example.acts])

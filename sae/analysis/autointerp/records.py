@@ -46,7 +46,9 @@ class LatentRecord:
     tokens_seen: int
     max_activation: float
     top: list[Example] = field(default_factory=list)  # highest activations, best first
-    quantiles: list[list[Example]] = field(default_factory=list)  # random firings by value interval, highest first
+    quantiles: list[list[Example]] = field(
+        default_factory=list
+    )  # random firings by value interval, highest first
     negatives: list[Example] = field(default_factory=list)  # windows where the latent is zero throughout
     too_few_activations: bool = False
     n_neighbour_negatives: int = 0  # how many of `negatives` (the first ones) come from decoder neighbours
@@ -146,7 +148,7 @@ class NeighbourNegatives:
         best, rows = score.topk(k, dim=-1)  # [L, k] positions in the flattened batch
         offsets = torch.arange(-self.before, self.after + 1)
         centre = rows % t
-        inside = ((centre[..., None] + offsets >= 0) & (centre[..., None] + offsets < t))  # [L, k, window]
+        inside = (centre[..., None] + offsets >= 0) & (centre[..., None] + offsets < t)  # [L, k, window]
         flat = tokens.reshape(-1).to(torch.int32).cpu()
         windows = flat[(rows[..., None] + offsets).clamp(0, b * t - 1)].masked_fill(~inside, PAD_TOKEN)
         values, order = torch.cat([self.values, best], 1).topk(self.values.shape[1], dim=-1)
@@ -178,20 +180,30 @@ class RecordConfig:
     window_before: int = 24  # window of 32 tokens: 24 before, the token, 7 after
     window_after: int = 7
     min_examples: int = 10
-    negative_pool: int = 512  # random windows kept; each latent draws its n_negatives among those where it is silent
-    neighbour_negatives: int = 0  # of n_negatives, how many are hard negatives from decoder neighbours (needs the decoder)
+    negative_pool: int = (
+        512  # random windows kept; each latent draws its n_negatives among those where it is silent
+    )
+    neighbour_negatives: int = (
+        0  # of n_negatives, how many are hard negatives from decoder neighbours (needs the decoder)
+    )
     n_neighbours: int = 8  # nearest latents by decoder cosine similarity whose firings give those negatives
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.neighbour_negatives <= self.n_negatives:
-            raise ValueError(f"neighbour_negatives must be in [0, n_negatives={self.n_negatives}], "
-                             f"got {self.neighbour_negatives}")
+            raise ValueError(
+                f"neighbour_negatives must be in [0, n_negatives={self.n_negatives}], "
+                f"got {self.neighbour_negatives}"
+            )
 
 
 def collect_records(
-    encode: Callable[[Tensor], Tensor], d_sae: int, batches: Iterable[tuple[Tensor, Tensor, Tensor]],
-    latents: Tensor, config: RecordConfig = RecordConfig(), total_batches: int | None = None,
+    encode: Callable[[Tensor], Tensor],
+    d_sae: int,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    latents: Tensor,
+    config: RecordConfig = RecordConfig(),
+    total_batches: int | None = None,
     decoder: Tensor | None = None,
 ) -> list[LatentRecord]:
     """One pass over (tokens [b, t], SAE inputs [b, t, d_in], valid [b, t]) batches -> a record per latent.
@@ -203,14 +215,25 @@ def collect_records(
     hard = None
     if config.neighbour_negatives:
         if decoder is None:
-            raise ValueError("neighbour_negatives needs the SAE's decoder (collect_records(..., decoder=sae.W_dec))")
+            raise ValueError(
+                "neighbour_negatives needs the SAE's decoder (collect_records(..., decoder=sae.W_dec))"
+            )
         neighbours = decoder_neighbours(decoder, latents, config.n_neighbours)  # [L, n]
-        hard = NeighbourNegatives(neighbours, config.neighbour_negatives, config.window_before, config.window_after)
+        hard = NeighbourNegatives(
+            neighbours, config.neighbour_negatives, config.window_before, config.window_after
+        )
     stats = LatentStatistics(
-        d_sae, latents, k_top=config.n_top, k_sample=config.n_quantile_groups * config.n_per_quantile * 4,
-        window_before=config.window_before, window_after=config.window_after, seed=config.seed,
+        d_sae,
+        latents,
+        k_top=config.n_top,
+        k_sample=config.n_quantile_groups * config.n_per_quantile * 4,
+        window_before=config.window_before,
+        window_after=config.window_after,
+        seed=config.seed,
     )
-    pool = NegativePool(len(latents), config.negative_pool, config.window_before, config.window_after, config.seed)
+    pool = NegativePool(
+        len(latents), config.negative_pool, config.window_before, config.window_after, config.seed
+    )
     with torch.inference_mode():
         for tokens, x, valid in tqdm(batches, desc="activation records", unit="batch", total=total_batches):
             dense = encode(x)  # [b, t, d_sae]
@@ -218,14 +241,22 @@ def collect_records(
             stats.update(tokens, acts, valid)
             pool.update(tokens, acts, valid)
             if hard is not None:
-                hard.update(tokens, acts.float().cpu(), dense[..., hard.neighbours.to(x.device)].float().cpu(), valid)
+                hard.update(
+                    tokens, acts.float().cpu(), dense[..., hard.neighbours.to(x.device)].float().cpu(), valid
+                )
     if stats.tokens_seen == 0:
         raise ValueError("collect_records: the batches held no tokens")
     return [_record(stats, pool, hard, i, int(latent), config) for i, latent in enumerate(latents.tolist())]
 
 
-def _record(stats: LatentStatistics, pool: NegativePool, hard: NeighbourNegatives | None, i: int, latent: int,
-            config: RecordConfig) -> LatentRecord:
+def _record(
+    stats: LatentStatistics,
+    pool: NegativePool,
+    hard: NeighbourNegatives | None,
+    i: int,
+    latent: int,
+    config: RecordConfig,
+) -> LatentRecord:
     def examples(items) -> list[Example]:
         return [_example(torch.as_tensor(tokens), torch.as_tensor(acts)) for _, tokens, acts in items]
 
@@ -236,7 +267,9 @@ def _record(stats: LatentStatistics, pool: NegativePool, hard: NeighbourNegative
     generator = torch.Generator().manual_seed(latent_seed(config.seed, latent))
     random_negatives = pool.negatives(i, config.n_negatives - len(hard_negatives), generator)
     return LatentRecord(
-        latent=latent, fire_count=fire_count, tokens_seen=stats.tokens_seen,
+        latent=latent,
+        fire_count=fire_count,
+        tokens_seen=stats.tokens_seen,
         max_activation=float(stats.max_activation[i]),
         top=examples(stats.examples(i, "top")),
         quantiles=[examples(group["examples"]) for group in quantiles],

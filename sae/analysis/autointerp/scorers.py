@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from sae.analysis.autointerp.clients import Client, Completion, RequestFailed
-from sae.analysis.autointerp.prompts import TokenStrings, mark_tokens, render_example, render_plain, split_few_shot
+from sae.analysis.autointerp.prompts import (
+    TokenStrings,
+    mark_tokens,
+    render_example,
+    render_plain,
+    split_few_shot,
+)
 from sae.analysis.autointerp.records import Example, LatentRecord, latent_seed
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -39,7 +45,12 @@ def binary_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[st
     specificity = tn / (tn + fp) if tn + fp else math.nan
     precision = tp / (tp + fp) if tp + fp else math.nan
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
-    return {"balanced_accuracy": (recall + specificity) / 2, "f1": f1, "precision": precision, "recall": recall}
+    return {
+        "balanced_accuracy": (recall + specificity) / 2,
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+    }
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -134,11 +145,15 @@ def parse_answer(completion: Completion) -> tuple[int | None, float | None]:
     return answer, probability
 
 
-async def _ask_all(client: Client, name: str, prompts: list[str], labels: list[int], config: ScorerConfig) -> Score:
+async def _ask_all(
+    client: Client, name: str, prompts: list[str], labels: list[int], config: ScorerConfig
+) -> Score:
     async def ask(prompt: str) -> Completion | RequestFailed:
         try:
             if config.use_chat:
-                return await client.chat(split_few_shot(prompt), ANSWER_MAX_TOKENS, logprobs=config.logprobs, stop=["\n"])
+                return await client.chat(
+                    split_few_shot(prompt), ANSWER_MAX_TOKENS, logprobs=config.logprobs, stop=["\n"]
+                )
             return await client.complete(prompt, ANSWER_MAX_TOKENS, logprobs=config.logprobs, stop=["\n"])
         except RequestFailed as e:
             return e
@@ -164,17 +179,29 @@ async def _ask_all(client: Client, name: str, prompts: list[str], labels: list[i
             probabilities.append(probability)
     metrics = binary_metrics(scored_labels, predictions)
     metrics["auroc"] = auroc(prob_labels, probabilities) if config.logprobs else math.nan
-    return Score(name, metrics, len(prompts), len(predictions), parse_failures, errors, len(probabilities),
-                 prompt_tokens, details[:5])
+    return Score(
+        name,
+        metrics,
+        len(prompts),
+        len(predictions),
+        parse_failures,
+        errors,
+        len(probabilities),
+        prompt_tokens,
+        details[:5],
+    )
 
 
 def scoring_examples(record: LatentRecord, config: ScorerConfig) -> tuple[list[Example], list[Example]]:
     """The same positives and negatives for a latent whatever the explanation (real or control)."""
-    return sample_examples(record, config.n_positive, config.n_negative, random.Random(latent_seed(config.seed, record.latent)))
+    return sample_examples(
+        record, config.n_positive, config.n_negative, random.Random(latent_seed(config.seed, record.latent))
+    )
 
 
-def sample_examples(record: LatentRecord, n_positive: int, n_negative: int,
-                    rng: random.Random) -> tuple[list[Example], list[Example]]:
+def sample_examples(
+    record: LatentRecord, n_positive: int, n_negative: int, rng: random.Random
+) -> tuple[list[Example], list[Example]]:
     activating = record.activating
     positives = rng.sample(activating, min(n_positive, len(activating)))
     negatives = rng.sample(record.negatives, min(n_negative, len(record.negatives)))
@@ -182,12 +209,18 @@ def sample_examples(record: LatentRecord, n_positive: int, n_negative: int,
 
 
 async def detection_score(
-    client: Client, explanation: str, record: LatentRecord, token_strings: TokenStrings, config: ScorerConfig,
+    client: Client,
+    explanation: str,
+    record: LatentRecord,
+    token_strings: TokenStrings,
+    config: ScorerConfig,
 ) -> Score:
     positives, negatives = scoring_examples(record, config)
     examples = positives + negatives
-    prompts = [answer_prompt(DETECTION_INSTRUCTIONS, DETECTION_DEMOS, explanation, render_plain(e, token_strings))
-               for e in examples]
+    prompts = [
+        answer_prompt(DETECTION_INSTRUCTIONS, DETECTION_DEMOS, explanation, render_plain(e, token_strings))
+        for e in examples
+    ]
     return await _ask_all(client, "detection", prompts, [1] * len(positives) + [0] * len(negatives), config)
 
 
@@ -197,14 +230,20 @@ def random_marks(example: Example, n_marks: int, rng: random.Random) -> list[boo
 
 
 async def fuzzing_score(
-    client: Client, explanation: str, record: LatentRecord, token_strings: TokenStrings, config: ScorerConfig,
+    client: Client,
+    explanation: str,
+    record: LatentRecord,
+    token_strings: TokenStrings,
+    config: ScorerConfig,
 ) -> Score:
     positives, negatives = scoring_examples(record, config)
     rng = random.Random(latent_seed(config.seed, record.latent) + 1)
     # As many random marks as a true example has, so the number of marks gives nothing away.
     mark_counts = [max(1, sum(a > 0 for a in e.acts)) for e in positives] or [1]
     texts = [render_example(e, token_strings, record.max_activation) for e in positives]
-    texts += [mark_tokens(token_strings(e.tokens), random_marks(e, rng.choice(mark_counts), rng)) for e in negatives]
+    texts += [
+        mark_tokens(token_strings(e.tokens), random_marks(e, rng.choice(mark_counts), rng)) for e in negatives
+    ]
     prompts = [answer_prompt(FUZZING_INSTRUCTIONS, FUZZING_DEMOS, explanation, t) for t in texts]
     return await _ask_all(client, "fuzzing", prompts, [1] * len(positives) + [0] * len(negatives), config)
 

@@ -36,7 +36,10 @@ INSTRUCTIONS = (
 # Two short demonstrations: one where the feature fires, one where it does not, so the model sees both 0s
 # and high values before the unknown lines.
 DEMONSTRATIONS = (
-    ("names of fruits", [(" I", 0), (" ate", 0), (" an", 0), (" apple", 9), (" and", 0), (" a", 0), (" pear", 7)]),
+    (
+        "names of fruits",
+        [(" I", 0), (" ate", 0), (" an", 0), (" apple", 9), (" and", 0), (" a", 0), (" pear", 7)],
+    ),
     ("names of fruits", [(" The", 0), (" bus", 0), (" was", 0), (" late", 0), (" again", 0)]),
 )
 PLACEHOLDER = "0"
@@ -63,7 +66,12 @@ def simulation_prompt(explanation: str, pieces: list[str]) -> tuple[str, list[in
         lines = [f"Explanation: {demo_explanation}", "Text: " + "".join(t for t, _ in rows).strip()]
         lines += [f"{token_line(t)}\t{v}" for t, v in rows]
         blocks.append("\n".join(lines))
-    head = "\n\n".join(blocks) + "\n\n" + f"Explanation: {explanation}\nText: " + token_line("".join(pieces)).strip()
+    head = (
+        "\n\n".join(blocks)
+        + "\n\n"
+        + f"Explanation: {explanation}\nText: "
+        + token_line("".join(pieces)).strip()
+    )
     prompt, offsets = head, []
     for piece in pieces:
         prompt += "\n" + token_line(piece) + "\t"
@@ -76,14 +84,18 @@ def predicted_values(completion: Completion, offsets: list[int]) -> list[float |
     """Expected digit at each placeholder offset (None: no digit among the alternatives there, or no token
     starts there); None for the whole example if the response carries no logprobs for the prompt (no
     offsets, or none before the last placeholder: a server that ignored echo)."""
-    if not completion.logprobs or completion.text_offsets is None or min(completion.text_offsets) > offsets[-1]:
+    if (
+        not completion.logprobs
+        or completion.text_offsets is None
+        or min(completion.text_offsets) > offsets[-1]
+    ):
         return None
     at_offset = {offset: entry for offset, entry in zip(completion.text_offsets, completion.logprobs)}
     values: list[float | None] = []
     for offset in offsets:
         entry = at_offset.get(offset)
         mass = [0.0] * 10
-        for token, logprob in (entry.top.items() if entry else ()):
+        for token, logprob in entry.top.items() if entry else ():
             if token.strip() in DIGITS:  # "5" and " 5" mean the same prediction
                 mass[int(token.strip())] += math.exp(logprob)
         total = sum(mass)
@@ -102,16 +114,24 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 
 
-def simulation_examples(record: LatentRecord, config: SimulationConfig) -> tuple[list[Example], list[Example]]:
+def simulation_examples(
+    record: LatentRecord, config: SimulationConfig
+) -> tuple[list[Example], list[Example]]:
     """The same examples for a latent whatever the explanation (real or control)."""
     rng = random.Random(latent_seed(config.seed, record.latent) + 7)
     activating = record.activating
-    return (rng.sample(activating, min(config.n_positive, len(activating))),
-            rng.sample(record.negatives, min(config.n_negative, len(record.negatives))))
+    return (
+        rng.sample(activating, min(config.n_positive, len(activating))),
+        rng.sample(record.negatives, min(config.n_negative, len(record.negatives))),
+    )
 
 
 async def simulation_score(
-    client: Client, explanation: str, record: LatentRecord, token_strings: TokenStrings, config: SimulationConfig,
+    client: Client,
+    explanation: str,
+    record: LatentRecord,
+    token_strings: TokenStrings,
+    config: SimulationConfig,
 ) -> Score:
     positives, negatives = simulation_examples(record, config)
     examples = positives + negatives
@@ -146,5 +166,14 @@ async def simulation_score(
                 true.append(act)
     if missing:
         details.append(f"{missing} token(s) without a digit among the top {config.logprobs} alternatives")
-    return Score("simulation", {"correlation": pearson(predicted, true)}, len(examples), n_scored, parse_failures,
-                 errors, prompt_tokens=prompt_tokens, failure_details=details[:5], missing_predictions=missing)
+    return Score(
+        "simulation",
+        {"correlation": pearson(predicted, true)},
+        len(examples),
+        n_scored,
+        parse_failures,
+        errors,
+        prompt_tokens=prompt_tokens,
+        failure_details=details[:5],
+        missing_predictions=missing,
+    )

@@ -23,16 +23,46 @@ from .activations import ForwardCounter, collect_head_results, collect_z, head_r
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .evaluation import evaluate, oracle_best_f1, precision_recall_f1, roc_auc
 from .methods import ALL_METHODS, BASELINES, CODE_METHODS, CodeMethod, run_method
-from .patching import (MethodScores, attribution_patching, circuit_faithfulness, eap_ig_nodes,
-                       exhaustive_head_patching, ground_truth_from_effects)
+from .patching import (
+    MethodScores,
+    attribution_patching,
+    circuit_faithfulness,
+    eap_ig_nodes,
+    exhaustive_head_patching,
+    ground_truth_from_effects,
+)
 from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores
 from .tasks import Task
 
 __all__ = [
-    "ALL_METHODS", "BASELINES", "CODE_METHODS", "CodeMethod", "ForwardCounter", "MethodScores", "Task",
-    "argmax_codes", "attribution_patching", "circuit_faithfulness", "collect_head_results", "collect_z",
-    "eap_ig_nodes", "evaluate", "exhaustive_head_patching", "ground_truth", "ground_truth_from_effects",
-    "head_results_from_z", "oneill_edge_head_scores", "oneill_head_scores", "oracle_best_f1",
-    "overlap_head_scores", "precision_recall_f1", "roc_auc", "run_method", "tasks", "topk_code_sets",
-    "train_codebook_sae", "train_oneill_relu_sae", "training_rows",
+    "ALL_METHODS",
+    "BASELINES",
+    "CODE_METHODS",
+    "CodeMethod",
+    "ForwardCounter",
+    "MethodScores",
+    "Task",
+    "argmax_codes",
+    "attribution_patching",
+    "circuit_faithfulness",
+    "collect_head_results",
+    "collect_z",
+    "eap_ig_nodes",
+    "evaluate",
+    "exhaustive_head_patching",
+    "ground_truth",
+    "ground_truth_from_effects",
+    "head_results_from_z",
+    "oneill_edge_head_scores",
+    "oneill_head_scores",
+    "oracle_best_f1",
+    "overlap_head_scores",
+    "precision_recall_f1",
+    "roc_auc",
+    "run_method",
+    "tasks",
+    "topk_code_sets",
+    "train_codebook_sae",
+    "train_oneill_relu_sae",
+    "training_rows",
 ]

@@ -56,8 +56,13 @@ def head_results_from_z(model, z: Tensor) -> Tensor:
     return torch.einsum("...lhd,lhdm->...lhm", z, W_O)
 
 
-def collect_head_results(model, tokens: Tensor, positions: str = "mean", batch_size: int = 64,
-                         counter: ForwardCounter | None = None) -> Tensor:
+def collect_head_results(
+    model,
+    tokens: Tensor,
+    positions: str = "mean",
+    batch_size: int = 64,
+    counter: ForwardCounter | None = None,
+) -> Tensor:
     """Per-head output vectors.
 
     positions="mean": [prompts, layers, heads, d_model], averaged over every position (O'Neill & Bui);
@@ -89,14 +94,22 @@ def ablation_values(z_reference: Tensor, ablation: str, n_prompts: int) -> Tenso
     if ablation == "mean":
         return z_reference.mean(0, keepdim=True).expand(n_prompts, *z_reference.shape[1:])
     if len(z_reference) != n_prompts:
-        raise ValueError(f"resample ablation needs one corrupted prompt per clean prompt: "
-                         f"{len(z_reference)} vs {n_prompts}")
+        raise ValueError(
+            f"resample ablation needs one corrupted prompt per clean prompt: "
+            f"{len(z_reference)} vs {n_prompts}"
+        )
     return z_reference
 
 
 @torch.no_grad()
-def last_logits_with_ablation(model, tokens: Tensor, ablated: Tensor, replacement: Tensor | None,
-                              batch_size: int = 64, counter: ForwardCounter | None = None) -> Tensor:
+def last_logits_with_ablation(
+    model,
+    tokens: Tensor,
+    ablated: Tensor,
+    replacement: Tensor | None,
+    batch_size: int = 64,
+    counter: ForwardCounter | None = None,
+) -> Tensor:
     """Logits at the last position [prompts, vocab] with the heads in `ablated` ([layers, heads] bool)
     replaced by `replacement` ([prompts, pos, layers, heads, d_head], or None for zeros)."""
     layers = ablated.any(dim=1).nonzero().flatten().tolist()

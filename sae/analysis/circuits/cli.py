@@ -25,15 +25,24 @@ from .activations import last_logits_with_ablation
 from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
 from .evaluation import CHANCE_BAND, evaluate, near_chance, roc_auc, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
-from .patching import ablation_reference, circuit_faithfulness, exhaustive_head_patching, ground_truth_from_effects
+from .patching import (
+    ablation_reference,
+    circuit_faithfulness,
+    exhaustive_head_patching,
+    ground_truth_from_effects,
+)
 from .tasks import task_metric, task_solved
 
 TASKS = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
 
 
 def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("circuits", help="find the attention heads a task uses",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "circuits",
+        help="find the attention heads a task uses",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_circuits_arguments(parser)
     parser.set_defaults(func=run_circuits)
     return parser
@@ -42,19 +51,29 @@ def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
 def add_circuits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--model", required=True, help="gemma-3-270m, a local HF folder, or a hub name")
-    parser.add_argument("--methods", nargs="+", default=["oneill", "codebook_overlap", "attribution_patching"],
-                        choices=ALL_METHODS)
-    parser.add_argument("--ground-truth", default="patching",
-                        help="'patching' (exhaustive resample patching on this model, heads with |effect| >= "
-                             "10%% of the clean-corrupted gap) or a shipped list: " + ", ".join(ground_truth.available()))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["oneill", "codebook_overlap", "attribution_patching"],
+        choices=ALL_METHODS,
+    )
+    parser.add_argument(
+        "--ground-truth",
+        default="patching",
+        help="'patching' (exhaustive resample patching on this model, heads with |effect| >= "
+        "10%% of the clean-corrupted gap) or a shipped list: " + ", ".join(ground_truth.available()),
+    )
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True, help="directory for report.json and <method>.png")
-    parser.add_argument("--controls", action="store_true",
-                        help="also run each method on shuffled prompt labels (code methods) and on a re-initialised "
-                             "copy of the model (methods that read weights), and say whether they come out near chance")
+    parser.add_argument(
+        "--controls",
+        action="store_true",
+        help="also run each method on shuffled prompt labels (code methods) and on a re-initialised "
+        "copy of the model (methods that read weights), and say whether they come out near chance",
+    )
 
 
 def run_circuits(args: argparse.Namespace) -> int:
@@ -79,7 +98,7 @@ def build_task(name: str, model, n: int, seed: int) -> tasks.Task:
 
 
 def main_circuits(args: argparse.Namespace) -> dict:
-    from sae.models import load_model
+    from sae.lm import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,27 +107,39 @@ def main_circuits(args: argparse.Namespace) -> dict:
     nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
     clean_logits = last_logits_with_ablation(model, task.clean_tokens, nothing, None)
     corrupted_logits = last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)
-    check = {"clean_solved": float(task_solved(task, clean_logits).float().mean()),
-             "corrupted_solved": float(task_solved(task, corrupted_logits).float().mean()),
-             "clean_metric": float(task_metric(task, clean_logits).mean()),
-             "corrupted_metric": float(task_metric(task, corrupted_logits).mean())}
-    print(f"{args.task}: the model solves {check['clean_solved']:.0%} of clean and "
-          f"{check['corrupted_solved']:.0%} of corrupted prompts")
+    check = {
+        "clean_solved": float(task_solved(task, clean_logits).float().mean()),
+        "corrupted_solved": float(task_solved(task, corrupted_logits).float().mean()),
+        "clean_metric": float(task_metric(task, clean_logits).mean()),
+        "corrupted_metric": float(task_metric(task, corrupted_logits).mean()),
+    }
+    print(
+        f"{args.task}: the model solves {check['clean_solved']:.0%} of clean and "
+        f"{check['corrupted_solved']:.0%} of corrupted prompts"
+    )
     truth, truth_info = _ground_truth(args, model, task, check)
-    report = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "task_check": check,
-              "ground_truth": truth_info,
-              "methods": {}}
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "task_check": check,
+        "ground_truth": truth_info,
+        "methods": {},
+    }
     reference = ablation_reference(model, task, "resample") if truth is not None else None
     reinit = None  # the re-initialised copy, made once when the first control needs it
     for name in args.methods:
         started = time.perf_counter()
         scores = run_method(name, model, task, args.seed)
-        entry = {"scores": scores.scores.tolist(), "seconds": scores.seconds,
-                 "forward_prompts": scores.forward_prompts, "backward_prompts": scores.backward_prompts,
-                 "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))}}
+        entry = {
+            "scores": scores.scores.tolist(),
+            "seconds": scores.seconds,
+            "forward_prompts": scores.forward_prompts,
+            "backward_prompts": scores.backward_prompts,
+            "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))},
+        }
         if "edge_estimates" in scores.details:
-            entry["top_edges"] = top_edges(scores.details["edge_estimates"], scores.details["edge_valid"],
-                                           model.cfg.n_heads)
+            entry["top_edges"] = top_edges(
+                scores.details["edge_estimates"], scores.details["edge_valid"], model.cfg.n_heads
+            )
         if truth is not None:
             entry["evaluation"] = evaluate(scores.scores, truth)
             # the circuit this method would report (its top |truth| heads), everything else resample-ablated
@@ -120,7 +151,10 @@ def main_circuits(args: argparse.Namespace) -> dict:
         report["methods"][name] = entry
         atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{args.task}: {name}", truth))
         auc = entry.get("evaluation", {}).get("roc_auc")
-        print(f"{name}: {time.perf_counter() - started:.1f} s" + (f", ROC AUC {auc:.3f}" if auc is not None else ""))
+        print(
+            f"{name}: {time.perf_counter() - started:.1f} s"
+            + (f", ROC AUC {auc:.3f}" if auc is not None else "")
+        )
     atomic_write_json(out / "report.json", report)
     print(f"wrote {out / 'report.json'}")
     return report
@@ -147,8 +181,12 @@ def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
         return mask, {"source": args.ground_truth, "heads": mask.int().tolist()}
     run = exhaustive_head_patching(model, task, "resample")
     mask = ground_truth_from_effects(run.details["effects"], check["clean_metric"], check["corrupted_metric"])
-    info = {"source": "exhaustive resample patching, |effect| >= 10% of the clean-corrupted gap",
-            "effects": run.details["effects"].tolist(), "heads": mask.int().tolist(), "seconds": run.seconds}
+    info = {
+        "source": "exhaustive resample patching, |effect| >= 10% of the clean-corrupted gap",
+        "effects": run.details["effects"].tolist(),
+        "heads": mask.int().tolist(),
+        "seconds": run.seconds,
+    }
     if mask.all() or not mask.any():
         print(f"ground truth from patching has {int(mask.sum())} of {mask.numel()} heads: no evaluation")
         return None, info | {"error": "ground truth has a single class"}
@@ -165,8 +203,14 @@ def top_edges(estimate: torch.Tensor, valid: torch.Tensor, n_heads: int, n: int 
     def node(index: int, last: str) -> str:
         return last if index == width - 1 else f"{index // n_heads}.{index % n_heads}"
 
-    return [{"from": node(int(i) // width, "input"), "to": node(int(i) % width, "logits"),
-             "estimate": float(estimate.flatten()[i])} for i in order]
+    return [
+        {
+            "from": node(int(i) // width, "input"),
+            "to": node(int(i) % width, "logits"),
+            "estimate": float(estimate.flatten()[i]),
+        }
+        for i in order
+    ]
 
 
 def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = None) -> bytes:
@@ -185,7 +229,9 @@ def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = N
             axis.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     axis.set_xticks(range(n_heads))
     axis.set_yticks(range(n_layers))
-    axis.set(xlabel="head", ylabel="layer", title=title + (" (red: ground truth)" if truth is not None else ""))
+    axis.set(
+        xlabel="head", ylabel="layer", title=title + (" (red: ground truth)" if truth is not None else "")
+    )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)

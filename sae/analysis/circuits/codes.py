@@ -37,8 +37,14 @@ def training_rows(head_vectors: Tensor, n_prompts: int, seed: int) -> tuple[Tens
     return head_vectors[chosen].reshape(-1, head_vectors.shape[-1]), chosen
 
 
-def train_oneill_relu_sae(rows: Tensor, d_sae: int = 200, l1_coefficient: float = 0.02, lr: float = 1e-3,
-                          epochs: int = 500, seed: int = 0) -> SparseAutoencoder:
+def train_oneill_relu_sae(
+    rows: Tensor,
+    d_sae: int = 200,
+    l1_coefficient: float = 0.02,
+    lr: float = 1e-3,
+    epochs: int = 500,
+    seed: int = 0,
+) -> SparseAutoencoder:
     """O'Neill & Bui's SAE on rows [n, d_model]: full batch, MSE + l1·mean(sum|f|), constant Adam lr."""
     torch.manual_seed(seed)
     cfg = sae.SAEConfig(architecture="relu", d_in=rows.shape[-1], d_sae=d_sae, apply_b_dec_to_input=False)
@@ -60,7 +66,12 @@ def _oneill_init(cfg: sae.SAEConfig, seed: int) -> SparseAutoencoder:
     generator = torch.Generator().manual_seed(seed)
     model = SparseAutoencoder(cfg)
     with torch.no_grad():
-        for name, fan_in in (("W_enc", cfg.d_in), ("b_enc", cfg.d_in), ("W_dec", cfg.d_sae), ("b_dec", cfg.d_sae)):
+        for name, fan_in in (
+            ("W_enc", cfg.d_in),
+            ("b_enc", cfg.d_in),
+            ("W_dec", cfg.d_sae),
+            ("b_dec", cfg.d_sae),
+        ):
             p = getattr(model, name)
             p.copy_((torch.rand(p.shape, generator=generator) * 2 - 1) / fan_in**0.5)
     return model
@@ -80,8 +91,9 @@ def argmax_codes(model: SparseAutoencoder, vectors: Tensor) -> Codes:
     return Codes(f.argmax(-1, keepdim=True), silent)
 
 
-def train_codebook_sae(rows: Tensor, d_sae: int = 64, k: int = 4, epochs: int = 200, lr: float = 1e-2,
-                       seed: int = 0) -> SparseAutoencoder:
+def train_codebook_sae(
+    rows: Tensor, d_sae: int = 64, k: int = 4, epochs: int = 200, lr: float = 1e-2, seed: int = 0
+) -> SparseAutoencoder:
     """The toolkit's codebook SAE on rows [n, d_model] through `sae.train`, full batch for `epochs`.
 
     Exactly-zero rows are left out: they carry no direction to learn a code for.
@@ -90,10 +102,20 @@ def train_codebook_sae(rows: Tensor, d_sae: int = 64, k: int = 4, epochs: int = 
     if len(rows) < 2:
         raise ValueError(f"codebook SAE needs at least 2 non-zero rows, got {len(rows)}")
     cfg = sae.SAEConfig(architecture="codebook", d_in=rows.shape[-1], d_sae=d_sae, k=k)
-    with tempfile.TemporaryDirectory() as out_dir:  # the trainer writes logs and a checkpoint; we keep neither
-        train_cfg = sae.TrainConfig(total_tokens=len(rows) * epochs, batch_size=len(rows), lr=lr, seed=seed,
-                                    compute_dtype="float32", lr_warmup_fraction=0.0, out_dir=out_dir,
-                                    log_every=10**9, checkpoint_every=10**9)
+    with (
+        tempfile.TemporaryDirectory() as out_dir
+    ):  # the trainer writes logs and a checkpoint; we keep neither
+        train_cfg = sae.TrainConfig(
+            total_tokens=len(rows) * epochs,
+            batch_size=len(rows),
+            lr=lr,
+            seed=seed,
+            compute_dtype="float32",
+            lr_warmup_fraction=0.0,
+            out_dir=out_dir,
+            log_every=10**9,
+            checkpoint_every=10**9,
+        )
         return sae.train(rows, train_cfg, cfg)
 
 

@@ -56,8 +56,12 @@ def shuffled_labels(task: Task, seed: int) -> Task:
     swapped = random_swaps(len(task), torch.Generator().manual_seed(seed))
     clean = torch.where(swapped[:, None], task.corrupted_tokens, task.clean_tokens)
     corrupted = torch.where(swapped[:, None], task.clean_tokens, task.corrupted_tokens)
-    return replace(task, name=f"{task.name} (labels shuffled, seed {seed})", clean_tokens=clean,
-                   corrupted_tokens=corrupted)
+    return replace(
+        task,
+        name=f"{task.name} (labels shuffled, seed {seed})",
+        clean_tokens=clean,
+        corrupted_tokens=corrupted,
+    )
 
 
 def run_on_shuffled_labels(name: str, model, task: Task, seed: int) -> MethodScores:

@@ -31,12 +31,15 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_seed(seed: int, work: Path, n_prompts: int = 40, toy: str = "2l4h") -> dict:
-    from sae.models import load_model
+    from sae.lm import load_model
 
     train_induction_model(work / f"toy_{seed}", steps=1000, seed=seed, **TOYS[toy])
     model = load_model(str(work / f"toy_{seed}"))
     task = induction_task(n_prompts, seed=2000 + seed)
-    estimates = {"attribution_patching": attribution_patching_edges(model, task), "eap_ig": eap_ig_edges(model, task)}
+    estimates = {
+        "attribution_patching": attribution_patching_edges(model, task),
+        "eap_ig": eap_ig_edges(model, task),
+    }
     valid = estimates["attribution_patching"].details["edge_valid"]
     pairs = [tuple(p) for p in valid.nonzero().tolist()]
     small = edge_patching_effects(model, task, pairs, scale=0.01) / 0.01
@@ -44,15 +47,22 @@ def check_seed(seed: int, work: Path, n_prompts: int = 40, toy: str = "2l4h") ->
     result = {"seed": seed, "toy": toy, "edges": len(pairs), "full_patching_effects": full.tolist()}
     for name, run in estimates.items():
         e = torch.stack([run.details["edge_estimates"][u, v] for u, v in pairs])
-        result[name] = {"pearson_vs_small_patch": _pearson(e, small), "pearson_vs_full_patch": _pearson(e, full),
-                        "spearman_abs_vs_full_patch": _spearman(e.abs(), full.abs()),
-                        "estimates": e.tolist(), "seconds": run.seconds,
-                        "forward_prompts": run.forward_prompts, "backward_prompts": run.backward_prompts}
+        result[name] = {
+            "pearson_vs_small_patch": _pearson(e, small),
+            "pearson_vs_full_patch": _pearson(e, full),
+            "spearman_abs_vs_full_patch": _spearman(e.abs(), full.abs()),
+            "estimates": e.tolist(),
+            "seconds": run.seconds,
+            "forward_prompts": run.forward_prompts,
+            "backward_prompts": run.backward_prompts,
+        }
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--toy", default="2l4h", choices=list(TOYS))
@@ -63,8 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", {"args": vars(args), "per_seed": results})
     for r in results:
-        print(r["seed"], {m: {k: round(v, 3) for k, v in r[m].items() if k.startswith(("pearson", "spearman"))}
-                          for m in ("attribution_patching", "eap_ig")})
+        print(
+            r["seed"],
+            {
+                m: {k: round(v, 3) for k, v in r[m].items() if k.startswith(("pearson", "spearman"))}
+                for m in ("attribution_patching", "eap_ig")
+            },
+        )
 
 
 if __name__ == "__main__":

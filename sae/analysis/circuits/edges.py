@@ -77,8 +77,9 @@ def embeddings(model, tokens: Tensor) -> Tensor:
     return model.forward(tokens.to(model.cfg.device), stop_at_layer=0).detach()
 
 
-def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resid_pre_override=None
-                   ) -> tuple[Tensor, int]:
+def _edge_products(
+    model, task: Task, delta_z: Tensor, delta_input: Tensor, resid_pre_override=None
+) -> tuple[Tensor, int]:
     """One forward and backward on the clean prompts, then the direct-path products.
 
     delta_z: [prompts, pos, layers, heads, d_head] = z(corrupt) - z(clean); delta_input: [prompts, pos,
@@ -95,6 +96,7 @@ def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resi
                 tensor.retain_grad()
             kept[name] = tensor
             return tensor
+
         return keep
 
     def input_leaf(resid: Tensor, hook) -> Tensor:
@@ -113,8 +115,10 @@ def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resi
         task_metric(task, logits[:, -1]).sum().backward(retain_graph=True)
         missing = [n for n in names if n not in kept or kept[n].grad is None]
         if missing:
-            raise RuntimeError(f"edge attribution needs gradients at {missing[:3]}: these hooks did not run "
-                               "or are not on the model's autograd path")
+            raise RuntimeError(
+                f"edge attribution needs gradients at {missing[:3]}: these hooks did not run "
+                "or are not on the model's autograd path"
+            )
         # residual-stream gradients g, one per downstream end: each head of each layer, and the logits
         downstream: list[tuple[int, Tensor]] = [(n_layers * n_heads, kept[FINAL_RESID].grad)]
         for L in range(n_layers):
@@ -127,7 +131,9 @@ def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resi
                 vjps += 1
         # input -> v: the embedding reaches every later residual stream unchanged (the identity path)
         for column, g in downstream:
-            edges[input_row(n_layers, n_heads), column] = (delta_input.to(g.device).float() * g.float()).sum().cpu()
+            edges[input_row(n_layers, n_heads), column] = (
+                (delta_input.to(g.device).float() * g.float()).sum().cpu()
+            )
         for L_up in range(n_layers):
             z_up, mid = kept[z_hook_name(L_up)], kept[_resid_mid(L_up)]
             delta = delta_z[:, :, L_up].to(z_up.device, z_up.dtype)  # [prompts, pos, heads, d_head]
@@ -136,7 +142,9 @@ def _edge_products(model, task: Task, delta_z: Tensor, delta_input: Tensor, resi
                     continue  # not downstream of this layer
                 (direct,) = torch.autograd.grad(mid, z_up, grad_outputs=g, retain_graph=True)
                 vjps += 1
-                edges[L_up * n_heads : (L_up + 1) * n_heads, column] = (delta * direct).sum(dim=(0, 1, 3)).float().cpu()
+                edges[L_up * n_heads : (L_up + 1) * n_heads, column] = (
+                    (delta * direct).sum(dim=(0, 1, 3)).float().cpu()
+                )
     return edges, vjps
 
 
@@ -147,7 +155,10 @@ def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScore
     z_clean = collect_z(model, task.clean_tokens, counter=counter)
     z_corrupt = collect_z(model, task.corrupted_tokens, counter=counter)
     delta_z = z_corrupt - z_clean
-    resid = {"clean": embeddings(model, task.clean_tokens), "corrupt": embeddings(model, task.corrupted_tokens)}
+    resid = {
+        "clean": embeddings(model, task.clean_tokens),
+        "corrupt": embeddings(model, task.corrupted_tokens),
+    }
     delta_input = resid["corrupt"] - resid["clean"]
     vjps = 0
     if steps is None:
@@ -169,9 +180,14 @@ def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScore
             counter.backward_prompts += len(task)
     estimate = total / len(task)  # mean over prompts of the estimated metric change when the edge is patched
     valid = edge_index(n_layers, n_heads)
-    return MethodScores(name, node_scores_from_edges(estimate, valid, n_layers, n_heads),
-                        time.perf_counter() - started, counter.forward_prompts, counter.backward_prompts,
-                        {"edge_estimates": estimate, "edge_valid": valid, "vector_jacobian_products": vjps})
+    return MethodScores(
+        name,
+        node_scores_from_edges(estimate, valid, n_layers, n_heads),
+        time.perf_counter() - started,
+        counter.forward_prompts,
+        counter.backward_prompts,
+        {"edge_estimates": estimate, "edge_valid": valid, "vector_jacobian_products": vjps},
+    )
 
 
 def node_scores_from_edges(estimate: Tensor, valid: Tensor, n_layers: int, n_heads: int) -> Tensor:
@@ -221,13 +237,15 @@ def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale
     effects = []
     for up, down in edges:
         if not (0 <= up < len(valid) and 0 <= down < len(valid) and valid[up, down]):
-            raise ValueError(f"({up}, {down}) is not an edge: a downstream head must be in a later layer than "
-                             f"its upstream head (edge_index({n_layers}, {n_heads}) lists the edges)")
+            raise ValueError(
+                f"({up}, {down}) is not an edge: a downstream head must be in a later layer than "
+                f"its upstream head (edge_index({n_layers}, {n_heads}) lists the edges)"
+            )
         if up == input_row(n_layers, n_heads):
             delta = scale * delta_input
         else:
             L_up, h_up = divmod(up, n_heads)
-            delta = (scale * (z_corrupt[:, :, L_up, h_up] - z_clean[:, :, L_up, h_up]) @ W_O[L_up, h_up])
+            delta = scale * (z_corrupt[:, :, L_up, h_up] - z_clean[:, :, L_up, h_up]) @ W_O[L_up, h_up]
         delta = delta.to(model.cfg.device)
 
         def add_delta(resid: Tensor, hook) -> Tensor:
@@ -242,7 +260,9 @@ def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale
             def capture(z: Tensor, hook) -> None:
                 captured["z"] = z[:, :, h_down].clone()
 
-            model.run_with_hooks(tokens, fwd_hooks=[(_resid_pre(L_down), add_delta), (z_hook_name(L_down), capture)])
+            model.run_with_hooks(
+                tokens, fwd_hooks=[(_resid_pre(L_down), add_delta), (z_hook_name(L_down), capture)]
+            )
 
             def replace(z: Tensor, hook) -> Tensor:
                 z = z.clone()

@@ -31,10 +31,14 @@ def near_chance(auc: float) -> bool:
 
 def _check(scores: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     if scores.shape != truth.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and ground truth {tuple(truth.shape)} differ in shape")
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and ground truth {tuple(truth.shape)} differ in shape"
+        )
     truth = truth.bool().flatten()
     if truth.all() or not truth.any():
-        raise ValueError(f"ground truth has {int(truth.sum())} of {truth.numel()} heads: AUC needs both classes")
+        raise ValueError(
+            f"ground truth has {int(truth.sum())} of {truth.numel()} heads: AUC needs both classes"
+        )
     return scores.flatten().double(), truth
 
 
@@ -95,6 +99,9 @@ def evaluate(scores: Tensor, truth: Tensor, threshold: float = DEFAULT_THRESHOLD
         "roc_auc": roc_auc(scores, truth),
         "roc_auc_within_layers": roc_auc_within_layers(scores, truth),
         "at_k": {"k": k, **precision_recall_f1(top_k_mask(scores, k), truth)},
-        "at_threshold": {"threshold": threshold, **precision_recall_f1(normalised(scores) >= threshold, truth)},
+        "at_threshold": {
+            "threshold": threshold,
+            **precision_recall_f1(normalised(scores) >= threshold, truth),
+        },
         **oracle_best_f1(scores, truth),
     }

@@ -25,6 +25,8 @@ def head_mask(key: str, n_layers: int, n_heads: int) -> Tensor:
     for head in lists[key]:
         layer, index = map(int, head.split("."))
         if not (layer < n_layers and index < n_heads):
-            raise ValueError(f"ground truth {key}: head {head} does not exist in a {n_layers}x{n_heads} model")
+            raise ValueError(
+                f"ground truth {key}: head {head} does not exist in a {n_layers}x{n_heads} model"
+            )
         mask[layer, index] = True
     return mask

@@ -49,27 +49,84 @@ class CodeMethod:
 
 
 CODE_METHODS = {
-    m.name: m for m in [
+    m.name: m
+    for m in [
         CodeMethod("oneill", "oneill_relu", "mean", "oneill"),
         CodeMethod("oneill_edge", "oneill_relu", "mean", "oneill_edge"),
         CodeMethod("codebook_overlap", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200),
         CodeMethod("codebook_overlap_positions", "codebook", "all", "overlap", d_sae=64, k=4, epochs=200),
         CodeMethod("oneill_overlap", "oneill_relu", "mean", "overlap"),
-        CodeMethod("codebook_overlap_normalised", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
-                   normalise_heads=True),
-        CodeMethod("codebook_overlap_positions_normalised", "codebook", "all", "overlap", d_sae=64, k=4,
-                   epochs=200, normalise_heads=True),
-        CodeMethod("codebook_overlap_calibrated", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
-                   null_permutations=100),
-        CodeMethod("codebook_overlap_positions_calibrated", "codebook", "all", "overlap", d_sae=64, k=4,
-                   epochs=200, null_permutations=100),
+        CodeMethod(
+            "codebook_overlap_normalised",
+            "codebook",
+            "mean",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            normalise_heads=True,
+        ),
+        CodeMethod(
+            "codebook_overlap_positions_normalised",
+            "codebook",
+            "all",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            normalise_heads=True,
+        ),
+        CodeMethod(
+            "codebook_overlap_calibrated",
+            "codebook",
+            "mean",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            null_permutations=100,
+        ),
+        CodeMethod(
+            "codebook_overlap_positions_calibrated",
+            "codebook",
+            "all",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            null_permutations=100,
+        ),
         CodeMethod("oneill_overlap_calibrated", "oneill_relu", "mean", "overlap", null_permutations=100),
-        CodeMethod("codebook_overlap_pair_calibrated", "codebook", "mean", "overlap", d_sae=64, k=4, epochs=200,
-                   null_permutations=100, null="pairs"),
-        CodeMethod("codebook_overlap_positions_pair_calibrated", "codebook", "all", "overlap", d_sae=64, k=4,
-                   epochs=200, null_permutations=100, null="pairs"),
-        CodeMethod("oneill_overlap_pair_calibrated", "oneill_relu", "mean", "overlap", null_permutations=100,
-                   null="pairs"),
+        CodeMethod(
+            "codebook_overlap_pair_calibrated",
+            "codebook",
+            "mean",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            null_permutations=100,
+            null="pairs",
+        ),
+        CodeMethod(
+            "codebook_overlap_positions_pair_calibrated",
+            "codebook",
+            "all",
+            "overlap",
+            d_sae=64,
+            k=4,
+            epochs=200,
+            null_permutations=100,
+            null="pairs",
+        ),
+        CodeMethod(
+            "oneill_overlap_pair_calibrated",
+            "oneill_relu",
+            "mean",
+            "overlap",
+            null_permutations=100,
+            null="pairs",
+        ),
     ]
 }
 
@@ -78,14 +135,21 @@ def head_mean_norms(vectors: Tensor) -> Tensor:
     """vectors [prompts, (pos,) layers, heads, d_model] -> each head's mean vector norm [layers, heads],
     with 1 in place of 0 (a head whose vectors are all zero stays zero when divided by it)."""
     if vectors.dim() not in (4, 5):
-        raise ValueError(f"expected [prompts, (pos,) layers, heads, d_model], got shape {tuple(vectors.shape)}")
+        raise ValueError(
+            f"expected [prompts, (pos,) layers, heads, d_model], got shape {tuple(vectors.shape)}"
+        )
     norms = vectors.norm(dim=-1)
     means = norms.reshape(-1, *norms.shape[-2:]).mean(0)
     return torch.where(means > 0, means, torch.ones_like(means))
 
 
-def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_vectors: Tensor, seed: int,
-                       pair_of_positive: Tensor | None = None) -> tuple[Tensor, dict]:
+def code_method_scores(
+    method: CodeMethod,
+    positive_vectors: Tensor,
+    negative_vectors: Tensor,
+    seed: int,
+    pair_of_positive: Tensor | None = None,
+) -> tuple[Tensor, dict]:
     """vectors [prompts, (pos,) layers, heads, d_model] -> scores [layers, heads] and diagnostics.
 
     The SAE trains on `n_train_prompts` prompts drawn from the pooled positives and negatives. With
@@ -100,27 +164,40 @@ def code_method_scores(method: CodeMethod, positive_vectors: Tensor, negative_ve
     pooled = torch.cat([positive_vectors, negative_vectors])
     if method.normalise_heads:
         scale = head_mean_norms(pooled)[..., None]  # [layers, heads, 1]
-        positive_vectors, negative_vectors, pooled = positive_vectors / scale, negative_vectors / scale, pooled / scale
+        positive_vectors, negative_vectors, pooled = (
+            positive_vectors / scale,
+            negative_vectors / scale,
+            pooled / scale,
+        )
     rows, _ = training_rows(pooled, method.n_train_prompts, seed)
     if method.sae == "oneill_relu":
-        model = train_oneill_relu_sae(rows, method.d_sae, method.l1_coefficient, epochs=method.epochs, seed=seed)
+        model = train_oneill_relu_sae(
+            rows, method.d_sae, method.l1_coefficient, epochs=method.epochs, seed=seed
+        )
         pos, neg = argmax_codes(model, positive_vectors), argmax_codes(model, negative_vectors)
     elif method.sae == "codebook":
         model = train_codebook_sae(rows, method.d_sae, method.k, epochs=method.epochs, seed=seed)
         pos, neg = topk_code_sets(model, positive_vectors), topk_code_sets(model, negative_vectors)
     else:
         raise ValueError(f"unknown SAE kind {method.sae!r}")
-    scorer = {"oneill": oneill_head_scores, "oneill_edge": oneill_edge_head_scores,
-              "overlap": overlap_head_scores}[method.scorer]
+    scorer = {
+        "oneill": oneill_head_scores,
+        "oneill_edge": oneill_edge_head_scores,
+        "overlap": overlap_head_scores,
+    }[method.scorer]
     if method.null_permutations:
         pairs = pair_of_positive if method.null == "pairs" else None
-        scores = permutation_calibrated(scorer, pos.codes, neg.codes, method.d_sae, method.null_permutations, seed,
-                                        pairs)
+        scores = permutation_calibrated(
+            scorer, pos.codes, neg.codes, method.d_sae, method.null_permutations, seed, pairs
+        )
     else:
         scores = scorer(pos.codes, neg.codes, method.d_sae)
     total = pos.codes.shape[:-1].numel() + neg.codes.shape[:-1].numel()
-    details = {"silent_vectors": pos.silent_rows + neg.silent_rows, "vectors": total,
-               "distinct_codes_used": int(torch.cat([pos.codes.flatten(), neg.codes.flatten()]).unique().numel())}
+    details = {
+        "silent_vectors": pos.silent_rows + neg.silent_rows,
+        "vectors": total,
+        "distinct_codes_used": int(torch.cat([pos.codes.flatten(), neg.codes.flatten()]).unique().numel()),
+    }
     return scores, details
 
 
@@ -128,15 +205,20 @@ def positive_prompts(model, task: Task, counter: ForwardCounter) -> tuple[Tensor
     """The indices of the clean prompts the model solves (the method needs them), and how many there were."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-    solved = task_solved(task, last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter))
+    solved = task_solved(
+        task, last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter)
+    )
     if not solved.any():
-        raise ValueError(f"the model solves none of the {len(task)} clean {task.name} prompts: "
-                         "no positives to find a circuit with")
+        raise ValueError(
+            f"the model solves none of the {len(task)} clean {task.name} prompts: "
+            "no positives to find a circuit with"
+        )
     return solved.nonzero().squeeze(1), {"clean_prompts": len(task), "solved": int(solved.sum())}
 
 
-def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0,
-                    positives_from: str = "solved") -> MethodScores:
+def run_code_method(
+    model, task: Task, method: CodeMethod, seed: int = 0, positives_from: str = "solved"
+) -> MethodScores:
     """positives_from="solved" (the method as published) or "all" clean prompts (for a model that solves
     none, such as the re-initialised control)."""
     started, counter = time.perf_counter(), ForwardCounter()
@@ -150,8 +232,9 @@ def run_code_method(model, task: Task, method: CodeMethod, seed: int = 0,
     neg = collect_head_results(model, task.corrupted_tokens, method.positions, counter=counter)
     # positive i is the clean prompt of pair positive_index[i], whose corrupted prompt is that negative
     scores, details = code_method_scores(method, pos, neg, seed, pair_of_positive=positive_index)
-    return MethodScores(method.name, scores, time.perf_counter() - started, counter.forward_prompts, 0,
-                        {**details, **solved})
+    return MethodScores(
+        method.name, scores, time.perf_counter() - started, counter.forward_prompts, 0, {**details, **solved}
+    )
 
 
 def random_scores(model, seed: int) -> MethodScores:
@@ -163,7 +246,9 @@ def random_scores(model, seed: int) -> MethodScores:
 def layer_index_scores(model) -> MethodScores:
     """A control that knows nothing but depth: score = layer index. On a toy whose circuit is "all of the
     last layer plus some of the first", this alone reaches a high AUC; a method must beat it to mean much."""
-    scores = torch.arange(model.cfg.n_layers, dtype=torch.float32)[:, None].expand(-1, model.cfg.n_heads).clone()
+    scores = (
+        torch.arange(model.cfg.n_layers, dtype=torch.float32)[:, None].expand(-1, model.cfg.n_heads).clone()
+    )
     return MethodScores("layer_index", scores, 0.0, 0, 0)
 
 

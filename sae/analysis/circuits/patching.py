@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .activations import (ForwardCounter, ablation_values, collect_z, last_logits_with_ablation, model_shape,
-                          z_hook_name)
+from .activations import (
+    ForwardCounter,
+    ablation_values,
+    collect_z,
+    last_logits_with_ablation,
+    model_shape,
+    z_hook_name,
+)
 from .tasks import Task, task_metric
 
 
@@ -31,8 +37,9 @@ class MethodScores:
     details: dict = field(default_factory=dict)
 
 
-def metric_of(model, task: Task, tokens: Tensor, ablated: Tensor, replacement: Tensor | None,
-              counter: ForwardCounter) -> Tensor:
+def metric_of(
+    model, task: Task, tokens: Tensor, ablated: Tensor, replacement: Tensor | None, counter: ForwardCounter
+) -> Tensor:
     """Mean task metric on `tokens` with heads `ablated` [layers, heads] replaced."""
     logits = last_logits_with_ablation(model, tokens, ablated, replacement, counter=counter)
     return task_metric(task, logits).mean()
@@ -42,7 +49,9 @@ def exhaustive_head_patching(model, task: Task, ablation: str = "resample") -> M
     """Ablate each head alone on the clean prompts: 1 + layers·heads forward passes of the task."""
     started, counter = time.perf_counter(), ForwardCounter()
     n_layers, n_heads = model_shape(model)
-    replacement = ablation_values(collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task))
+    replacement = ablation_values(
+        collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task)
+    )
     none = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     clean = metric_of(model, task, task.clean_tokens, none, None, counter)
     effects = torch.zeros(n_layers, n_heads)
@@ -51,12 +60,19 @@ def exhaustive_head_patching(model, task: Task, ablation: str = "resample") -> M
             one = none.clone()
             one[L, h] = True
             effects[L, h] = clean - metric_of(model, task, task.clean_tokens, one, replacement, counter)
-    return MethodScores(f"patching_{ablation}", effects.abs(), time.perf_counter() - started,
-                        counter.forward_prompts, 0, {"effects": effects, "clean_metric": float(clean)})
+    return MethodScores(
+        f"patching_{ablation}",
+        effects.abs(),
+        time.perf_counter() - started,
+        counter.forward_prompts,
+        0,
+        {"effects": effects, "clean_metric": float(clean)},
+    )
 
 
-def ground_truth_from_effects(effects: Tensor, clean_metric: float, corrupted_metric: float,
-                              fraction: float = 0.1) -> Tensor:
+def ground_truth_from_effects(
+    effects: Tensor, clean_metric: float, corrupted_metric: float, fraction: float = 0.1
+) -> Tensor:
     """Heads whose |effect| is at least `fraction` of the clean-corrupted metric gap: [layers, heads] bool.
 
     The fraction is fixed before looking at any method's scores (default 10%).
@@ -88,19 +104,28 @@ def _kl(logprobs_p: Tensor, logprobs_q: Tensor) -> float:
 
 def ablation_reference(model, task: Task, ablation: str = "resample") -> AblationReference:
     counter = ForwardCounter()
-    replacement = ablation_values(collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task))
+    replacement = ablation_values(
+        collect_z(model, task.corrupted_tokens, counter=counter), ablation, len(task)
+    )
     n_layers, n_heads = model_shape(model)
     nothing = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     full = last_logits_with_ablation(model, task.clean_tokens, nothing, None, counter=counter)
     empty = last_logits_with_ablation(model, task.clean_tokens, ~nothing, replacement, counter=counter)
     full_logprobs = full.log_softmax(-1)
-    return AblationReference(ablation, replacement, float(task_metric(task, full).mean()),
-                             float(task_metric(task, empty).mean()), full_logprobs,
-                             _kl(full_logprobs, empty.log_softmax(-1)), counter.forward_prompts)
+    return AblationReference(
+        ablation,
+        replacement,
+        float(task_metric(task, full).mean()),
+        float(task_metric(task, empty).mean()),
+        full_logprobs,
+        _kl(full_logprobs, empty.log_softmax(-1)),
+        counter.forward_prompts,
+    )
 
 
-def circuit_faithfulness(model, task: Task, circuit: Tensor, ablation: str = "resample",
-                         reference: AblationReference | None = None) -> dict[str, float]:
+def circuit_faithfulness(
+    model, task: Task, circuit: Tensor, ablation: str = "resample", reference: AblationReference | None = None
+) -> dict[str, float]:
     """How well the heads in `circuit` [layers, heads] alone do the task, every other head ablated:
 
     faithfulness      (m(C) - m(∅)) / (m(M) - m(∅)) of the task metric m (1: as good as the full model M)
@@ -115,20 +140,27 @@ def circuit_faithfulness(model, task: Task, circuit: Tensor, ablation: str = "re
         raise ValueError(f"reference was made with {reference.ablation!r} ablation, asked for {ablation!r}")
     counter = ForwardCounter()
     circuit = circuit.bool()
-    logits_circuit = last_logits_with_ablation(model, task.clean_tokens, ~circuit, reference.replacement,
-                                               counter=counter)
-    logits_complement = last_logits_with_ablation(model, task.clean_tokens, circuit, reference.replacement,
-                                                  counter=counter)
+    logits_circuit = last_logits_with_ablation(
+        model, task.clean_tokens, ~circuit, reference.replacement, counter=counter
+    )
+    logits_complement = last_logits_with_ablation(
+        model, task.clean_tokens, circuit, reference.replacement, counter=counter
+    )
     full, empty = reference.metric_model, reference.metric_empty
     in_circuit = float(task_metric(task, logits_circuit).mean())
     complement = float(task_metric(task, logits_complement).mean())
     kl_circuit = _kl(reference.logprobs_model, logits_circuit.log_softmax(-1))
-    return {"metric_model": full, "metric_empty": empty, "metric_circuit": in_circuit,
-            "faithfulness": (in_circuit - empty) / (full - empty),
-            "completeness_gap": (complement - empty) / (full - empty),
-            "kl_circuit": kl_circuit, "kl_empty": reference.kl_empty,
-            "kl_faithfulness": 1 - kl_circuit / reference.kl_empty if reference.kl_empty > 0 else None,
-            "forward_prompts": counter.forward_prompts + reference.forward_prompts}
+    return {
+        "metric_model": full,
+        "metric_empty": empty,
+        "metric_circuit": in_circuit,
+        "faithfulness": (in_circuit - empty) / (full - empty),
+        "completeness_gap": (complement - empty) / (full - empty),
+        "kl_circuit": kl_circuit,
+        "kl_empty": reference.kl_empty,
+        "kl_faithfulness": 1 - kl_circuit / reference.kl_empty if reference.kl_empty > 0 else None,
+        "forward_prompts": counter.forward_prompts + reference.forward_prompts,
+    }
 
 
 # --- gradient-based baselines -----------------------------------------------------------------------
@@ -164,9 +196,14 @@ def attribution_patching(model, task: Task) -> MethodScores:
     counter.backward_prompts += len(task)
     grad = torch.stack(grads, dim=2)  # [prompts, pos, layers, heads, d_head]
     estimate = ((z_corrupt - z_clean) * grad).sum(dim=(1, 4)).mean(0)  # [layers, heads]: metric change
-    return MethodScores("attribution_patching", estimate.abs(), time.perf_counter() - started,
-                        counter.forward_prompts + len(task), counter.backward_prompts,
-                        {"estimated_effects": -estimate})
+    return MethodScores(
+        "attribution_patching",
+        estimate.abs(),
+        time.perf_counter() - started,
+        counter.forward_prompts + len(task),
+        counter.backward_prompts,
+        {"estimated_effects": -estimate},
+    )
 
 
 def eap_ig_nodes(model, task: Task, steps: int = 5) -> MethodScores:
@@ -192,6 +229,11 @@ def eap_ig_nodes(model, task: Task, steps: int = 5) -> MethodScores:
         counter.forward_prompts += len(task)
         counter.backward_prompts += len(task)
     estimate = ((z_corrupt - z_clean) * total / steps).sum(dim=(1, 4)).mean(0)
-    return MethodScores(f"eap_ig_{steps}", estimate.abs(), time.perf_counter() - started,
-                        counter.forward_prompts + 2 * len(task), counter.backward_prompts,
-                        {"estimated_effects": -estimate})
+    return MethodScores(
+        f"eap_ig_{steps}",
+        estimate.abs(),
+        time.perf_counter() - started,
+        counter.forward_prompts + 2 * len(task),
+        counter.backward_prompts,
+        {"estimated_effects": -estimate},
+    )

@@ -48,7 +48,9 @@ def relative_change(clean: Tensor, corrupted: Tensor) -> Tensor:
     """clean, corrupted [prompts, (pos,) layers, heads, d_model], prompt i paired with prompt i ->
     [layers, heads]: mean ||clean − corrupted|| / mean ||clean|| over prompts (and positions)."""
     if clean.shape != corrupted.shape:
-        raise ValueError(f"clean and corrupted shapes differ: {tuple(clean.shape)} vs {tuple(corrupted.shape)}")
+        raise ValueError(
+            f"clean and corrupted shapes differ: {tuple(clean.shape)} vs {tuple(corrupted.shape)}"
+        )
     change = (clean - corrupted).norm(dim=-1)
     size = clean.norm(dim=-1)
     dims = tuple(range(change.ndim - 2))  # every axis but layers, heads
@@ -64,6 +66,7 @@ def relative_spread(vectors: Tensor) -> Tensor:
 
 def spearman(x: Tensor, y: Tensor) -> float:
     """Rank correlation of two flat tensors (average ranks for ties)."""
+
     def ranks(v: Tensor) -> Tensor:
         order = v.argsort()
         r = torch.empty_like(v)
@@ -90,7 +93,7 @@ def layer0_first(values: Tensor) -> float:
 
 def measure_seed(toy: str, seed: int, work: Path, n_prompts: int = 100) -> dict:
     """Every measurement on the untrained toy (seed + REINIT_SEED_OFFSET) with the study's prompts."""
-    from sae.models import load_model
+    from sae.lm import load_model
 
     directory = work / f"{toy}_{seed}"
     train_induction_model(directory, seed=REINIT_SEED_OFFSET + seed, trained=False, **TOYS[toy])
@@ -99,46 +102,62 @@ def measure_seed(toy: str, seed: int, work: Path, n_prompts: int = 100) -> dict:
     clean_all = collect_head_results(model, task.clean_tokens, "all")  # [prompts, pos, layers, heads, d]
     corrupted_all = collect_head_results(model, task.corrupted_tokens, "all")
     clean_mean, corrupted_mean = clean_all.mean(1), corrupted_all.mean(1)
-    measured = {"relative_change_mean": relative_change(clean_mean, corrupted_mean),
-                "relative_change_positions": relative_change(clean_all, corrupted_all),
-                "relative_spread": relative_spread(clean_mean),
-                "norm_mean": clean_mean.norm(dim=-1).mean(0)}
+    measured = {
+        "relative_change_mean": relative_change(clean_mean, corrupted_mean),
+        "relative_change_positions": relative_change(clean_all, corrupted_all),
+        "relative_spread": relative_spread(clean_mean),
+        "norm_mean": clean_mean.norm(dim=-1).mean(0),
+    }
     scores = {name: run_on_untrained(name, model, task, seed).scores for name in CODEBOOK_METHODS}
     scale = clean_mean.norm(dim=-1).mean(0)[..., None]  # [layers, heads, 1]: each head's mean clean norm
     vectors = {"mean": (clean_mean, corrupted_mean), "all": (clean_all, corrupted_all)}
     for name in CODEBOOK_METHODS:
         clean, corrupted = vectors[CODE_METHODS[name].positions]
-        scores[f"{name}_norms_equalised"] = code_method_scores(CODE_METHODS[name], clean / scale,
-                                                               corrupted / scale, seed)[0]
-    result = {"toy": toy, "seed": seed, "model_seed": REINIT_SEED_OFFSET + seed,
-              "per_head": {k: v.tolist() for k, v in {**measured, **scores}.items()},
-              "layer_means": {k: v.mean(1).tolist() for k, v in {**measured, **scores}.items()},
-              "layer0_first": {k: layer0_first(v) for k, v in {**measured, **scores}.items()},
-              "spearman": {}}
+        scores[f"{name}_norms_equalised"] = code_method_scores(
+            CODE_METHODS[name], clean / scale, corrupted / scale, seed
+        )[0]
+    result = {
+        "toy": toy,
+        "seed": seed,
+        "model_seed": REINIT_SEED_OFFSET + seed,
+        "per_head": {k: v.tolist() for k, v in {**measured, **scores}.items()},
+        "layer_means": {k: v.mean(1).tolist() for k, v in {**measured, **scores}.items()},
+        "layer0_first": {k: layer0_first(v) for k, v in {**measured, **scores}.items()},
+        "spearman": {},
+    }
     for name, score in scores.items():
         for key, value in measured.items():
             result["spearman"][f"{key} vs {name}"] = {
                 "all_heads": spearman(value, score),
-                "within_layer": [spearman(value[L], score[L]) for L in range(value.shape[0])]}
+                "within_layer": [spearman(value[L], score[L]) for L in range(value.shape[0])],
+            }
     return result
 
 
 def summary_table(results: list[dict]) -> str:
     """Markdown, one row per toy and measurement: layer means and layer-0-first fraction, mean over seeds."""
     keys = list(results[0]["layer_means"])
-    lines = ["| toy | measurement | layer 0 mean | layer 1 mean | fraction of pairs with layer 0 above | "
-             "Spearman with codebook_overlap (all heads) | Spearman with codebook_overlap (within layers) |",
-             "|" + " --- |" * 7]
+    lines = [
+        "| toy | measurement | layer 0 mean | layer 1 mean | fraction of pairs with layer 0 above | "
+        "Spearman with codebook_overlap (all heads) | Spearman with codebook_overlap (within layers) |",
+        "|" + " --- |" * 7,
+    ]
     for toy in dict.fromkeys(r["toy"] for r in results):
         rows = [r for r in results if r["toy"] == toy]
         for key in keys:
-            cells = [toy, key, _mean_sd([r["layer_means"][key][0] for r in rows]),
-                     _mean_sd([r["layer_means"][key][1] for r in rows]),
-                     _mean_sd([r["layer0_first"][key] for r in rows])]
+            cells = [
+                toy,
+                key,
+                _mean_sd([r["layer_means"][key][0] for r in rows]),
+                _mean_sd([r["layer_means"][key][1] for r in rows]),
+                _mean_sd([r["layer0_first"][key] for r in rows]),
+            ]
             pair = f"{key} vs codebook_overlap"
             if pair in rows[0]["spearman"]:
-                cells += [_mean_sd([r["spearman"][pair]["all_heads"] for r in rows]),
-                          _mean_sd([x for r in rows for x in r["spearman"][pair]["within_layer"]])]
+                cells += [
+                    _mean_sd([r["spearman"][pair]["all_heads"] for r in rows]),
+                    _mean_sd([x for r in rows for x in r["spearman"][pair]["within_layer"]]),
+                ]
             else:
                 cells += ["—", "—"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -154,7 +173,9 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="directory for report.json and table.md")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--toys", nargs="+", default=list(TOYS), choices=list(TOYS))

@@ -39,8 +39,10 @@ def _symbols(codes: Tensor, d_sae: int) -> Tensor:
         offsets = torch.arange(n_pos).view(1, n_pos, 1, 1, 1) * (d_sae + 1)
         codes = (codes + offsets).permute(0, 2, 3, 1, 4).flatten(3)
     elif codes.ndim != 4:
-        raise ValueError(f"codes must be [prompts, layers, heads, k] or [prompts, pos, layers, heads, k], "
-                         f"got {tuple(codes.shape)}")
+        raise ValueError(
+            f"codes must be [prompts, layers, heads, k] or [prompts, pos, layers, heads, k], "
+            f"got {tuple(codes.shape)}"
+        )
     return codes
 
 
@@ -94,7 +96,9 @@ def oneill_edge_head_scores(positive_codes: Tensor, negative_codes: Tensor, d_sa
 
     pos_keys, neg_keys = pair_keys(positive_codes), pair_keys(negative_codes)
     only_positive = pos_keys[~torch.isin(pos_keys, neg_keys)]
-    per_site_pair = torch.bincount(only_positive // n_pairs, minlength=n_sites * n_sites).view(n_sites, n_sites)
+    per_site_pair = torch.bincount(only_positive // n_pairs, minlength=n_sites * n_sites).view(
+        n_sites, n_sites
+    )
     per_site_pair.fill_diagonal_(0)  # a head paired with itself is the node score, not an edge
     return per_site_pair.sum(1).float().view(n_layers, n_heads)
 
@@ -102,8 +106,15 @@ def oneill_edge_head_scores(positive_codes: Tensor, negative_codes: Tensor, d_sa
 HeadScorer = Callable[[Tensor, Tensor, int], Tensor]
 
 
-def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_codes: Tensor, d_sae: int,
-                           n_permutations: int, seed: int, pair_of_positive: Tensor | None = None) -> Tensor:
+def permutation_calibrated(
+    scorer: HeadScorer,
+    positive_codes: Tensor,
+    negative_codes: Tensor,
+    d_sae: int,
+    n_permutations: int,
+    seed: int,
+    pair_of_positive: Tensor | None = None,
+) -> Tensor:
     """-> [layers, heads]: scorer(positives, negatives) minus its mean over `n_permutations` relabellings.
 
     pair_of_positive None: each relabelling splits the pooled prompts at random into groups of the same two
@@ -114,9 +125,13 @@ def permutation_calibrated(scorer: HeadScorer, positive_codes: Tensor, negative_
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be at least 1, got {n_permutations}")
     if pair_of_positive is not None:
-        if pair_of_positive.shape != (len(positive_codes),) or pair_of_positive.unique().numel() != len(positive_codes):
-            raise ValueError(f"pair_of_positive must hold {len(positive_codes)} distinct negative indices, "
-                             f"got shape {tuple(pair_of_positive.shape)}")
+        if pair_of_positive.shape != (len(positive_codes),) or pair_of_positive.unique().numel() != len(
+            positive_codes
+        ):
+            raise ValueError(
+                f"pair_of_positive must hold {len(positive_codes)} distinct negative indices, "
+                f"got shape {tuple(pair_of_positive.shape)}"
+            )
         out_of_range = (pair_of_positive < 0) | (pair_of_positive >= len(negative_codes))
         if out_of_range.any():
             raise ValueError(f"pair_of_positive indexes past the {len(negative_codes)} negatives")
@@ -134,13 +149,17 @@ def random_swaps(n_pairs: int, generator: torch.Generator) -> Tensor:
     return torch.rand(n_pairs, generator=generator) < 0.5
 
 
-def _relabelled(positive_codes: Tensor, negative_codes: Tensor, pair_of_positive: Tensor | None,
-                generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _relabelled(
+    positive_codes: Tensor,
+    negative_codes: Tensor,
+    pair_of_positive: Tensor | None,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
     """One draw of the null: (positives, negatives) with the labels relabelled as `permutation_calibrated` says."""
     if pair_of_positive is None:
         pooled = torch.cat([positive_codes, negative_codes])
         order = torch.randperm(len(pooled), generator=generator)
-        return pooled[order[:len(positive_codes)]], pooled[order[len(positive_codes):]]
+        return pooled[order[: len(positive_codes)]], pooled[order[len(positive_codes) :]]
     swap = random_swaps(len(positive_codes), generator)
     partners = negative_codes[pair_of_positive]
     positives = torch.where(swap.view(-1, *[1] * (positive_codes.ndim - 1)), partners, positive_codes)

@@ -36,8 +36,13 @@ from .activations import last_logits_with_ablation
 from .evaluation import evaluate, near_chance, top_k_mask
 from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
-from .patching import (AblationReference, ablation_reference, circuit_faithfulness, exhaustive_head_patching,
-                       ground_truth_from_effects)
+from .patching import (
+    AblationReference,
+    ablation_reference,
+    circuit_faithfulness,
+    exhaustive_head_patching,
+    ground_truth_from_effects,
+)
 from .tasks import task_metric
 from .toy_induction import TOYS, induction_task, train_induction_model
 
@@ -50,7 +55,7 @@ def _load(directory: Path):
 
 
 def _load_named(name: str):
-    from sae.models import load_model
+    from sae.lm import load_model
 
     return load_model(name)
 
@@ -64,37 +69,66 @@ def task_fingerprint(model_name: str, task) -> str:
     return digest.hexdigest()[:16]
 
 
-def patching_ground_truth(model, task, cache: Path | None = None, fingerprint: str | None = None
-                          ) -> tuple[torch.Tensor, dict]:
+def patching_ground_truth(
+    model, task, cache: Path | None = None, fingerprint: str | None = None
+) -> tuple[torch.Tensor, dict]:
     """Ground truth from exhaustive resample patching: [layers, heads] bool, and how it was made.
 
     With `cache`, the patching effects are read from it when its fingerprint matches (same model name and
     task tokens), else computed and written there; the threshold is applied afresh either way.
     """
-    if cache is not None and cache.is_file() and json.loads(cache.read_text()).get("fingerprint") == fingerprint:
+    if (
+        cache is not None
+        and cache.is_file()
+        and json.loads(cache.read_text()).get("fingerprint") == fingerprint
+    ):
         saved = json.loads(cache.read_text())
-        effects, clean, corrupted = torch.tensor(saved["effects_resample"]), saved["clean_metric"], saved["corrupted_metric"]
+        effects, clean, corrupted = (
+            torch.tensor(saved["effects_resample"]),
+            saved["clean_metric"],
+            saved["corrupted_metric"],
+        )
         seconds, source = saved["ground_truth_seconds"], f"cached in {cache}"
     else:
         run = exhaustive_head_patching(model, task, "resample")
         nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
-        corrupted = float(task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing,
-                                                                      None)).mean())
-        effects, clean, seconds, source = run.details["effects"], run.details["clean_metric"], run.seconds, "computed"
+        corrupted = float(
+            task_metric(task, last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)).mean()
+        )
+        effects, clean, seconds, source = (
+            run.details["effects"],
+            run.details["clean_metric"],
+            run.seconds,
+            "computed",
+        )
         if cache is not None:
-            atomic_write_json(cache, {"fingerprint": fingerprint, "effects_resample": effects.tolist(),
-                                      "clean_metric": clean, "corrupted_metric": corrupted,
-                                      "ground_truth_seconds": seconds})
+            atomic_write_json(
+                cache,
+                {
+                    "fingerprint": fingerprint,
+                    "effects_resample": effects.tolist(),
+                    "clean_metric": clean,
+                    "corrupted_metric": corrupted,
+                    "ground_truth_seconds": seconds,
+                },
+            )
     truth = ground_truth_from_effects(effects, clean, corrupted, GROUND_TRUTH_FRACTION)
-    info = {"clean_metric": clean, "corrupted_metric": corrupted, "effects_resample": effects.tolist(),
-            "ground_truth": truth.int().tolist(), "ground_truth_seconds": seconds, "ground_truth_source": source}
+    info = {
+        "clean_metric": clean,
+        "corrupted_metric": corrupted,
+        "effects_resample": effects.tolist(),
+        "ground_truth": truth.int().tolist(),
+        "ground_truth_seconds": seconds,
+        "ground_truth_source": source,
+    }
     if truth.all() or not truth.any():
         info["error"] = f"ground truth has {int(truth.sum())} of {truth.numel()} heads: no AUC possible"
     return truth, info
 
 
-def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference: AblationReference,
-                      memo: dict) -> dict:
+def with_faithfulness(
+    summary: dict, model, task, truth: torch.Tensor, reference: AblationReference, memo: dict
+) -> dict:
     """Adds the faithfulness (task metric and KL) of the circuit the method would report: its top |truth|
     heads, everything else resample-ablated. `memo` reuses the result for a circuit already measured."""
     found = top_k_mask(torch.tensor(summary["scores"]), int(truth.sum()))
@@ -104,8 +138,15 @@ def with_faithfulness(summary: dict, model, task, truth: torch.Tensor, reference
     return summary | {"faithfulness_at_k": memo[key]}
 
 
-def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, work: Path, toy: str = "2l4h",
-                  previous: dict | None = None) -> dict:
+def evaluate_seed(
+    seed: int,
+    methods: list[str],
+    n_prompts: int,
+    steps: int,
+    work: Path,
+    toy: str = "2l4h",
+    previous: dict | None = None,
+) -> dict:
     """One toy model per seed: train it, find its ground truth, run and evaluate every method and its controls
     (shuffled labels for the code methods; re-initialised and own-init models for every method that reads
     the weights).
@@ -114,7 +155,11 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     trained again (training is seeded), the ground truth must come out the same, and only what it does not
     have yet runs (methods, or controls of methods it has); what it has is kept as it is.
     """
-    trained_dir, reinit_dir, init_dir = work / f"trained_{seed}", work / f"reinit_{seed}", work / f"init_{seed}"
+    trained_dir, reinit_dir, init_dir = (
+        work / f"trained_{seed}",
+        work / f"reinit_{seed}",
+        work / f"init_{seed}",
+    )
     training = train_induction_model(trained_dir, steps=steps, seed=seed, **TOYS[toy])
     train_induction_model(reinit_dir, seed=REINIT_SEED_OFFSET + seed, trained=False, **TOYS[toy])
     train_induction_model(init_dir, seed=seed, trained=False, **TOYS[toy])
@@ -123,9 +168,15 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     truth, info = patching_ground_truth(model, task)
     if previous is not None:
         _check_same_ground_truth(previous, info)
-        result = {**previous, **{key: dict(previous.get(key, {})) for key in ("methods", *CONTROLS)},
-                  "extended_effects_max_abs_difference": float(
-                      (torch.tensor(info["effects_resample"]) - torch.tensor(previous["effects_resample"])).abs().max())}
+        result = {
+            **previous,
+            **{key: dict(previous.get(key, {})) for key in ("methods", *CONTROLS)},
+            "extended_effects_max_abs_difference": float(
+                (torch.tensor(info["effects_resample"]) - torch.tensor(previous["effects_resample"]))
+                .abs()
+                .max()
+            ),
+        }
     else:
         result = {"seed": seed, "training": training, **info, "methods": {}, **{key: {} for key in CONTROLS}}
     if "error" in info:
@@ -133,10 +184,13 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
     reference, memo = ablation_reference(model, task, "resample"), {}
     for name in methods:
         if name not in result["methods"]:
-            result["methods"][name] = with_faithfulness(_summary(run_method(name, model, task, seed), truth),
-                                                        model, task, truth, reference, memo)
+            result["methods"][name] = with_faithfulness(
+                _summary(run_method(name, model, task, seed), truth), model, task, truth, reference, memo
+            )
         if name in CODE_METHODS and name not in result["shuffled_control"]:
-            result["shuffled_control"][name] = _summary(run_on_shuffled_labels(name, model, task, seed), truth)
+            result["shuffled_control"][name] = _summary(
+                run_on_shuffled_labels(name, model, task, seed), truth
+            )
     for key, directory in (("reinit_control", reinit_dir), ("init_control", init_dir)):
         missing = [m for m in methods if m in WEIGHT_READING_METHODS and m not in result[key]]
         untrained = _load(directory) if missing else None
@@ -148,8 +202,10 @@ def evaluate_seed(seed: int, methods: list[str], n_prompts: int, steps: int, wor
 def _check_same_ground_truth(previous: dict, info: dict) -> None:
     """Extending a toy run is only meaningful on the same models: their ground truths must agree."""
     if previous.get("ground_truth") != info.get("ground_truth"):
-        raise ValueError(f"seed {previous.get('seed')}: the retrained toy's ground truth {info.get('ground_truth')} "
-                         f"differs from the run being extended ({previous.get('ground_truth')}): not the same model")
+        raise ValueError(
+            f"seed {previous.get('seed')}: the retrained toy's ground truth {info.get('ground_truth')} "
+            f"differs from the run being extended ({previous.get('ground_truth')}): not the same model"
+        )
 
 
 # Per seed, beside "methods": each control's results by method name (evaluate() against the trained model's
@@ -157,22 +213,42 @@ def _check_same_ground_truth(previous: dict, info: dict) -> None:
 CONTROLS = ("shuffled_control", "reinit_control", "init_control")
 
 # Methods whose scores do not depend on the seed: run once, reported for every seed.
-DETERMINISTIC = {"patching_resample", "patching_mean", "patching_zero", "attribution_patching", "eap_ig",
-                 "attribution_patching_edges", "eap_ig_edges", "layer_index"}
+DETERMINISTIC = {
+    "patching_resample",
+    "patching_mean",
+    "patching_zero",
+    "attribution_patching",
+    "eap_ig",
+    "attribution_patching_edges",
+    "eap_ig_edges",
+    "layer_index",
+}
 
 
-def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Path | None = None,
-                   fingerprint: str | None = None, reinit_model=None, previous: list[dict] | None = None,
-                   reinit_methods: list[str] | None = None, shuffle_methods: list[str] | None = None,
-                   save=None) -> list[dict]:
+def evaluate_model(
+    model,
+    task,
+    methods: list[str],
+    seeds: list[int],
+    cache: Path | None = None,
+    fingerprint: str | None = None,
+    reinit_model=None,
+    previous: list[dict] | None = None,
+    reinit_methods: list[str] | None = None,
+    shuffle_methods: list[str] | None = None,
+    save=None,
+) -> list[dict]:
     """One real model and task: the ground truth once, each seed-dependent method once per seed, the
     faithfulness of every found circuit, and the controls: shuffled labels for the code methods among
     `shuffle_methods`, and (with `reinit_model`) the re-initialised model for the code methods (or for
     `reinit_methods`, any that read the weights). `previous` (per-seed results of an earlier run on the
     same task) is extended: what it already has is kept, not rerun. `save(per_seed)` is called after every
     seed, so an interrupted run can be resumed with `previous`."""
-    reinit_methods = [] if reinit_model is None else [m for m in (reinit_methods or CODE_METHODS)
-                                                      if m in WEIGHT_READING_METHODS]
+    reinit_methods = (
+        []
+        if reinit_model is None
+        else [m for m in (reinit_methods or CODE_METHODS) if m in WEIGHT_READING_METHODS]
+    )
     shuffle_methods = [m for m in shuffle_methods or [] if m in CODE_METHODS]
     truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
@@ -182,11 +258,14 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
         raise ValueError("the run to extend has a different ground truth: not the same model and task")
     reference, memo = ablation_reference(model, task, "resample"), {}
     # the yardstick for every method's faithfulness: the ground-truth circuit's own
-    info = info | {"ground_truth_faithfulness": circuit_faithfulness(model, task, truth, "resample", reference)}
+    info = info | {
+        "ground_truth_faithfulness": circuit_faithfulness(model, task, truth, "resample", reference)
+    }
 
     def summary(name: str, seed: int) -> dict:
-        return with_faithfulness(_summary(run_method(name, model, task, seed), truth), model, task, truth,
-                                 reference, memo)
+        return with_faithfulness(
+            _summary(run_method(name, model, task, seed), truth), model, task, truth, reference, memo
+        )
 
     def shuffled_summary(name: str, seed: int) -> dict:
         return _summary(run_on_shuffled_labels(name, model, task, seed), truth)
@@ -222,10 +301,14 @@ def evaluate_model(model, task, methods: list[str], seeds: list[int], cache: Pat
 
 
 def _summary(scores, truth) -> dict:
-    return {"scores": scores.scores.tolist(), "seconds": scores.seconds, "forward_prompts": scores.forward_prompts,
-            "backward_prompts": scores.backward_prompts,
-            "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))},
-            **evaluate(scores.scores, truth)}
+    return {
+        "scores": scores.scores.tolist(),
+        "seconds": scores.seconds,
+        "forward_prompts": scores.forward_prompts,
+        "backward_prompts": scores.backward_prompts,
+        "details": {k: v for k, v in scores.details.items() if isinstance(v, (int, float, type(None)))},
+        **evaluate(scores.scores, truth),
+    }
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -236,12 +319,12 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _seeds_note(control: list, rows: list) -> str:
-    """" (n of m seeds)" when a control ran on fewer seeds than its method (a partly extended study)."""
+    """ " (n of m seeds)" when a control ran on fewer seeds than its method (a partly extended study)."""
     return f" ({len(control)} of {len(rows)} seeds)" if 0 < len(control) < len(rows) else ""
 
 
 def control_verdict(aucs_by_control: dict[str, list[float]]) -> str:
-    """"yes: <controls>" naming the controls that ran when each has its mean AUC inside CHANCE_BAND,
+    """ "yes: <controls>" naming the controls that ran when each has its mean AUC inside CHANCE_BAND,
     "no: <control> <mean>" naming those outside it, "not run" when none ran."""
     ran = {name: statistics.mean(aucs) for name, aucs in aucs_by_control.items() if aucs}
     if not ran:
@@ -256,10 +339,24 @@ def results_table(per_seed: list[dict]) -> str:
     the `random` row is the random-scorer control, judged by its own AUC)."""
     ok = [r for r in per_seed if "error" not in r]
     with_init = any(r.get("init_control") for r in ok)  # toys: the trained model's own initialisation too
-    header = ["method", "ROC AUC", "AUC within layers", "P@k", "R@k", "F1@thr 0.5", "oracle best F1",
-              "faithfulness@k", "KL(M‖C)@k", "shuffled-label AUC", "re-init AUC",
-              *(["own-init AUC"] if with_init else []), "controls near chance", "forward prompts",
-              "backward prompts", "seconds"]
+    header = [
+        "method",
+        "ROC AUC",
+        "AUC within layers",
+        "P@k",
+        "R@k",
+        "F1@thr 0.5",
+        "oracle best F1",
+        "faithfulness@k",
+        "KL(M‖C)@k",
+        "shuffled-label AUC",
+        "re-init AUC",
+        *(["own-init AUC"] if with_init else []),
+        "controls near chance",
+        "forward prompts",
+        "backward prompts",
+        "seconds",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     names = list(dict.fromkeys(name for r in ok for name in r["methods"]))  # a partly extended run: the union
 
@@ -270,27 +367,47 @@ def results_table(per_seed: list[dict]) -> str:
         rows = [r["methods"][name] for r in ok if name in r["methods"]]
         shuffled, reinit = control_aucs("shuffled_control", name), control_aucs("reinit_control", name)
         within = [x["roc_auc_within_layers"] for x in rows if x["roc_auc_within_layers"] is not None]
-        cells = [name, _mean_sd([x["roc_auc"] for x in rows]), _mean_sd(within),
-                 _mean_sd([x["at_k"]["precision"] for x in rows]),
-                 _mean_sd([x["at_k"]["recall"] for x in rows]), _mean_sd([x["at_threshold"]["f1"] for x in rows]),
-                 _mean_sd([x["oracle_best_f1"] for x in rows]),
-                 _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
-                 _mean_sd([x["faithfulness_at_k"]["kl_circuit"] for x in rows
-                           if "kl_circuit" in x.get("faithfulness_at_k", {})]),
-                 _mean_sd(shuffled) + _seeds_note(shuffled, rows), _mean_sd(reinit) + _seeds_note(reinit, rows),
-                 *([_mean_sd(control_aucs("init_control", name))] if with_init else []),
-                 control_verdict({"random scorer": [x["roc_auc"] for x in rows]} if name == "random"
-                                 else {"shuffled": shuffled, "re-init": reinit}),
-                 f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
-                 f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
-                 f"{statistics.mean(x['seconds'] for x in rows):.2f}"]
+        cells = [
+            name,
+            _mean_sd([x["roc_auc"] for x in rows]),
+            _mean_sd(within),
+            _mean_sd([x["at_k"]["precision"] for x in rows]),
+            _mean_sd([x["at_k"]["recall"] for x in rows]),
+            _mean_sd([x["at_threshold"]["f1"] for x in rows]),
+            _mean_sd([x["oracle_best_f1"] for x in rows]),
+            _mean_sd([x["faithfulness_at_k"]["faithfulness"] for x in rows if "faithfulness_at_k" in x]),
+            _mean_sd(
+                [
+                    x["faithfulness_at_k"]["kl_circuit"]
+                    for x in rows
+                    if "kl_circuit" in x.get("faithfulness_at_k", {})
+                ]
+            ),
+            _mean_sd(shuffled) + _seeds_note(shuffled, rows),
+            _mean_sd(reinit) + _seeds_note(reinit, rows),
+            *([_mean_sd(control_aucs("init_control", name))] if with_init else []),
+            control_verdict(
+                {"random scorer": [x["roc_auc"] for x in rows]}
+                if name == "random"
+                else {"shuffled": shuffled, "re-init": reinit}
+            ),
+            f"{statistics.mean(x['forward_prompts'] for x in rows):.0f}",
+            f"{statistics.mean(x['backward_prompts'] for x in rows):.0f}",
+            f"{statistics.mean(x['seconds'] for x in rows):.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     truth_faithfulness = [r["ground_truth_faithfulness"] for r in ok if "ground_truth_faithfulness" in r]
     if truth_faithfulness:
-        lines += ["", "Ground-truth circuit itself: faithfulness "
-                  + _mean_sd([f["faithfulness"] for f in truth_faithfulness]) + ", KL(M‖C) "
-                  + _mean_sd([f["kl_circuit"] for f in truth_faithfulness]) + ", KL(M‖∅) "
-                  + _mean_sd([f["kl_empty"] for f in truth_faithfulness]) + "."]
+        lines += [
+            "",
+            "Ground-truth circuit itself: faithfulness "
+            + _mean_sd([f["faithfulness"] for f in truth_faithfulness])
+            + ", KL(M‖C) "
+            + _mean_sd([f["kl_circuit"] for f in truth_faithfulness])
+            + ", KL(M‖∅) "
+            + _mean_sd([f["kl_empty"] for f in truth_faithfulness])
+            + ".",
+        ]
     failed = [r for r in per_seed if "error" in r]
     if failed:
         lines.append("")
@@ -299,32 +416,57 @@ def results_table(per_seed: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="directory for report.json and table.md")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each toy model")
     parser.add_argument("--toy", default="2l4h", choices=list(TOYS), help="which toy model (without --model)")
-    parser.add_argument("--model", help="a real model instead of the toy induction models (e.g. gemma-3-270m)")
-    parser.add_argument("--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction")
-    parser.add_argument("--reinit", action="store_true",
-                        help="with --model: also run the code methods on a re-initialised copy (the control)")
-    parser.add_argument("--reinit-methods", nargs="+", choices=WEIGHT_READING_METHODS,
-                        help="with --reinit: these methods (default: every code method asked for)")
-    parser.add_argument("--shuffle", nargs="*", choices=list(CODE_METHODS), metavar="METHOD",
-                        help="with --model: also run the shuffled-label control for these code methods (none named: "
-                             "every code method asked for). Toy runs always run it")
-    parser.add_argument("--extend", action="store_true",
-                        help="keep what OUT/report.json has, run only what it lacks: methods, or controls of methods "
-                             "(toys: the models are trained again and must give the same ground truth)")
+    parser.add_argument(
+        "--model", help="a real model instead of the toy induction models (e.g. gemma-3-270m)"
+    )
+    parser.add_argument(
+        "--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction"
+    )
+    parser.add_argument(
+        "--reinit",
+        action="store_true",
+        help="with --model: also run the code methods on a re-initialised copy (the control)",
+    )
+    parser.add_argument(
+        "--reinit-methods",
+        nargs="+",
+        choices=WEIGHT_READING_METHODS,
+        help="with --reinit: these methods (default: every code method asked for)",
+    )
+    parser.add_argument(
+        "--shuffle",
+        nargs="*",
+        choices=list(CODE_METHODS),
+        metavar="METHOD",
+        help="with --model: also run the shuffled-label control for these code methods (none named: "
+        "every code method asked for). Toy runs always run it",
+    )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="keep what OUT/report.json has, run only what it lacks: methods, or controls of methods "
+        "(toys: the models are trained again and must give the same ground truth)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extended = json.loads((out / "report.json").read_text()) if args.extend else None
-    if extended is not None:  # the extended report keeps the settings of every run that made it, not only this one's
-        args.earlier_runs = [*extended.get("args", {}).get("earlier_runs", []),
-                             {k: v for k, v in extended.get("args", {}).items() if k != "earlier_runs"}]
+    if (
+        extended is not None
+    ):  # the extended report keeps the settings of every run that made it, not only this one's
+        args.earlier_runs = [
+            *extended.get("args", {}).get("earlier_runs", []),
+            {k: v for k, v in extended.get("args", {}).items() if k != "earlier_runs"},
+        ]
     if args.model:
         from .cli import build_task
 
@@ -333,17 +475,32 @@ def main(argv: list[str] | None = None) -> None:
         previous = extended["per_seed"] if extended is not None else None
         reinit = reinitialised_copy(model, seed=0) if args.reinit else None
         shuffle = None if args.shuffle is None else (args.shuffle or args.methods)
-        per_seed = evaluate_model(model, task, args.methods, args.seeds, out / "ground_truth_cache.json",
-                                  task_fingerprint(args.model, task), reinit, previous, args.reinit_methods,
-                                  shuffle, save=lambda partial: write_report(out, args, partial))
+        per_seed = evaluate_model(
+            model,
+            task,
+            args.methods,
+            args.seeds,
+            out / "ground_truth_cache.json",
+            task_fingerprint(args.model, task),
+            reinit,
+            previous,
+            args.reinit_methods,
+            shuffle,
+            save=lambda partial: write_report(out, args, partial),
+        )
     else:
         previous = toy_run_to_extend(extended, out, args) if extended is not None else {}
         with tempfile.TemporaryDirectory() as work:
             per_seed = []
             for s in args.seeds:
-                per_seed.append(evaluate_seed(s, args.methods, args.prompts, args.steps, Path(work), args.toy,
-                                              previous.get(s)))
-                write_report(out, args, with_earlier_seeds(previous, per_seed))  # after every seed: shows progress
+                per_seed.append(
+                    evaluate_seed(
+                        s, args.methods, args.prompts, args.steps, Path(work), args.toy, previous.get(s)
+                    )
+                )
+                write_report(
+                    out, args, with_earlier_seeds(previous, per_seed)
+                )  # after every seed: shows progress
         per_seed = with_earlier_seeds(previous, per_seed)
     print(write_report(out, args, per_seed))
 
@@ -360,8 +517,10 @@ def toy_run_to_extend(report: dict, out: Path, args: argparse.Namespace) -> dict
     old_args = report["args"]
     for setting in ("toy", "steps", "prompts"):
         if old_args.get(setting, getattr(args, setting)) != getattr(args, setting):
-            raise ValueError(f"--extend: {out}/report.json was made with --{setting} {old_args[setting]}, "
-                             f"this run has {getattr(args, setting)}")
+            raise ValueError(
+                f"--extend: {out}/report.json was made with --{setting} {old_args[setting]}, "
+                f"this run has {getattr(args, setting)}"
+            )
     if old_args.get("model"):
         raise ValueError(f"--extend: {out}/report.json is a --model {old_args['model']} run, not a toy run")
     missing = [s for s in args.seeds if s not in {r["seed"] for r in report["per_seed"]}]
@@ -373,8 +532,15 @@ def toy_run_to_extend(report: dict, out: Path, args: argparse.Namespace) -> dict
 def write_report(out: Path, args: argparse.Namespace, per_seed: list[dict]) -> str:
     """report.json and table.md in `out` (atomically; called after every seed of a real-model run)."""
     table = results_table(per_seed)
-    atomic_write_json(out / "report.json", {"args": vars(args), "ground_truth_fraction": GROUND_TRUTH_FRACTION,
-                                            "per_seed": per_seed, "table": table})
+    atomic_write_json(
+        out / "report.json",
+        {
+            "args": vars(args),
+            "ground_truth_fraction": GROUND_TRUTH_FRACTION,
+            "per_seed": per_seed,
+            "table": table,
+        },
+    )
     atomic_write_bytes(out / "table.md", (table + "\n").encode())
     return table
 

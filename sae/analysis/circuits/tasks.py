@@ -38,8 +38,10 @@ class Task:
             raise ValueError(f"task {self.name}: unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
         n = len(self.clean_tokens)
         if self.clean_tokens.shape != self.corrupted_tokens.shape:
-            raise ValueError(f"task {self.name}: clean tokens {tuple(self.clean_tokens.shape)} and corrupted "
-                             f"tokens {tuple(self.corrupted_tokens.shape)} must have the same shape")
+            raise ValueError(
+                f"task {self.name}: clean tokens {tuple(self.clean_tokens.shape)} and corrupted "
+                f"tokens {tuple(self.corrupted_tokens.shape)} must have the same shape"
+            )
         for field_name in ("good_tokens", "bad_tokens"):
             t = getattr(self, field_name)
             if t.ndim != 2 or len(t) != n:
@@ -52,8 +54,13 @@ class Task:
 
     def select(self, index: Tensor) -> Task:
         """The prompts at `index` (a bool mask or indices)."""
-        return replace(self, clean_tokens=self.clean_tokens[index], corrupted_tokens=self.corrupted_tokens[index],
-                       good_tokens=self.good_tokens[index], bad_tokens=self.bad_tokens[index])
+        return replace(
+            self,
+            clean_tokens=self.clean_tokens[index],
+            corrupted_tokens=self.corrupted_tokens[index],
+            good_tokens=self.good_tokens[index],
+            bad_tokens=self.bad_tokens[index],
+        )
 
 
 def _gather(values: Tensor, tokens: Tensor, fill: float) -> Tensor:
@@ -67,8 +74,10 @@ def task_metric(task: Task, last_logits: Tensor) -> Tensor:
     logits = last_logits.float()
     good, bad = task.good_tokens.to(logits.device), task.bad_tokens.to(logits.device)
     if task.metric == "logit_diff":
+
         def mean(t: Tensor) -> Tensor:
             return _gather(logits, t, 0.0).sum(-1) / (t >= 0).sum(-1).clamp(min=1)
+
         return mean(good) - mean(bad)
     if task.metric == "prob_diff":
         probs = logits.softmax(-1)
@@ -102,8 +111,10 @@ def single_token_ids(tokenizer, words: list[str], need: int, what: str) -> dict[
         else:
             failed.append(word)
     if len(found) < need:
-        raise ValueError(f"{what}: only {len(found)} of {len(words)} candidates are single tokens for "
-                         f"{type(tokenizer).__name__} (need {need}); not single: {failed[:10]}")
+        raise ValueError(
+            f"{what}: only {len(found)} of {len(words)} candidates are single tokens for "
+            f"{type(tokenizer).__name__} (need {need}); not single: {failed[:10]}"
+        )
     return found
 
 
@@ -114,8 +125,10 @@ def encode_prompts(tokenizer, prompts: list[str], what: str) -> Tensor:
     lengths = {len(r) for r in rows}
     if len(lengths) > 1:
         by_length = {n: next(p for p, r in zip(prompts, rows) if len(r) == n) for n in sorted(lengths)}
-        raise ValueError(f"{what}: prompts tokenise to different lengths {sorted(lengths)}, e.g. {by_length}; "
-                         "positions must line up between prompts")
+        raise ValueError(
+            f"{what}: prompts tokenise to different lengths {sorted(lengths)}, e.g. {by_length}; "
+            "positions must line up between prompts"
+        )
     return torch.tensor(rows)
 
 
@@ -125,24 +138,67 @@ def pad_ids(rows: list[list[int]]) -> Tensor:
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
 
 
-def from_pairs(tokenizer, clean: list[str], corrupted: list[str], good: list[list[str]],
-               bad: list[list[str]], metric: str = "logit_diff", name: str = "custom") -> Task:
+def from_pairs(
+    tokenizer,
+    clean: list[str],
+    corrupted: list[str],
+    good: list[list[str]],
+    bad: list[list[str]],
+    metric: str = "logit_diff",
+    name: str = "custom",
+) -> Task:
     """A task from clean/corrupted prompt pairs and, per prompt, answer strings (each one token)."""
     if not (len(clean) == len(corrupted) == len(good) == len(bad)):
-        raise ValueError(f"task {name}: clean, corrupted, good and bad need one entry per prompt, got "
-                         f"{len(clean)}, {len(corrupted)}, {len(good)}, {len(bad)}")
+        raise ValueError(
+            f"task {name}: clean, corrupted, good and bad need one entry per prompt, got "
+            f"{len(clean)}, {len(corrupted)}, {len(good)}, {len(bad)}"
+        )
     words = sorted({w for ws in good + bad for w in ws})
     ids = single_token_ids(tokenizer, words, need=len(words), what=f"task {name} answers")
-    return Task(name, encode_prompts(tokenizer, clean, f"task {name} clean"),
-                encode_prompts(tokenizer, corrupted, f"task {name} corrupted"),
-                pad_ids([[ids[w] for w in ws] for ws in good]), pad_ids([[ids[w] for w in ws] for ws in bad]), metric)
+    return Task(
+        name,
+        encode_prompts(tokenizer, clean, f"task {name} clean"),
+        encode_prompts(tokenizer, corrupted, f"task {name} corrupted"),
+        pad_ids([[ids[w] for w in ws] for ws in good]),
+        pad_ids([[ids[w] for w in ws] for ws in bad]),
+        metric,
+    )
 
 
 # --- the standard tasks -----------------------------------------------------------------------------
 
-NAMES = [" Mary", " John", " Tom", " James", " Dan", " Sid", " Martin", " Amy", " Anna", " Kate", " Paul",
-         " Lisa", " Mark", " Sarah", " David", " Laura", " Peter", " Emma", " Alex", " Ben", " Jack", " Lucy",
-         " Sam", " Rose", " Max", " Grace", " Adam", " Ruth", " Jane", " Mike"]
+NAMES = [
+    " Mary",
+    " John",
+    " Tom",
+    " James",
+    " Dan",
+    " Sid",
+    " Martin",
+    " Amy",
+    " Anna",
+    " Kate",
+    " Paul",
+    " Lisa",
+    " Mark",
+    " Sarah",
+    " David",
+    " Laura",
+    " Peter",
+    " Emma",
+    " Alex",
+    " Ben",
+    " Jack",
+    " Lucy",
+    " Sam",
+    " Rose",
+    " Max",
+    " Grace",
+    " Adam",
+    " Ruth",
+    " Jane",
+    " Mike",
+]
 IOI_TEMPLATE = "Then,{B} and{A} went to the{PLACE}.{C} gave a{OBJECT} to"
 PLACES = [" store", " park", " school", " house", " station", " garden", " market", " beach", " office"]
 OBJECTS = [" ring", " book", " drink", " bone", " kiss", " bag", " ball", " key", " letter", " flower"]
@@ -170,19 +226,35 @@ def ioi(tokenizer, n: int, seed: int = 0) -> Task:
     return from_pairs(tokenizer, clean, corrupted, good, bad, "logit_diff", "ioi")
 
 
-GREATER_THAN_NOUNS = [" war", " dynasty", " reign", " expedition", " strike", " drought", " trial",
-                      " project", " conflict", " empire", " crisis", " campaign"]
+GREATER_THAN_NOUNS = [
+    " war",
+    " dynasty",
+    " reign",
+    " expedition",
+    " strike",
+    " drought",
+    " trial",
+    " project",
+    " conflict",
+    " empire",
+    " crisis",
+    " campaign",
+]
 
 
 def greater_than(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
-    """"The {noun} lasted from the year {XX}{YY} to the year {XX}" -> a YY' > YY (Hanna et al. 2023).
+    """ "The {noun} lasted from the year {XX}{YY} to the year {XX}" -> a YY' > YY (Hanna et al. 2023).
 
     Corrupted: YY = 01. Metric: sum p(YY' > YY) - sum p(YY' <= YY) over the two-digit year tokens.
     Needs every two-digit string "00".."99" and the century "{XX}" to be single tokens.
     """
-    years = single_token_ids(tokenizer, [f"{y:02d}" for y in range(100)], need=100,
-                             what="greater-than years (tokenizers that split numbers into digits, such as "
-                                  "Gemma's, cannot pose this task)")
+    years = single_token_ids(
+        tokenizer,
+        [f"{y:02d}" for y in range(100)],
+        need=100,
+        what="greater-than years (tokenizers that split numbers into digits, such as "
+        "Gemma's, cannot pose this task)",
+    )
     single_token_ids(tokenizer, [f" {century}"], need=1, what="greater-than century")
     nouns = list(single_token_ids(tokenizer, GREATER_THAN_NOUNS, need=1, what="greater-than nouns"))
     rng = random.Random(seed)
@@ -194,9 +266,14 @@ def greater_than(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
         corrupted.append(template.format(noun=noun, XX=century, YY="01"))
         good.append([years[f"{y:02d}"] for y in range(yy + 1, 100)])
         bad.append([years[f"{y:02d}"] for y in range(0, yy + 1)])
-    return Task("greater_than", encode_prompts(tokenizer, clean, "greater-than clean"),
-                encode_prompts(tokenizer, corrupted, "greater-than corrupted"), pad_ids(good), pad_ids(bad),
-                "prob_diff")
+    return Task(
+        "greater_than",
+        encode_prompts(tokenizer, clean, "greater-than clean"),
+        encode_prompts(tokenizer, corrupted, "greater-than corrupted"),
+        pad_ids(good),
+        pad_ids(bad),
+        "prob_diff",
+    )
 
 
 def greater_than_digits(tokenizer, n: int, seed: int = 0, century: int = 17) -> Task:
@@ -211,8 +288,10 @@ def greater_than_digits(tokenizer, n: int, seed: int = 0, century: int = 17) -> 
     for year in (f" {century}32", f" {century}"):  # the year must split into single digits, positions line up
         pieces = [tokenizer.decode([i]) for i in tokenizer.encode(year, add_special_tokens=False)]
         if pieces[-2:] != list(year[-2:]):
-            raise ValueError(f"greater_than_digits needs a tokenizer that splits years into digits; "
-                             f"{type(tokenizer).__name__} gives {pieces} for {year!r} (use greater_than)")
+            raise ValueError(
+                f"greater_than_digits needs a tokenizer that splits years into digits; "
+                f"{type(tokenizer).__name__} gives {pieces} for {year!r} (use greater_than)"
+            )
     nouns = list(single_token_ids(tokenizer, GREATER_THAN_NOUNS, need=1, what="greater-than nouns"))
     rng = random.Random(seed)
     template = "The{noun} lasted from the year {XX}{YY} to the year {XX}"
@@ -223,13 +302,19 @@ def greater_than_digits(tokenizer, n: int, seed: int = 0, century: int = 17) -> 
         corrupted.append(template.format(noun=noun, XX=century, YY="01"))
         good.append([digits[str(d)] for d in range(tens + 1, 10)])
         bad.append([digits[str(d)] for d in range(0, tens)])
-    return Task("greater_than_digits", encode_prompts(tokenizer, clean, "greater-than clean"),
-                encode_prompts(tokenizer, corrupted, "greater-than corrupted"), pad_ids(good), pad_ids(bad),
-                "prob_diff")
+    return Task(
+        "greater_than_digits",
+        encode_prompts(tokenizer, clean, "greater-than clean"),
+        encode_prompts(tokenizer, corrupted, "greater-than corrupted"),
+        pad_ids(good),
+        pad_ids(bad),
+        "prob_diff",
+    )
 
 
-def induction(vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int | None = None,
-              seed: int = 0) -> Task:
+def induction(
+    vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int | None = None, seed: int = 0
+) -> Task:
     """Repeated random tokens: clean = [A_1..A_half, A_1..A_query] -> A_{query+1}.
 
     Corrupted prompts replace the first half by other random tokens (B), so nothing predicts A_{query+1}.
@@ -238,8 +323,10 @@ def induction(vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int
     ids, for models with any (or no) tokenizer.
     """
     if not 0 < query < half or len(vocab) < 2 * half:
-        raise ValueError(f"induction task needs 0 < query ({query}) < half ({half}) and at least "
-                         f"{2 * half} vocabulary tokens, got {len(vocab)}")
+        raise ValueError(
+            f"induction task needs 0 < query ({query}) < half ({half}) and at least "
+            f"{2 * half} vocabulary tokens, got {len(vocab)}"
+        )
     generator = torch.Generator().manual_seed(seed)
     pool = torch.tensor(vocab)
     clean, corrupted, good, bad = [], [], [], []
@@ -251,15 +338,72 @@ def induction(vocab: list[int], n: int, half: int = 10, query: int = 6, bos: int
         corrupted.append(prefix + b.tolist() + a[:query].tolist())
         good.append([int(a[query])])
         bad.append([int(t) for i, t in enumerate(a) if i != query])
-    return Task("induction", torch.tensor(clean), torch.tensor(corrupted), torch.tensor(good), torch.tensor(bad),
-                "logit_diff")
+    return Task(
+        "induction",
+        torch.tensor(clean),
+        torch.tensor(corrupted),
+        torch.tensor(good),
+        torch.tensor(bad),
+        "logit_diff",
+    )
 
 
-ARGUMENT_NAMES = [" file", " name", " data", " size", " value", " path", " key", " index", " count", " mode",
-                  " text", " user", " item", " config", " result", " model", " state", " port", " host", " line",
-                  " url", " token", " source", " target", " limit", " order", " field", " label", " group", " node"]
-FUNCTION_NAMES = [" load", " save", " run", " check", " update", " create", " read", " write", " parse", " send"]
-DESCRIPTION_WORDS = [" the", " new", " old", " first", " last", " main", " current", " default", " local", " next"]
+ARGUMENT_NAMES = [
+    " file",
+    " name",
+    " data",
+    " size",
+    " value",
+    " path",
+    " key",
+    " index",
+    " count",
+    " mode",
+    " text",
+    " user",
+    " item",
+    " config",
+    " result",
+    " model",
+    " state",
+    " port",
+    " host",
+    " line",
+    " url",
+    " token",
+    " source",
+    " target",
+    " limit",
+    " order",
+    " field",
+    " label",
+    " group",
+    " node",
+]
+FUNCTION_NAMES = [
+    " load",
+    " save",
+    " run",
+    " check",
+    " update",
+    " create",
+    " read",
+    " write",
+    " parse",
+    " send",
+]
+DESCRIPTION_WORDS = [
+    " the",
+    " new",
+    " old",
+    " first",
+    " last",
+    " main",
+    " current",
+    " default",
+    " local",
+    " next",
+]
 DOCSTRING_TEMPLATE = 'def{fn}(self,{a0},{a1},{a2},{a3},{a4}):\n    """{w0}{w1}\n\n    :param{d0}:{w2}{w3}\n    :param{d1}:{w4}{w5}\n    :param'
 
 
@@ -280,12 +424,26 @@ def docstring(tokenizer, n: int, seed: int = 0) -> Task:
         names = rng.sample(args, 15)
         signature, fresh_signature, fresh_doc = names[:5], names[5:10], names[10:12]
         text = dict(fn=rng.choice(functions), **{f"w{i}": rng.choice(words) for i in range(6)})
-        clean.append(DOCSTRING_TEMPLATE.format(**text, **{f"a{i}": a for i, a in enumerate(signature)},
-                                               d0=signature[0], d1=signature[1]))
-        corrupted.append(DOCSTRING_TEMPLATE.format(**text, **{f"a{i}": a for i, a in enumerate(fresh_signature)},
-                                                   d0=fresh_doc[0], d1=fresh_doc[1]))
+        clean.append(
+            DOCSTRING_TEMPLATE.format(
+                **text, **{f"a{i}": a for i, a in enumerate(signature)}, d0=signature[0], d1=signature[1]
+            )
+        )
+        corrupted.append(
+            DOCSTRING_TEMPLATE.format(
+                **text,
+                **{f"a{i}": a for i, a in enumerate(fresh_signature)},
+                d0=fresh_doc[0],
+                d1=fresh_doc[1],
+            )
+        )
         good.append([ids[signature[2]]])
         bad.append([ids[a] for a in signature if a != signature[2]])
-    return Task("docstring", encode_prompts(tokenizer, clean, "docstring clean"),
-                encode_prompts(tokenizer, corrupted, "docstring corrupted"), pad_ids(good), pad_ids(bad),
-                "logit_minus_max_bad")
+    return Task(
+        "docstring",
+        encode_prompts(tokenizer, clean, "docstring clean"),
+        encode_prompts(tokenizer, corrupted, "docstring corrupted"),
+        pad_ids(good),
+        pad_ids(bad),
+        "logit_minus_max_bad",
+    )

