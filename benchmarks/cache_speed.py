@@ -13,7 +13,6 @@ Target: cache >= 90% of bare.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -28,16 +27,15 @@ from pathlib import Path
 # has descheduled, and a Gemma forward ran 5-25x slower here under load. Passive waiting avoids that.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache import build_cache  # noqa: E402
-from cache.writer import capture, prepare_model, stop_layer  # noqa: E402
-from sae.data import context_batches, token_contexts  # noqa: E402
-from sae.io import atomic_write_json  # noqa: E402
-from sae.lm import load_model  # noqa: E402
-from sae.run_config import load_run_config  # noqa: E402
+from cache import build_cache
+from sae.cli.run_config import load_run_config
+from sae.data import context_batches, token_contexts
+from sae.io import atomic_write_json
+from sae.lm import capture, load_model, prepare_hooks, stop_layer
 
 
 def bare_forward_seconds(model, batches: list[torch.Tensor], hookpoints: list[str]) -> float:
@@ -71,7 +69,7 @@ def main() -> None:
     run = load_run_config(args.config, args.set)
     run = replace(run, cache=replace(run.cache, tokens=args.tokens))
     model = load_model(run.model.name, run.model.dtype, run.model.device)
-    prepare_model(model, run.cache.hookpoints)
+    prepare_hooks(model, run.cache.hookpoints)
     # The bare forward runs the very contexts the cache stage will read (BOS included, as it is computed).
     n_contexts = -(-args.tokens // (run.data.context_size - int(run.cache.exclude_bos)))
     contexts = islice(token_contexts(run.data, model.tokenizer), n_contexts)
@@ -92,8 +90,8 @@ def main() -> None:
                 }
             )
             print(
-                f"round {r + 1}: bare {kept_tokens / bare:,.0f} tok/s, cache {kept_tokens / cached:,.0f} tok/s, "
-                f"cache/bare {bare / cached:.1%}"
+                f"round {r + 1}: bare {kept_tokens / bare:,.0f} tok/s, "
+                f"cache {kept_tokens / cached:,.0f} tok/s, cache/bare {bare / cached:.1%}"
             )
     # Each round pairs adjacent measurements; the median round is robust to a burst of outside load.
     median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
@@ -113,7 +111,8 @@ def main() -> None:
     atomic_write_json(args.out, result)
     print(
         f"median of {args.rounds} rounds: bare {median['bare_tokens_per_s']:,.0f} tok/s, "
-        f"cache {median['cache_tokens_per_s']:,.0f} tok/s, cache/bare {median['ratio']:.1%} (target >= 90%)  -> {args.out}"
+        f"cache {median['cache_tokens_per_s']:,.0f} tok/s, cache/bare {median['ratio']:.1%} (target >= 90%)  "
+        f"-> {args.out}"
     )
 
 

@@ -81,7 +81,8 @@ def main() -> None:
             device="cpu",
             new_cached_activations_path=str(Path(out_dir) / "acts"),
             shuffle=False,
-            # One buffer of exactly these tokens: the 2 GB default would compute ~1.5M tokens whatever is asked.
+            # One buffer of exactly these tokens: the 2 GB default would compute ~1.5M tokens whatever is
+            # asked.
             buffer_size_gb=tokens * 640 * 4 / 1e9,
             prepend_bos=False,  # our contexts already start with BOS
             model_from_pretrained_kwargs={"hf_model": hf_model, "tokenizer": tokenizer, "dtype": dtype},
@@ -120,8 +121,8 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(args.out)
     print(
-        f"SAELens: bare HookedTransformer {tokens / bare:,.0f} tok/s, CacheActivationsRunner {tokens / cached:,.0f} tok/s "
-        f"({bare / cached:.1%} of bare)  -> {args.out}"
+        f"SAELens: bare HookedTransformer {tokens / bare:,.0f} tok/s, "
+        f"CacheActivationsRunner {tokens / cached:,.0f} tok/s ({bare / cached:.1%} of bare)  -> {args.out}"
     )
 
 

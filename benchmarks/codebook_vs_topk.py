@@ -3,7 +3,7 @@
     python benchmarks/codebook_vs_topk.py                  # the default job's cache (Gemma 3 270M, layer 6)
     python benchmarks/codebook_vs_topk.py --set eval.tokens=4096
 
-Both SAEs train on the cache of configs/default.toml (built if missing; `--set` overrides apply) and are
+Both SAEs train on the cache of the default run config (built if missing; `--set` overrides apply) and are
 evaluated with the model in the loop on the same held-out tokens: FVU, L0, CE loss recovered, KL.
 Then FVU alone on many more held-out tokens, in slices of `eval.tokens` (--fvu-slices of them), as
 mean ± sd: one slice of a few thousand tokens is a handful of source files, and which architecture
@@ -23,14 +23,14 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py: shared CPUs
 
-import sae  # noqa: E402
-import torch  # noqa: E402
+import torch
 
-from cache import ActivationReader, build_cache, read_manifest  # noqa: E402
-from cache.writer import capture, stop_layer  # noqa: E402
-from sae.evals import evaluate, held_out_batches  # noqa: E402
-from sae.lm import load_model  # noqa: E402
-from sae.run_config import load_run_config  # noqa: E402
+import sae
+from cache import ActivationReader, build_cache, read_manifest
+from sae.cli.run_config import load_run_config
+from sae.data import token_batches
+from sae.evals import evaluate
+from sae.lm import capture, load_model, stop_layer
 
 RUNS = {"topk": None, "codebook": 1e-3}  # architecture -> learning rate (None: the default)
 
@@ -52,7 +52,7 @@ def main() -> None:
     cache_dir = build_cache(config, model)
     manifest = read_manifest(cache_dir)
     hookpoint = config.sae_hookpoint
-    held_out = held_out_batches(config, model.tokenizer, skip_contexts=manifest["contexts"])
+    held_out = held_out_tokens(config, model, manifest["contexts"], config.eval.tokens)
 
     results, trained_saes = {}, {}
     for architecture, lr in RUNS.items():
@@ -86,8 +86,8 @@ def main() -> None:
         results[architecture]["fvu_slices"] = fvus
 
     lines = [
-        "| architecture (k = %d, %d latents) | FVU | L0 | CE loss recovered | KL(clean ‖ spliced) |"
-        % (cfg.k, cfg.d_sae),
+        f"| architecture (k = {cfg.k}, {cfg.d_sae} latents) "
+        "| FVU | L0 | CE loss recovered | KL(clean ‖ spliced) |",
         "|---|---:|---:|---:|---:|",
     ]
     for architecture, r in results.items():
@@ -119,6 +119,19 @@ def held_out_contexts(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return [row for batch in batches for row in batch]
 
 
+def held_out_tokens(config, model, skip_contexts: int, tokens: int) -> list[torch.Tensor]:
+    """Token batches of the text right after the cached contexts (as `sae-train`'s eval reads it)."""
+    batches = token_batches(
+        config.data,
+        model.tokenizer,
+        tokens,
+        config.eval.batch_contexts,
+        skip_contexts=skip_contexts,
+        exclude_bos=config.cache.exclude_bos,
+    )
+    return [b.to(config.model.device) for b in batches]
+
+
 @torch.inference_mode()
 def held_out_fvu_slices(
     config, model, saes: dict, skip_contexts: int, n_slices: int
@@ -127,11 +140,7 @@ def held_out_fvu_slices(
     hookpoint = config.sae_hookpoint
     first = 1 if config.cache.exclude_bos else 0
     slice_tokens = config.eval.tokens
-    batches = held_out_batches(
-        dataclasses.replace(config, eval=dataclasses.replace(config.eval, tokens=slice_tokens * n_slices)),
-        model.tokenizer,
-        skip_contexts=skip_contexts,
-    )
+    batches = held_out_tokens(config, model, skip_contexts, slice_tokens * n_slices)
     stop = stop_layer([hookpoint], model.cfg.n_layers)
     acts = torch.cat(
         [

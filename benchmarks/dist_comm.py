@@ -1,7 +1,8 @@
 """What crosses the wire per training step under torchrun, timed: the data-parallel gradient all-reduce
 against module distribution's activation gather, for one SAE of width d_sae on a d_in-wide hookpoint.
 
-    torchrun --standalone --nproc_per_node 2 benchmarks/dist_comm.py [--d-in 640] [--d-sae 8192] [--batch 4096]
+    torchrun --standalone --nproc_per_node 2 benchmarks/dist_comm.py
+        [--d-in 640] [--d-sae 8192] [--batch 4096]
 
 Data parallel all-reduces the fp32 gradients of W_enc and W_dec (8 * d_in * d_sae bytes) every step;
 module distribution gathers each rank's bf16 activations on the SAE's owner (2 * batch * d_in bytes
@@ -17,10 +18,10 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from sae.distributed import Distributed  # noqa: E402
+from sae.distributed import Distributed
 
 
 def timed(fn, repeats: int) -> float:
@@ -57,14 +58,16 @@ def main() -> None:
         grad_bytes = 8 * args.d_in * args.d_sae
         act_bytes = 2 * args.batch * args.d_in
         print(
-            f"world {world.world_size}, backend {dist.get_backend()}, d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}"
+            f"world {world.world_size}, backend {dist.get_backend()}, "
+            f"d_in {args.d_in}, d_sae {args.d_sae}, batch {args.batch}"
         )
         print(
             f"data parallel: all-reduce {grad_bytes / 1e6:.1f} MB of gradients: {allreduce * 1e3:.1f} ms "
             f"({grad_bytes / allreduce / 1e9:.2f} GB/s)"
         )
         print(
-            f"module distribution: gather {act_bytes / 1e6:.2f} MB of activations per rank: {gather * 1e3:.1f} ms "
+            f"module distribution: gather {act_bytes / 1e6:.2f} MB of activations per rank: "
+            f"{gather * 1e3:.1f} ms "
             f"({act_bytes * (world.world_size - 1) / gather / 1e9:.2f} GB/s into the owner)"
         )
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sae
-from sae.synthetic import sparse_feature_data
 from sae.batches import TensorBatches
+from sae.synthetic import sparse_feature_data
 from sae.trainer import default_lr
 
 
@@ -220,7 +220,10 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "args": vars(args), "results": results}, indent=2) + "\n")

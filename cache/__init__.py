@@ -1,13 +1,16 @@
-"""The activation-caching stage: writer (`build_cache`), manifest checks, and the training reader."""
+"""The activation-caching stage: `build_cache` (writer), manifest checks, and the training reader."""
 
+from cache.config import CacheConfig, CachingConfig
 from cache.manifest import CacheError, read_manifest, verify_cache
 from cache.reader import ActivationReader, MultiHookpointReader, load_activations
 from cache.writer import build_cache
 
 __all__ = [
     "ActivationReader",
-    "MultiHookpointReader",
+    "CacheConfig",
     "CacheError",
+    "CachingConfig",
+    "MultiHookpointReader",
     "build_cache",
     "load_activations",
     "read_manifest",

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cache.config import CachingConfig
 from cache.manifest import CacheError, check_shard_file, shard_file_name, summarize_norms, write_manifest
-from cache.writer import ShardWriter, _lock, capture_batch, write_shard
+from cache.shards import ShardWriter, cache_lock, capture_batch, remove_stale_temporary_files, write_shard
 from sae.data import token_contexts
 from sae.distributed import Distributed
 from sae.io import atomic_write_json
-from sae.run_config import RunConfig
 
 PART_GLOB = "manifest.part*of*.json"
 
@@ -72,7 +72,7 @@ class PartShardWriter(ShardWriter):
 
 
 def cache_shards_of_this_rank(
-    run: RunConfig,
+    run: CachingConfig,
     model,
     dist: Distributed,
     manifest: dict[str, Any],
@@ -86,10 +86,9 @@ def cache_shards_of_this_rank(
         return cache_dir  # every rank read the same complete manifest
     if dist.is_main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with _lock(cache_dir):
+        with cache_lock(cache_dir):
             _remove_merged_parts(cache_dir, manifest)
-            for stale in cache_dir.glob(".*.tmp"):  # half-written files of a killed run (never listed)
-                stale.unlink()
+            remove_stale_temporary_files(cache_dir)
     dist.barrier()  # no rank writes before the clean-up is done
     plan = shard_plan(manifest, target_contexts, run.cache.shard_contexts, dist.world_size)
     part_path = part_manifest_path(cache_dir, dist.rank, dist.world_size)
@@ -102,7 +101,7 @@ def cache_shards_of_this_rank(
         if plan["first_context"] + j * plan["shard_contexts"] not in done
     ]
     if mine:
-        with _lock(cache_dir, f".lock.part{dist.rank}of{dist.world_size}"):
+        with cache_lock(cache_dir, f".lock.part{dist.rank}of{dist.world_size}"):
             writer = PartShardWriter(cache_dir, part, part_path)
             try:
                 _forward_shards(run, model, writer, plan, mine, stop_at_layer, progress and dist.is_main)
@@ -110,14 +109,14 @@ def cache_shards_of_this_rank(
                 writer.close()
     dist.barrier()  # every part is complete: merge
     if dist.is_main:
-        with _lock(cache_dir):
+        with cache_lock(cache_dir):
             _merge_parts(cache_dir, manifest, plan)
     dist.barrier()  # the merged manifest is on disk for every rank to read
     return cache_dir
 
 
 def _forward_shards(
-    run: RunConfig,
+    run: CachingConfig,
     model,
     writer: ShardWriter,
     plan: dict[str, int],
@@ -125,10 +124,11 @@ def _forward_shards(
     stop_at_layer: int | None,
     progress: bool,
 ) -> None:
-    """Forward the contexts of shards `mine` (plan positions, ascending) in the batches one process would use."""
+    """Forward the contexts of shards `mine` (plan positions, ascending) in the batches one
+    process would use."""
     size, batch_contexts = plan["shard_contexts"], run.cache.batch_contexts
     contexts = islice(token_contexts(run.data, model.tokenizer), plan["first_context"], None)
-    tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
+    tokens_per_context = run.tokens_per_context
     bar = tqdm(
         total=len(mine) * size * tokens_per_context,
         desc=f"cache (rank shards) {', '.join(run.cache.hookpoints)}",
@@ -158,14 +158,16 @@ def _forward_shards(
 
 
 def _open_part(part_path: Path, plan: dict[str, int], manifest: dict[str, Any]) -> dict[str, Any]:
-    """This rank's part manifest: the one an interrupted run left (same plan, shard files intact), or a new one."""
+    """This rank's part manifest: the one an interrupted run left (same plan, shard files intact),
+    or a new one."""
     if not part_path.exists():
         return {"plan": plan, "hookpoints": list(manifest["hookpoints"]), "shards": []}
     part = json.loads(part_path.read_text())
     if part.get("plan") != plan:
         raise CacheError(
-            f"{part_path} belongs to an interrupted run with plan {part.get('plan')}, this run plans {plan}: resume with "
-            f"the same cache.tokens, cache.shard_contexts and number of processes, or delete the manifest.part*.json files"
+            f"{part_path} belongs to an interrupted run with plan {part.get('plan')}, this run plans {plan}: "
+            "resume with the same cache.tokens, cache.shard_contexts and number of processes, "
+            "or delete the manifest.part*.json files"
         )
     for shard in part["shards"]:
         check_shard_file(part_path.parent, shard, checksum=False)
@@ -177,8 +179,9 @@ def _check_no_foreign_parts(cache_dir: Path, world_size: int) -> None:
     foreign = sorted(p.name for p in cache_dir.glob(PART_GLOB) if not p.name.endswith(f"of{world_size}.json"))
     if foreign:
         raise CacheError(
-            f"{cache_dir} holds part manifests of an interrupted run with another number of processes ({', '.join(foreign)}): "
-            f"resume it with that --nproc_per_node, or delete them to redo those shards"
+            f"{cache_dir} holds part manifests of an interrupted run with another number of processes "
+            f"({', '.join(foreign)}): resume it with that --nproc_per_node, "
+            "or delete them to redo those shards"
         )
 
 

@@ -38,7 +38,8 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(
-            f"{path}: no manifest; {cache_dir} is not an activation cache (build one with python -m cache CONFIG)"
+            f"{path}: no manifest; {cache_dir} is not an activation cache "
+            "(build one with python -m cache CONFIG)"
         )
     try:
         manifest = json.loads(path.read_text())

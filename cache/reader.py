@@ -58,7 +58,8 @@ class ActivationReader:
         self.shape = hookpoints[hookpoint]["shape"]  # per token: [d] or [heads, d_head]
         if head_index is not None and not (self.layout == "heads" and 0 <= head_index < self.shape[0]):
             raise ValueError(
-                f"head_index {head_index} needs a per-head hookpoint with more heads; {hookpoint} has shape {self.shape}"
+                f"head_index {head_index} needs a per-head hookpoint with more heads; "
+                f"{hookpoint} has shape {self.shape}"
             )
         self.head_index = head_index
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
@@ -73,7 +74,8 @@ class ActivationReader:
         )
         if self.batches_per_epoch == 0:
             raise CacheError(
-                f"{self.cache_dir}: {self.manifest['tokens']} tokens over {world_size} rank(s) make no full batch of {batch_size}"
+                f"{self.cache_dir}: {self.manifest['tokens']} tokens over {world_size} rank(s) "
+                f"make no full batch of {batch_size}"
             )
 
     @property
@@ -144,7 +146,8 @@ class ActivationReader:
         data = path.read_bytes()
         if len(data) != shard["bytes"]:
             raise CacheError(
-                f"shard {path} has {len(data)} bytes, manifest.json says {shard['bytes']}: truncated or replaced"
+                f"shard {path} has {len(data)} bytes, manifest.json says {shard['bytes']}: "
+                "truncated or replaced"
             )
         if self.checksum and hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise CacheError(f"shard {path}: sha256 does not match manifest.json; the file is corrupt")
@@ -154,7 +157,8 @@ class ActivationReader:
             raise CacheError(f"shard {path}: cannot read it as safetensors: {e}") from e
 
     def _shard_acts(self, index: int, tensors: dict[str, torch.Tensor], hookpoint: str) -> torch.Tensor:
-        """`hookpoint`'s activations among a shard's tensors: [tokens, *shape], shape checked against the manifest."""
+        """`hookpoint`'s activations among a shard's tensors: [tokens, *shape], shape checked
+        against the manifest."""
         shard, key = self.shards[index], acts_key(hookpoint)
         path = self.cache_dir / shard["file"]
         if key not in tensors:
@@ -162,7 +166,8 @@ class ActivationReader:
         acts, shape = tensors[key], self.manifest["hookpoints"][hookpoint]["shape"]
         if list(acts.shape) != [shard["tokens"], *shape]:
             raise CacheError(
-                f"shard {path}: {key} has shape {list(acts.shape)}, manifest.json says {[shard['tokens'], *shape]}"
+                f"shard {path}: {key} has shape {list(acts.shape)}, "
+                f"manifest.json says {[shard['tokens'], *shape]}"
             )
         return acts
 
@@ -182,7 +187,8 @@ class MultiHookpointReader(ActivationReader):
         missing = [h for h in hookpoints if h not in self.manifest["hookpoints"]]
         if missing:
             raise CacheError(
-                f"{self.cache_dir}: no hookpoint(s) {missing}; the cache has {', '.join(self.manifest['hookpoints'])}"
+                f"{self.cache_dir}: no hookpoint(s) {missing}; "
+                f"the cache has {', '.join(self.manifest['hookpoints'])}"
             )
         self.hookpoints = list(hookpoints)
         self.widths = {
@@ -214,7 +220,8 @@ def _mix(*parts: Any) -> int:
 def load_activations(
     cache_dir: str | Path, hookpoint: str | None = None, max_tokens: int | None = None
 ) -> torch.Tensor:
-    """All (or the first max_tokens) activations of a hookpoint in cache order: [tokens, d_in]. For small caches."""
+    """All (or the first max_tokens) activations of a hookpoint in cache order: [tokens, d_in].
+    For small caches."""
     reader = ActivationReader(cache_dir, hookpoint, batch_size=1)
     parts, total = [], 0
     for index in range(len(reader.shards)):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,13 +41,12 @@ class TensorBatches:
         return self.per_epoch
 
     def batches(self, start: int = 0) -> Iterator[Tensor]:
-        epoch, pos = divmod(start, self.per_epoch)
-        for epoch in itertools.count(epoch):
+        first_epoch, first_pos = divmod(start, self.per_epoch)
+        for epoch in itertools.count(first_epoch):
             order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + epoch))
-            for pos in range(pos, self.per_epoch):
+            for pos in range(first_pos if epoch == first_epoch else 0, self.per_epoch):
                 first = (pos * self.world_size + self.rank) * self.batch_size
                 yield self.data[order[first : first + self.batch_size]]
-            pos = 0
 
 
 class IterableBatches:
@@ -65,24 +63,9 @@ class IterableBatches:
 
 
 def as_batch_source(
-    data: Tensor | BatchSource | Iterable[Tensor] | str | Path,
-    cfg: TrainConfig,
-    dist: Distributed,
-    hookpoint: str | None = None,
+    data: Tensor | BatchSource | Iterable[Tensor], cfg: TrainConfig, dist: Distributed
 ) -> BatchSource:
-    """A tensor or a cache directory is sharded by rank here; any other source must already be this
-    rank's share. From a cache, `hookpoint` is read (None: the cache's first)."""
-    if isinstance(data, (str, Path)):
-        from cache import ActivationReader  # the caching stage depends on sae, not the other way round
-
-        return ActivationReader(
-            data,
-            hookpoint,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
+    """A tensor is sharded by rank here; any other source must already be this rank's share."""
     if isinstance(data, Tensor):
         return TensorBatches(data, cfg.batch_size, cfg.seed, dist.rank, dist.world_size)
     if isinstance(data, BatchSource):

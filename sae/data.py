@@ -12,14 +12,37 @@ from __future__ import annotations
 import random
 import sysconfig
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 
+from sae.typed_config import ConfigError
+
 OFFLINE_CORPUS = "python-stdlib"
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _SKIPPED_STDLIB_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+@dataclass
+class DataConfig:
+    """The [data] section of a run config: which text, cut into contexts of which size."""
+
+    dataset: str = OFFLINE_CORPUS
+    """`python-stdlib` (offline corpus), a hub dataset name, or local .txt/.json/.jsonl/.parquet files."""
+    split: str = "train"
+    text_column: str = "text"
+    context_size: int = 128
+    """Tokens per packed context, BOS included."""
+    seed: int = 0
+    """Order of the offline corpus's files (hub datasets are read in their own order)."""
+
+    def __post_init__(self) -> None:
+        if self.context_size < 2:
+            raise ConfigError(
+                f"data.context_size must be at least 2 (BOS + one token), got {self.context_size}"
+            )
 
 
 def stdlib_source_files(seed: int = 0) -> list[Path]:
@@ -63,7 +86,8 @@ def _load_hf_dataset(dataset: str, split: str) -> Iterable[dict]:
         suffixes = {p.suffix for p in files}
         if not files or len(suffixes) != 1 or not suffixes <= set(_LOCAL_BUILDERS):
             raise ValueError(
-                f"{dataset}: expected files of one kind among {', '.join(_LOCAL_BUILDERS)}, found {sorted(suffixes) or 'none'}"
+                f"{dataset}: expected files of one kind among {', '.join(_LOCAL_BUILDERS)}, "
+                f"found {sorted(suffixes) or 'none'}"
             )
         builder = _LOCAL_BUILDERS[suffixes.pop()]
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split=split, streaming=True)
@@ -90,7 +114,7 @@ def pack_contexts(
             stream.extend(ids)
             stream.append(separator)
         while len(stream) >= body:
-            yield [bos] + stream[:body]
+            yield [bos, *stream[:body]]
             del stream[:body]
 
 
@@ -103,7 +127,26 @@ def context_batches(
         yield torch.tensor(batch, dtype=torch.long)
 
 
-def token_contexts(data_cfg, tokenizer) -> Iterator[list[int]]:
+def token_contexts(data_cfg: DataConfig, tokenizer) -> Iterator[list[int]]:
     """The packed contexts of a [data] config section."""
     documents = iter_documents(data_cfg.dataset, data_cfg.split, data_cfg.text_column, data_cfg.seed)
     return pack_contexts(documents, tokenizer, data_cfg.context_size)
+
+
+def token_batches(
+    data: DataConfig,
+    tokenizer,
+    tokens: int,
+    batch_contexts: int,
+    skip_contexts: int = 0,
+    exclude_bos: bool = True,
+) -> list[torch.Tensor]:
+    """Enough packed contexts of `data` for `tokens` tokens (BOS positions not counted when exclude_bos),
+    after the first `skip_contexts`, as batches [batch_contexts, context_size].
+
+    Pass a cache's `contexts` as `skip_contexts` to read text the cache (and so the SAE) never saw.
+    """
+    per_context = data.context_size - (1 if exclude_bos else 0)
+    n_contexts = -(-tokens // per_context)
+    contexts = islice(token_contexts(data, tokenizer), skip_contexts, skip_contexts + n_contexts)
+    return list(context_batches(contexts, batch_contexts))

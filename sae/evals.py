@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sae.data import context_batches, token_contexts
 from sae.io import atomic_write_bytes, atomic_write_json
+from sae.sites import read_site, write_site
 
 
 @dataclass
@@ -58,31 +57,6 @@ class _Totals:
         """Squared error over total variance (variance around the mean activation of these tokens)."""
         variance = self.sum_x2 - (self.sum_x**2).sum().item() / self.tokens
         return self.squared_error / variance
-
-
-def _site(sae, acts: torch.Tensor) -> torch.Tensor:
-    """The SAE's input from a hook activation: [b, t, d] or [b, t, heads, d_head] -> [b, t, d_in]."""
-    if sae.cfg.hook_layout != "heads":
-        site = acts
-    elif sae.cfg.hook_head_index is not None:
-        site = acts[:, :, sae.cfg.hook_head_index]
-    else:
-        site = acts.flatten(2)
-    if site.shape[-1] != sae.cfg.d_in:  # e.g. a released SAE for another model of the same family
-        from sae.formats import check_width
-
-        check_width(site.shape[-1], sae)
-    return site
-
-
-def _put_site(sae, acts: torch.Tensor, new: torch.Tensor, first: int) -> torch.Tensor:
-    """`acts` with the SAE's site replaced by `new` [b, t, d_in] from position `first` on."""
-    out = acts.clone()
-    if sae.cfg.hook_layout == "heads" and sae.cfg.hook_head_index is not None:
-        out[:, first:, sae.cfg.hook_head_index] = new[:, first:].to(acts.dtype)
-    else:
-        out[:, first:] = new[:, first:].reshape(out[:, first:].shape).to(acts.dtype)
-    return out
 
 
 def _predictions(logits: torch.Tensor, first: int) -> torch.Tensor:
@@ -125,30 +99,24 @@ def evaluate(
             total=total_batches,
             disable=not progress,
         ):
-            captured = {}
-
-            def keep(acts, hook):
-                captured["acts"] = acts
-                return acts
-
-            clean_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, keep)])
-            acts = captured["acts"]
-            x = _site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
+            captured: list[torch.Tensor] = []
+            clean_logits = model.run_with_hooks(
+                tokens, fwd_hooks=[(hookpoint, lambda acts, hook, into=captured: into.append(acts))]
+            )
+            acts = captured[0]
+            x = read_site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
             f = sae.encode(x)  # [b, t', d_sae]
             x_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
-            padded = torch.cat([_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)  # [b, t, d_in]
+            # [b, t, d_in]: the reconstruction after the (unspliced) first positions
+            padded = torch.cat([read_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)
 
-            spliced_logits = model.run_with_hooks(
-                tokens, fwd_hooks=[(hookpoint, lambda a, hook: _put_site(sae, a, padded.to(a.device), first))]
-            )
+            def splice(new: torch.Tensor):
+                return lambda a, hook: write_site(sae, a, new.to(a.device), first)
+
+            spliced_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, splice(padded))])
             zero_logits = model.run_with_hooks(
                 tokens,
-                fwd_hooks=[
-                    (
-                        hookpoint,
-                        lambda a, hook: _put_site(sae, a, torch.zeros_like(padded, device=a.device), first),
-                    )
-                ],
+                fwd_hooks=[(hookpoint, splice(torch.zeros_like(padded)))],
             )
 
             targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
@@ -227,17 +195,6 @@ def save_density_histogram(density: torch.Tensor, path: str | Path, title: str =
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def held_out_batches(run, tokenizer, skip_contexts: int) -> list[torch.Tensor]:
-    """`run.eval.tokens` worth of token batches [batch, context_size] after the first `skip_contexts` contexts.
-
-    Pass the cache's `contexts` as `skip_contexts`: the eval then reads text the SAE was not trained on.
-    """
-    tokens_per_context = run.data.context_size - (1 if run.cache.exclude_bos else 0)
-    n_contexts = -(-run.eval.tokens // tokens_per_context)
-    contexts = islice(token_contexts(run.data, tokenizer), skip_contexts, skip_contexts + n_contexts)
-    return [batch.to(run.model.device) for batch in context_batches(contexts, run.eval.batch_contexts)]
 
 
 def format_report(result: EvalResult) -> str:

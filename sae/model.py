@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .config import ConfigError, SAEConfig, from_dict, to_dict
+from .config import SAEConfig
+from .device import DTYPES
 from .io import atomic_save_file, atomic_write_json
 from .kernels import SparseCode, sparse_decode
+from .typed_config import ConfigError, from_dict, to_dict
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 FORMAT_NAME = "sae-toolkit"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InputStats(NamedTuple):
@@ -142,7 +143,8 @@ class SparseAutoencoder(nn.Module):
         return f.to(x.dtype)
 
     def codes(self, x: Tensor, k: int | None = None) -> Tensor:
-        """[..., d_in] -> LongTensor [..., k]: active latents/codes by decreasing activation, -1 where fewer fire.
+        """[..., d_in] -> LongTensor [..., k]: active latents/codes by decreasing activation, -1 where
+        fewer fire.
 
         `k` defaults to the config's; for architectures without a fixed k (relu, jumprelu, gated) pass it.
         """
@@ -180,7 +182,8 @@ class SparseAutoencoder(nn.Module):
         return self._restore(x_hat, stats).to(values.dtype)
 
     def _restore(self, x_hat: Tensor, stats: InputStats | None) -> Tensor:
-        # OpenAI and SAELens undo their LayerNorm with std alone (x_hat * std + mean): eps only guards the division
+        # OpenAI and SAELens undo their LayerNorm with std alone (x_hat * std + mean): eps only guards the
+        # division
         return x_hat if stats is None else x_hat * stats.std + stats.mean
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,15 +199,9 @@ class SparseAutoencoder(nn.Module):
 
     # --- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: str | Path, format: str = "sae") -> Path:
-        """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically.
-
-        `format="saelens"` or `"sparsify"` writes that library's layout instead (`sae.formats.export`).
-        """
-        if format != "sae":
-            from .formats import export  # formats imports this module
-
-            return export(self, path, format)
+    def save(self, path: str | Path) -> Path:
+        """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically (other libraries'
+        layouts: `sae.export`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
@@ -222,7 +219,7 @@ class SparseAutoencoder(nn.Module):
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
-            )
+            ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
         cfg_data.pop("format", None)
@@ -232,7 +229,7 @@ class SparseAutoencoder(nn.Module):
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{weights_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
-            )
+            ) from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
         return cls.from_tensors(cfg, tensors, source=str(weights_path)).to(device)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TrainConfig
+from .device import DTYPES
 from .kernels import SparseCode, dense_decode, dense_topk_encode, sparse_decode, topk_encode
-from .model import DTYPES, SparseAutoencoder
+from .model import SparseAutoencoder
 
 StepTerms = dict[str, Tensor]  # scalar loss terms of one step, for logging
 

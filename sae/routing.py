@@ -1,4 +1,5 @@
-"""Module distribution under torchrun: SAEs on many hookpoints spread over ranks, activations routed to owners.
+"""Module distribution under torchrun: SAEs on many hookpoints spread over ranks, activations routed to
+owners.
 
 Each hookpoint's SAEs belong to one rank (`assign_owners`). Every step, each rank reads the same
 number of rows of its own share of the cache at every hookpoint (`cache.MultiHookpointReader`), and
@@ -29,15 +30,17 @@ import torch.distributed as torch_dist
 from torch import Tensor
 
 from .config import SAEConfig, TrainConfig
+from .device import resolve_device
 from .distributed import Distributed
 from .model import SparseAutoencoder
-from .trainer import CHECKPOINT_DIR, Trainer, TrainingError, _stop_requests, agree_on_stop, resolve_device
+from .trainer import CHECKPOINT_DIR, Trainer, TrainingError, _stop_requests, agree_on_stop
 
 PREVIOUS_CHECKPOINT = CHECKPOINT_DIR + ".previous"
 
 
 class HookpointBatches(Protocol):
-    """What `ModuleTrainer.fit` reads: this rank's rows at every hookpoint, resumable (cache.MultiHookpointReader)."""
+    """What `ModuleTrainer.fit` reads: this rank's rows at every hookpoint, resumable
+    (cache.MultiHookpointReader)."""
 
     hookpoints: list[str]
     batch_size: int
@@ -66,7 +69,8 @@ def hookpoint_dir(out_dir: str | Path, hookpoint: str) -> Path:
 def route_to_owners(
     batch: dict[str, Tensor], owners: dict[str, int], dist: Distributed, device: torch.device
 ) -> dict[str, Tensor]:
-    """Gather each hookpoint's rows [B, d] from every rank on its owner: {owned hookpoint: [world_size * B, d]}.
+    """Gather each hookpoint's rows [B, d] from every rank on its owner:
+    {owned hookpoint: [world_size * B, d]}.
 
     Every rank must call this with the same hookpoints in the same order (the gathers are collective)."""
     routed = {}
@@ -112,7 +116,8 @@ class ModuleTrainer:
         self._stop_signal: int | None = None  # set by _stop_requests on SIGINT/SIGTERM
 
     def _new_trainer(self, hookpoint: str) -> Trainer:
-        """The trainer of one owned hookpoint; Distributed(): its SAEs are not replicated, so it has no collectives."""
+        """The trainer of one owned hookpoint; Distributed(): its SAEs are not replicated, so it has no
+        collectives."""
         cfg = replace(
             self.cfg, out_dir=str(hookpoint_dir(self.cfg.out_dir, hookpoint)), device=str(self.device)
         )
@@ -138,7 +143,8 @@ class ModuleTrainer:
                 if self._ranks_agree_to_stop(error):
                     self._save_checkpoints()
                     raise SystemExit(
-                        f"stopped at step {self.step}; checkpoints saved under {self.cfg.out_dir}/<hookpoint>/"
+                        f"stopped at step {self.step}; "
+                        f"checkpoints saved under {self.cfg.out_dir}/<hookpoint>/"
                     )
                 for h, t in self.trainers.items():
                     x = checked[h] * t.input_scale

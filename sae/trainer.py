@@ -28,27 +28,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .batches import BatchSource, TensorBatches, as_batch_source
-from .config import SAEConfig, TrainConfig, to_dict
+from .config import TRAINABLE_ARCHITECTURES, SAEConfig, TrainConfig
+from .device import resolve_device
 from .distributed import Distributed
 from .io import atomic_save_file, atomic_write_json
 from .model import SparseAutoencoder
 from .objectives import Objective, fold_input_scale, init_from_data
+from .typed_config import to_dict
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_LOG = "metrics.jsonl"
-
-
-# --- device and dtype policy: the one place that decides them ------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"TrainConfig.device is {name!r} but CUDA is not available on this machine")
-    return device
 
 
 # --- one SAE under training ------------------------------------------------------------------------
@@ -118,8 +107,17 @@ class Trainer:
             if not c.trainable:
                 raise ValueError(
                     f"architecture {c.architecture!r} can be loaded but not trained; "
-                    "trainable: topk, relu, codebook"
+                    f"trainable: {', '.join(TRAINABLE_ARCHITECTURES)}"
                 )
+            # what released SAEs carry but the objectives do not train (they would be ignored in training)
+            unsupported = {
+                "input_norm": c.input_norm != "none",
+                "skip_connection": c.skip_connection,
+                "apply_b_dec_to_input": not c.apply_b_dec_to_input,
+            }
+            if any(unsupported.values()):
+                names = ", ".join(name for name, set_ in unsupported.items() if set_)
+                raise ValueError(f"the trainer cannot train SAEs with {names} set (load-only options)")
         widths = {c.d_in for c in sae_cfgs}
         if len(widths) > 1:
             raise ValueError(f"SAEs trained from one read must share d_in; got {sorted(widths)}")
@@ -156,15 +154,11 @@ class Trainer:
 
     # -- the loop --
 
-    def fit(self, data: Tensor | BatchSource | Iterable[Tensor] | str | Path) -> list[SparseAutoencoder]:
-        """Train every SAE on `data` (a tensor, batches, or a cache directory); returns them folded to
-        raw units (also saved under out_dir)."""
-        hookpoints = {m.cfg.hookpoint for m in self.members}
-        if isinstance(data, (str, Path)) and len(hookpoints) > 1:
-            raise ValueError(
-                f"SAEs trained from one read of a cache must share a hookpoint; got {sorted(map(str, hookpoints))}"
-            )
-        source = as_batch_source(data, self.cfg, self.dist, hookpoint=hookpoints.pop())
+    def fit(self, data: Tensor | BatchSource | Iterable[Tensor]) -> list[SparseAutoencoder]:
+        """Train every SAE on `data`: a tensor [N, d_in], a `BatchSource` (such as `cache.ActivationReader`)
+        or any iterable of [batch, d_in] tensors. Returns the SAEs folded to raw units (also saved under
+        out_dir)."""
+        source = as_batch_source(data, self.cfg, self.dist)
         total = self._total_tokens(source)
         resumed = self.load_checkpoint()
         batches = source.batches(self.step)
@@ -526,10 +520,3 @@ class _stop_requests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def train(
-    data: Tensor | BatchSource | Iterable[Tensor] | str | Path, train_cfg: TrainConfig, sae_cfg: SAEConfig
-) -> SparseAutoencoder:
-    """Train one SAE; see `Trainer` for several at once."""
-    return Trainer([sae_cfg], train_cfg).fit(data)[0]

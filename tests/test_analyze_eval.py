@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-import analyze
 import sae
-from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
+from sae.cli import analyze
 
 
 def test_eval_of_ours_and_of_its_saelens_export_agree(tiny_lm_dir, tmp_path):
@@ -20,7 +19,7 @@ def test_eval_of_ours_and_of_its_saelens_export_agree(tiny_lm_dir, tmp_path):
     )
     model = sae.SparseAutoencoder.from_config(cfg, seed=0)
     model.save(tmp_path / "ours")
-    model.save(tmp_path / "saelens", format="saelens")
+    sae.export(model, tmp_path / "saelens", "saelens")
     results = {}
     for name in ("ours", "saelens"):
         args = [
@@ -60,7 +59,7 @@ def test_an_sae_of_the_wrong_width_is_named(tiny_lm_dir, tmp_path, capsys):
         hookpoint="blocks.1.hook_resid_post",
         model_name=str(tiny_lm_dir),
     )
-    sae.SparseAutoencoder.from_config(cfg, seed=0).save(tmp_path / "wide", format="saelens")
+    sae.export(sae.SparseAutoencoder.from_config(cfg, seed=0), tmp_path / "wide", "saelens")
     assert (
         analyze.main(
             [

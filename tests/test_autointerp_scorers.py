@@ -1,6 +1,7 @@
 """Fast tests of the fuzzing, simulation and intervention scorers, decoder-neighbour negatives, and the
 strict-JSON summary (null and a count for undefined metrics, never NaN or -1), against a scripted
-OpenAI-shaped server on loopback and the real tiny transformer. The real LLM is in test_autointerp_server.py."""
+OpenAI-shaped server on loopback and the real tiny transformer. The real LLM is in
+test_autointerp_server.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 
 import pytest
 import torch
+from test_autointerp import WORDS, ScriptedServer, completion_payload, token_strings
 
 from sae.analysis.autointerp.clients import OpenAIClient
 from sae.analysis.autointerp.explainer import (
@@ -26,8 +28,6 @@ from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, summar
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import ScorerConfig, fuzzing_score
 from sae.analysis.autointerp.simulation import PLACEHOLDER, SimulationConfig, pearson, simulation_score
-from test_autointerp import WORDS, ScriptedServer, completion_payload, token_strings
-from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
 
 def cat_record(latent: int = 0) -> LatentRecord:
@@ -83,12 +83,13 @@ def test_fuzzing_marks_true_tokens_in_positives_and_as_many_random_tokens_in_neg
     assert all(len(re.findall(r"<<.+?>>", t.split("\nAnswer:")[0])) == 1 for t in texts)
 
 
-# --- simulation ----------------------------------------------------------------------------------------------
+# --- simulation -----------------------------------------------------------------------------------
 
 
 def echo_payload(prompt: str, predict) -> dict:
-    """An echoed completion whose tokens are the prompt's lines and, after each placeholder's tab, the placeholder
-    with top alternatives from predict(token_text_of_that_line) -> {digit: logprob} (or {} for no digits)."""
+    """An echoed completion whose tokens are the prompt's lines and, after each placeholder's tab, the
+    placeholder with top alternatives from predict(token_text_of_that_line) -> {digit: logprob} (or {} for no
+    digits)."""
     tokens, offsets, tops = [], [], []
     position = 0
     for match in re.finditer(r"\n([^\n\t]*)\t" + re.escape(PLACEHOLDER), prompt):
@@ -120,10 +121,13 @@ def test_simulation_correlates_expected_digits_with_true_activations():
 
     def reply(n, path, body):
         assert body["echo"] is True and body["logprobs"] == 10
+
         # a judge that puts 9 on ' cat' with some doubt, and 0 elsewhere; no digits at all on ' pear'
-        predict = lambda token: (
-            {"9": -0.2, "0": -1.8} if token == " cat" else {} if token == " pear" else {"0": -0.05, "1": -3.0}
-        )
+        def predict(token):
+            if token == " cat":
+                return {"9": -0.2, "0": -1.8}
+            return {} if token == " pear" else {"0": -0.05, "1": -3.0}
+
         return 200, echo_payload(body["prompt"], predict), 0
 
     config = SimulationConfig(n_positive=4, n_negative=4)
@@ -131,7 +135,8 @@ def test_simulation_correlates_expected_digits_with_true_activations():
         reply, lambda c: simulation_score(c, "the word cat", record, token_strings, config)
     )
     assert len(server.requests) == 8 and score.n_scored == 8 and score.parse_failures == score.errors == 0
-    # ' pear' (token 10 -> WORDS[10]) appears once among the negatives' tokens: its prediction is missing, counted
+    # ' pear' (token 10 -> WORDS[10]) appears once among the negatives' tokens: its prediction is
+    # missing, counted
     n_pear = sum(WORDS[t % len(WORDS)] == "pear" for e in record.negatives for t in e.tokens)
     assert score.missing_predictions == n_pear > 0
     assert score.metrics["correlation"] > 0.8
@@ -158,7 +163,7 @@ def test_pearson_is_undefined_for_constant_predictions():
     assert math.isnan(pearson([1, 1, 1], [0, 1, 2])) and math.isnan(pearson([1.0], [2.0]))
 
 
-# --- intervention on the real tiny transformer ------------------------------------------------------------------
+# --- intervention on the real tiny transformer ----------------------------------------------------
 
 
 def tiny_sae():
@@ -169,7 +174,8 @@ def tiny_sae():
 
 
 def judge_payload(prompt: str, clean_texts: list[str]) -> dict:
-    """Echo with one token per word; the explanation's tokens get logprob -2 after a clean text, -1 after others."""
+    """Echo with one token per word; the explanation's tokens get logprob -2 after a clean text, -1 after
+    others."""
     text = prompt.split(JUDGE_SUFFIX)[0].removeprefix("Text: ")
     value = -2.0 if any(text == c.replace("\n", "\\n") for c in clean_texts) else -1.0
     start = prompt.index(JUDGE_SUFFIX) + len(JUDGE_SUFFIX)
@@ -257,12 +263,13 @@ def test_intervention_that_cannot_reach_the_kl_is_a_counted_failure_and_null_in_
     assert "n/a" in summary_table(summary)
 
 
-# --- strict JSON, small latents ------------------------------------------------------------------------------------
+# --- strict JSON, small latents -------------------------------------------------------------------
 
 
 def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents_reported(tmp_path):
-    """A judge that always answers 0: precision and F1 are undefined (no positive prediction). The summary holds
-    null with a count, never NaN; a latent that never fired and one that fired twice are reported, not -1."""
+    """A judge that always answers 0: precision and F1 are undefined (no positive prediction). The summary
+    holds null with a count, never NaN; a latent that never fired and one that fired twice are reported,
+    not -1."""
     from sae.io import atomic_write_json
 
     records = [
@@ -296,13 +303,13 @@ def test_summary_is_strict_json_with_undefined_metrics_counted_and_small_latents
     assert "NaN" not in lines and "-1" not in re.sub(r"-1\d|-1\.\d", "", lines)
 
 
-# --- explainer: copied demonstrations -----------------------------------------------------------------------------
+# --- explainer: copied demonstrations -------------------------------------------------------------
 
 
 def test_an_answer_copying_a_demonstration_is_retried_once_then_counted_as_a_failure():
     """Latent 0 ('cat') first answers with the last demonstration's explanation, then (asked again with other
-    demonstrations) with its own; latent 1 ('dog') repeats a demonstration both times and is a counted failure,
-    never scored. The retry's prompt leaves the copied demonstration out."""
+    demonstrations) with its own; latent 1 ('dog') repeats a demonstration both times and is a counted
+    failure, never scored. The retry's prompt leaves the copied demonstration out."""
     dog = cat_record(1)
     dog.top = [Example([0, 5, 2 + i, 3], [0.0, 1.0 + i, 0.0, 0.0]) for i in range(4)]
     records = [cat_record(0), dog]
@@ -347,12 +354,12 @@ def test_explainer_prompt_lists_marked_tokens_with_counts():
     assert DEMONSTRATIONS[0][1] not in shorter and shorter.count("Examples:") == len(DEMONSTRATIONS)
 
 
-# --- decoder-neighbour negatives ---------------------------------------------------------------------------------
+# --- decoder-neighbour negatives ------------------------------------------------------------------
 
 
 def test_neighbour_negatives_are_windows_where_a_similar_latent_fires_and_the_latent_does_not():
-    """Latent 0 fires on ' cat' (1); latent 2, whose decoder direction is nearly latent 0's, fires on ' dog' (5).
-    Hard negatives of latent 0 are centred on ' dog' and never contain ' cat'."""
+    """Latent 0 fires on ' cat' (1); latent 2, whose decoder direction is nearly latent 0's, fires on
+    ' dog' (5). Hard negatives of latent 0 are centred on ' dog' and never contain ' cat'."""
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
@@ -399,7 +406,7 @@ def test_paired_interval_brackets_the_mean_difference():
     assert 0.1 < low < 0.3 < high < 0.5
 
 
-# --- resuming a killed run ------------------------------------------------------------------------------------------
+# --- resuming a killed run ------------------------------------------------------------------------
 
 
 class Killed(Exception):
@@ -407,8 +414,8 @@ class Killed(Exception):
 
 
 class KilledAfter:
-    """Returns the first `answers` answers of the real client, then raises `Killed` instead of the next one: the
-    run dies mid-way, as under kill -9, with whatever it had written on disk."""
+    """Returns the first `answers` answers of the real client, then raises `Killed` instead of the next one:
+    the run dies mid-way, as under kill -9, with whatever it had written on disk."""
 
     def __init__(self, client, answers: int):
         self.client, self.answers, self.answered = client, answers, 0
@@ -429,11 +436,11 @@ def detection_reply(n, path, body):
 
 
 def test_a_killed_run_resumes_without_asking_again_and_ends_as_an_uninterrupted_run(tmp_path):
-    """Six latents, detection with 2 + 2 examples (8 requests per latent with the control), one request at a time.
-    A run killed at its 43rd answer (6 explanations, then the 24 real scores are queued before any control, so
-    latents 0-2 are finished) leaves the explanations and 3 scored latents on disk, and here a torn last line; the second
-    run asks nothing for those and its results equal an uninterrupted run's. Resuming with other settings is an
-    error that names what differs."""
+    """Six latents, detection with 2 + 2 examples (8 requests per latent with the control), one request at a
+    time. A run killed at its 43rd answer (6 explanations, then the 24 real scores are queued before any
+    control, so latents 0-2 are finished) leaves the explanations and 3 scored latents on disk, and here a
+    torn last line; the second run asks nothing for those and its results equal an uninterrupted run's.
+    Resuming with other settings is an error that names what differs."""
     records = [cat_record(i) for i in range(6)]
     config = AutointerpConfig(scorers=("detection",), scorer=ScorerConfig(n_positive=2, n_negative=2))
     path = tmp_path / "results.jsonl"

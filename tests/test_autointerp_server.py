@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from sae.analysis.autointerp.clients import OpenAIClient
+from sae.analysis.autointerp.explainer import ExplainerConfig
 from sae.analysis.autointerp.local_server import LlamaServer, default_gguf_path
 from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, summary_table
 from sae.analysis.autointerp.prompts import token_strings_from_tokenizer
 from sae.analysis.autointerp.records import RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import EmbeddingScorer, ScorerConfig, minilm_embedder
-from sae.analysis.autointerp.explainer import ExplainerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def concept_batches(tokenizer, n_contexts: int = 96, context: int = 64, per_batc
     tokens = torch.tensor(ids[: n_contexts * context]).view(n_contexts, context)
     pieces = [tokenizer.convert_ids_to_tokens(i).replace("▁", " ") for i in range(int(tokens.max()) + 1)]
     fires = torch.tensor([[rule(p) for rule in CONCEPTS.values()] for p in pieces], dtype=torch.float32)
-    size = 1 + torch.rand(tokens.shape + (len(CONCEPTS),), generator=torch.Generator().manual_seed(0))
+    size = 1 + torch.rand((*tokens.shape, len(CONCEPTS)), generator=torch.Generator().manual_seed(0))
     acts = fires[tokens] * size
     return [
         (
@@ -166,10 +166,12 @@ def test_explain_and_score_concept_latents_end_to_end(server, gemma_token_string
     for name, r in zip(CONCEPTS, results):
         print(
             f"{name:>18}: {r.explanation!r} (control from {r.control_from_latent}) "
-            f"embedding {r.scores.get('embedding', {}).get('metrics')} vs {r.control_scores.get('embedding', {}).get('metrics')}"
+            f"embedding {r.scores.get('embedding', {}).get('metrics')} "
+            f"vs {r.control_scores.get('embedding', {}).get('metrics')}"
         )
     print(
-        f"{elapsed:.0f} s, {summary['latents_per_minute']:.2f} latents/min, {summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent"
+        f"{elapsed:.0f} s, {summary['latents_per_minute']:.2f} latents/min, "
+        f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent"
     )
 
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(CONCEPTS)

@@ -7,12 +7,13 @@ from itertools import islice
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_lm import tiny_run_config
 
 from cache import ActivationReader, CacheError, build_cache, load_activations, read_manifest
 from cache.manifest import acts_key
-from cache.writer import capture
 from sae.data import token_contexts
-from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
+from sae.lm import capture
+from sae.typed_config import ConfigError
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.0.attn.hook_result"]
 
@@ -37,7 +38,7 @@ def test_cache_holds_the_forward_activations_without_bos(multi_hook_cache, tiny_
 
 
 def test_manifest_describes_the_cache(multi_hook_cache):
-    config, cache_dir = multi_hook_cache
+    _, cache_dir = multi_hook_cache
     manifest = read_manifest(cache_dir)
     assert manifest["complete"] and manifest["tokens"] >= 3000
     assert manifest["tokens"] == sum(s["tokens"] for s in manifest["shards"]) == manifest["contexts"] * 31
@@ -60,7 +61,7 @@ def test_stop_at_layer_skips_upper_blocks(tiny_lm, tiny_lm_dir, tmp_path):
     config = tiny_run_config(
         tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.0.hook_resid_post"], "tokens": 200}
     )
-    from cache.writer import stop_layer
+    from sae.lm import stop_layer
 
     assert stop_layer(["blocks.0.hook_resid_post", "blocks.0.attn.hook_z"], n_layers=2) == 1
     assert stop_layer(["blocks.1.hook_resid_post"], n_layers=2) is None
@@ -99,7 +100,7 @@ def test_rerun_is_a_no_op_growing_extends_other_settings_refuse(tiny_lm, tiny_lm
 
 def test_unknown_hookpoint_is_named(tiny_lm, tiny_lm_dir, tmp_path):
     config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.1.hook_resid_pots"]})
-    with pytest.raises(CacheError, match="blocks.1.hook_resid_pots"):
+    with pytest.raises(ConfigError, match=r"unknown hookpoint\(s\) \['blocks.1.hook_resid_pots'\]"):
         build_cache(config, tiny_lm, progress=False)
 
 
@@ -156,7 +157,7 @@ def test_reader_per_head_layouts(multi_hook_cache):
     assert concatenated.d_in == 32 and next(concatenated.batches()).shape == (32, 32)
     assert one_head.d_in == 8
     torch.testing.assert_close(one_head.read_shard(0), concatenated.read_shard(0)[:, 24:32])
-    with pytest.raises(CacheError, match="no hookpoint 'blocks.5.hook_z'"):
+    with pytest.raises(CacheError, match=r"no hookpoint 'blocks\.5\.hook_z'"):
         ActivationReader(cache_dir, "blocks.5.hook_z")
     with pytest.raises(CacheError, match="no full batch"):
         ActivationReader(cache_dir, batch_size=10**7)

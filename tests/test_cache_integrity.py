@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_lm import tiny_run_config
 
 from cache import ActivationReader, CacheError, read_manifest, verify_cache
 from cache.writer import build_cache
-from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = "shard_000001.safetensors"
@@ -81,7 +81,7 @@ def _edit_manifest(cache_dir, edit):
 
 def test_manifest_totals_disagreeing_with_shards(cache_dir):
     _edit_manifest(cache_dir, lambda m: m.update(tokens=m["tokens"] + 1))
-    with pytest.raises(CacheError, match="manifest.json: says .* tokens .* but its shards hold"):
+    with pytest.raises(CacheError, match=r"manifest\.json: says .* tokens .* but its shards hold"):
         read_manifest(cache_dir)
 
 
@@ -104,7 +104,7 @@ def test_manifest_listing_shards_out_of_order(cache_dir):
 
 def test_manifest_not_json_or_absent(cache_dir, tmp_path):
     (cache_dir / "manifest.json").write_text("{ not json")
-    with pytest.raises(CacheError, match="manifest.json: not valid JSON"):
+    with pytest.raises(CacheError, match=r"manifest\.json: not valid JSON"):
         read_manifest(cache_dir)
     with pytest.raises(CacheError, match="no manifest"):
         read_manifest(tmp_path / "empty")

@@ -1,4 +1,5 @@
-"""Kill a real `python -m cache` process with SIGKILL mid-run, resume it, compare with an uninterrupted run."""
+"""Kill a real `python -m cache` process with SIGKILL mid-run, resume it, compare with an uninterrupted
+run."""
 
 import json
 import os
@@ -9,9 +10,9 @@ import time
 from pathlib import Path
 
 from safetensors.torch import load_file
+from tiny_lm import tiny_run_config
 
 from cache import build_cache, read_manifest, verify_cache
-from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {"tokens": 20_000, "batch_contexts": 16, "shard_contexts": 32}
@@ -21,7 +22,8 @@ def _write_config(path: Path, model_dir: Path, cache_dir: Path) -> None:
     cache = "\n".join(f"{k} = {v}" for k, v in SETTINGS.items())
     path.write_text(
         f'[model]\nname = "{model_dir}"\n[data]\ncontext_size = 32\n'
-        f'[cache]\ndir = "{cache_dir}"\nhookpoints = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]\n{cache}\n'
+        f'[cache]\ndir = "{cache_dir}"\n'
+        f'hookpoints = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]\n{cache}\n'
     )
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from itertools import islice
 import subprocess
 import tempfile
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,6 @@ from sae import SAEConfig, SparseAutoencoder
 from sae.analysis.dashboard import read_explanations, write_dashboard
 from sae.analysis.features import LatentStatistics, Unembedding, collect_statistics, model_batches
 from sae.data import context_batches, pack_contexts, stdlib_source_files
-from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
 CHROMIUM = Path("/usr/bin/chromium")
 HOOK = "blocks.1.hook_resid_post"
@@ -202,10 +201,11 @@ def test_pages_load_in_chromium_without_errors_and_show_highlighted_tokens(dashb
 
 
 def test_examples_from_a_cache_match_examples_from_the_model(tiny_lm, tiny_lm_dir, tmp_path):
+    from tiny_lm import tiny_run_config
+
     from cache import build_cache, read_manifest
     from sae.analysis.features import cache_batches
     from sae.data import token_contexts
-    from tiny_lm import tiny_run_config
 
     run = tiny_run_config(tiny_lm_dir, tmp_path, cache={"tokens": 1000, "dtype": "float32"})
     cache_dir = build_cache(run, tiny_lm)
@@ -253,8 +253,7 @@ def test_logit_effects_fold_the_final_norm(tiny_lm_dir):
 
 def test_explanations_written_by_autointerp_are_read_and_shown(tmp_path):
     """The dashboard reads the explanations.jsonl that `analyze.py autointerp` writes (its own writer)."""
-    from sae.analysis.autointerp.cli import write_reports
-    from sae.analysis.autointerp.pipeline import LatentResult, summarize
+    from sae.analysis.autointerp.pipeline import LatentResult, summarize, write_reports
 
     results = [
         LatentResult(

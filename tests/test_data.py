@@ -7,7 +7,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from sae.data import context_batches, iter_documents, pack_contexts, stdlib_source_files
-from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

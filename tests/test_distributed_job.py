@@ -1,4 +1,5 @@
-"""`torchrun --nproc_per_node 2 train.py CONFIG` and `torchrun ... -m cache CONFIG` on a tiny model, gloo, 2 processes.
+"""`torchrun --nproc_per_node 2 train.py CONFIG` and `torchrun ... -m cache CONFIG` on a tiny model, gloo,
+2 processes.
 
 Distributed caching must write the cache one process writes (same shard bytes), resume per rank after
 a kill, and fail the job (not hang) when a rank fails.
@@ -16,7 +17,6 @@ import pytest
 
 import sae
 from cache import ActivationReader, read_manifest, verify_cache
-from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -68,7 +68,8 @@ tokens = 500
 
 
 def single_process_cache(config: Path, tmp_path: Path) -> dict:
-    """The same cache from one `python -m cache` process, with the workers' thread count (bitwise comparable)."""
+    """The same cache from one `python -m cache` process, with the workers' thread count (bitwise
+    comparable)."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "-m", "cache", str(config), "--set", f"cache.dir={tmp_path / 'single'}"],

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_lm import tiny_run_config
 
 import sae
 from cache import ActivationReader, MultiHookpointReader, build_cache
 from sae.routing import assign_owners
-from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "dist_modules.py"
@@ -193,7 +193,7 @@ def test_a_failing_rank_fails_the_job_promptly_with_its_error(cache_dir, tmp_pat
 
 
 def test_run_config_one_sae_per_hookpoint(tiny_lm_dir, tmp_path):
-    from sae.config import ConfigError
+    from sae.typed_config import ConfigError
 
     config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": HOOKS}, sae={"hookpoints": "all"})
     assert config.one_sae_per_hookpoint and config.sae_hookpoints == HOOKS
@@ -205,7 +205,7 @@ def test_run_config_one_sae_per_hookpoint(tiny_lm_dir, tmp_path):
             cache={"hookpoints": HOOKS},
             sae={"hookpoints": ["blocks.5.hook_resid_post"]},
         )
-    with pytest.raises(ConfigError, match="leave out sae.hookpoint"):
+    with pytest.raises(ConfigError, match=r"leave out sae\.hookpoint"):
         tiny_run_config(
             tiny_lm_dir,
             tmp_path,

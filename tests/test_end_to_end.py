@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 import sae
 from cache import read_manifest
-from tiny_lm import tiny_lm_dir  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 

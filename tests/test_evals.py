@@ -5,11 +5,11 @@ from itertools import islice
 
 import pytest
 import torch
+from tiny_lm import tiny_run_config
 
 from sae import SAEConfig, SparseAutoencoder
 from sae.data import context_batches, token_contexts
 from sae.evals import evaluate, format_report
-from tiny_lm import tiny_lm, tiny_lm_dir, tiny_run_config  # noqa: F401  (fixtures)
 
 D_MODEL = 32
 
@@ -91,5 +91,5 @@ def test_per_head_sae_splices_concatenated_heads(tiny_lm, batches):
 
 
 def test_unknown_hookpoint(tiny_lm, batches):
-    with pytest.raises(ValueError, match="blocks.9.hook_resid_post"):
+    with pytest.raises(ValueError, match=r"blocks\.9\.hook_resid_post"):
         evaluate(tiny_lm, _sae("blocks.9.hook_resid_post", D_MODEL, "exact"), batches, progress=False)

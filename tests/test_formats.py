@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sae
-from sae.formats import FormatError, check_width, detect_format
+from sae.formats import FormatError, detect_format
+from sae.sites import check_width
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -89,7 +90,8 @@ def test_sparsify_dtype_comes_from_the_file(tmp_path):
     )  # bit for bit
     x = random_inputs(4).to(torch.bfloat16)
     assert model.encode(x).dtype == torch.bfloat16 and model(x).dtype == torch.bfloat16
-    # bf16 roundings differ between a fused and an unfused bias (near-ties flip): compare the same weights in fp32
+    # bf16 roundings differ between a fused and an unfused bias (near-ties flip): compare the same weights
+    # in fp32
     model, coder = model.float(), coder.float()
     with torch.no_grad():
         dense, recon = sparsify_dense(coder, x.float())
@@ -125,7 +127,7 @@ def test_sparsify_export_loads_in_sparsify(tmp_path):
         hookpoint="blocks.4.hook_resid_post",
     )
     model = randomized(sae.SparseAutoencoder(cfg), seed=5)
-    model.save(tmp_path / "exported", format="sparsify")
+    sae.export(model, tmp_path / "exported", "sparsify")
     coder = SparseCoder.load_from_disk(tmp_path / "exported")
     x = random_inputs(6)
     with torch.no_grad():
@@ -145,12 +147,12 @@ def test_sparsify_export_loads_in_sparsify(tmp_path):
 def test_exports_refuse_what_the_format_cannot_compute(tmp_path, architecture):
     cfg = sae.SAEConfig(architecture=architecture, d_in=D_IN, d_sae=D_SAE, k=K)
     with pytest.raises(ValueError, match=f"cannot export to sparsify exactly: architecture '{architecture}'"):
-        sae.SparseAutoencoder(cfg).save(tmp_path / "x", format="sparsify")
+        sae.export(sae.SparseAutoencoder(cfg), tmp_path / "x", "sparsify")
     if architecture == "codebook":
         with pytest.raises(ValueError, match="cannot export to SAELens exactly"):
-            sae.SparseAutoencoder(cfg).save(tmp_path / "y", format="saelens")
+            sae.export(sae.SparseAutoencoder(cfg), tmp_path / "y", "saelens")
     with pytest.raises(ValueError, match="export formats: saelens, sparsify"):
-        sae.SparseAutoencoder(cfg).save(tmp_path / "z", format="gemma_scope")
+        sae.export(sae.SparseAutoencoder(cfg), tmp_path / "z", "gemma_scope")
 
 
 # --- Gemma Scope: the release's reference JumpReLU ------------------------------------------------
@@ -198,8 +200,8 @@ def test_gemma_scope_matches_reference_and_reads_the_path(tmp_path):
 
 
 def test_gemma_scope_width_in_path_must_match(tmp_path):
-    path, params = write_gemma_scope(tmp_path, d_sae=512)
-    with pytest.raises(FormatError, match="params.npz: the path says width 1024 but W_enc has 512 latents"):
+    path, _ = write_gemma_scope(tmp_path, d_sae=512)
+    with pytest.raises(FormatError, match=r"params\.npz: the path says width 1024 but W_enc has 512 latents"):
         sae.load(str(path))
 
 
@@ -278,7 +280,9 @@ def test_openai_pickled_code_is_never_executed(tmp_path):
 
     state = openai_state_dict("ReLU") | {"activation": Payload()}
     torch.save(state, tmp_path / "evil.pt")
-    with pytest.raises(FormatError, match="evil.pt: not a torch state dict loadable with weights_only=True"):
+    with pytest.raises(
+        FormatError, match=r"evil\.pt: not a torch state dict loadable with weights_only=True"
+    ):
         sae.load(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "executed").exists()
 
@@ -323,12 +327,12 @@ def test_saelens_pre6_scaling_factor_is_folded_into_the_decoder(tmp_path):
 
 def test_saelens_per_token_rescaling_is_refused_by_name(tmp_path):
     cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
-    sae.SparseAutoencoder(cfg).save(tmp_path, format="saelens")
+    sae.export(sae.SparseAutoencoder(cfg), tmp_path, "saelens")
     data = json.loads((tmp_path / "cfg.json").read_text()) | {
         "normalize_activations": "constant_norm_rescale"
     }
     (tmp_path / "cfg.json").write_text(json.dumps(data))
-    with pytest.raises(FormatError, match="cfg.json: normalize_activations 'constant_norm_rescale'"):
+    with pytest.raises(FormatError, match=r"cfg\.json: normalize_activations 'constant_norm_rescale'"):
         sae.load(str(tmp_path))
 
 
@@ -356,9 +360,10 @@ def test_unknown_format_lists_what_is_recognised_and_what_was_found(tmp_path):
 
 
 def test_a_name_never_decides_the_format(tmp_path):
-    """A SAELens folder named like a sparsify hookpoint is still SAELens; a .pt that is an npz is Gemma Scope."""
+    """A SAELens folder named like a sparsify hookpoint is still SAELens; a .pt that is an npz is Gemma
+    Scope."""
     cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
-    sae.SparseAutoencoder(cfg).save(tmp_path / "layers.3" / "gemma-scope", format="saelens")
+    sae.export(sae.SparseAutoencoder(cfg), tmp_path / "layers.3" / "gemma-scope", "saelens")
     assert detect_format(tmp_path / "layers.3" / "gemma-scope") == "saelens"
     path, _ = write_gemma_scope(tmp_path / "x")
     disguised = tmp_path / "sae.pt"
@@ -370,7 +375,7 @@ def test_sparsify_run_folder_points_at_its_hookpoints(tmp_path):
     for hookpoint in ("layers.1", "layers.2"):
         SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K)).save_to_disk(tmp_path / hookpoint)
     with pytest.raises(
-        FormatError, match="a sparsify run with 2 hookpoints; load one of them.*layers.1, layers.2"
+        FormatError, match=r"a sparsify run with 2 hookpoints; load one of them.*layers\.1, layers\.2"
     ):
         sae.load(str(tmp_path))
 
@@ -381,25 +386,25 @@ def test_truncated_corrupt_and_nan_files_name_file_and_tensor(tmp_path):
     coder.save_to_disk(tmp_path / "cut")
     weights = tmp_path / "cut" / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    with pytest.raises(FormatError, match="cut/sae.safetensors: not a readable safetensors file"):
+    with pytest.raises(FormatError, match=r"cut/sae\.safetensors: not a readable safetensors file"):
         sae.load(str(tmp_path / "cut"))
 
     coder.save_to_disk(tmp_path / "nan")
     tensors = load_file(tmp_path / "nan" / "sae.safetensors")
     tensors["b_dec"][2] = float("nan")
     save_file(tensors, tmp_path / "nan" / "sae.safetensors")
-    with pytest.raises(ValueError, match="nan/sae.safetensors: tensor b_dec contains NaN or inf"):
+    with pytest.raises(ValueError, match=r"nan/sae\.safetensors: tensor b_dec contains NaN or inf"):
         sae.load(str(tmp_path / "nan"))
 
     path, _ = write_gemma_scope(tmp_path / "g")
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(FormatError, match="params.npz"):
+    with pytest.raises(FormatError, match=r"params\.npz"):
         sae.load(str(path.parent))
 
     (tmp_path / "bad_cfg").mkdir()
     (tmp_path / "bad_cfg" / "cfg.json").write_text("{not json")
     save_file({"W_enc": torch.zeros(2, 2)}, tmp_path / "bad_cfg" / "sae_weights.safetensors")
-    with pytest.raises(FormatError, match="bad_cfg/cfg.json: not valid JSON"):
+    with pytest.raises(FormatError, match=r"bad_cfg/cfg\.json: not valid JSON"):
         sae.load(str(tmp_path / "bad_cfg"))
 
 
@@ -407,7 +412,7 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     state = openai_state_dict("TopK")
     del state["latent_bias"]
     torch.save(state, tmp_path / "a.pt")
-    with pytest.raises(FormatError, match="a.pt: missing tensor latent_bias"):
+    with pytest.raises(FormatError, match=r"a\.pt: missing tensor latent_bias"):
         sae.load(str(tmp_path / "a.pt"))
     state = openai_state_dict("TopK")
     state["decoder.weight"] = state["decoder.weight"].T.contiguous()  # stored the wrong way round
@@ -429,7 +434,7 @@ def test_check_width_against_the_models_hook():
     )
     model = sae.SparseAutoencoder(cfg)
     check_width(D_IN, model)
-    with pytest.raises(ValueError, match="SAE reads d_in=16 .*blocks.2.hook_resid_post has width 768"):
+    with pytest.raises(ValueError, match=r"SAE reads d_in=16 .*blocks\.2\.hook_resid_post has width 768"):
         check_width(768, model)
 
 
@@ -437,7 +442,7 @@ def test_saelens_expected_average_scaling_is_folded_when_given(tmp_path):
     """`expected_average_only_in`: trained on s * x. SAELens folds s as W_enc * s, W_dec / s, b_dec / s."""
     cfg = sae.SAEConfig(architecture="relu", d_in=D_IN, d_sae=D_SAE)
     raw = randomized(sae.SparseAutoencoder(cfg), seed=14)
-    raw.save(tmp_path, format="saelens")
+    sae.export(raw, tmp_path, "saelens")
     data = json.loads((tmp_path / "cfg.json").read_text()) | {
         "normalize_activations": "expected_average_only_in"
     }
@@ -454,7 +459,8 @@ def test_saelens_expected_average_scaling_is_folded_when_given(tmp_path):
 
 
 def test_hub_reference_downloads_only_the_subpath(tmp_path, monkeypatch):
-    """hf://org/repo/subpath goes through huggingface_hub.snapshot_download (a local copy stands in for the hub)."""
+    """hf://org/repo/subpath goes through huggingface_hub.snapshot_download (a local copy stands in for the
+    hub)."""
     import shutil
 
     import huggingface_hub

@@ -57,7 +57,6 @@ def test_saelens_files_match_saelens_forward(name):
     folder = FIXTURES / "saelens" / name
     assert detect_format(folder) == "saelens"
     model = sae.load(str(folder))
-    architecture, apply_b_dec, input_norm, layout = SAELENS_CASES[name]
     cfg = model.cfg
     assert (cfg.architecture, cfg.apply_b_dec_to_input, cfg.input_norm, cfg.hook_layout) == SAELENS_CASES[
         name

@@ -70,7 +70,7 @@ def test_bf16_encoder_selects_nearly_the_same_latents():
 
 def test_fewer_aux_candidates_than_k_aux():
     x = torch.randn(4, D_IN)
-    code, aux = topk_encode(
+    _, aux = topk_encode(
         x, torch.randn(D_SAE, D_IN), torch.zeros(D_SAE), K, aux_latents=torch.tensor([3, 4]), k_aux=10
     )
     assert aux.indices.shape == (4, 2) and set(aux.indices.flatten().tolist()) <= {3, 4}

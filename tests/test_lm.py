@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny_lm import make_tiny_lm
 from transformers import GPT2LMHeadModel
 
 from sae.lm import load_model, toolkit_cache_dir, weights_hash
-from tiny_lm import make_tiny_lm, tiny_lm_dir  # noqa: F401  (fixture)
 
 
 def test_local_folder_loads_as_bridge_matching_hf(tiny_lm_dir):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import sae
-from sae.config import ConfigError
 from sae.model import param_shapes
+from sae.typed_config import ConfigError
 
 D_IN, D_SAE = 16, 64
 
@@ -158,7 +158,7 @@ def test_nan_weights_and_truncated_files_are_refused(tmp_path):
     make("relu").save(tmp_path / "cut")
     weights = tmp_path / "cut/sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="sae.safetensors: not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"sae\.safetensors: not a readable safetensors file"):
         sae.load(str(tmp_path / "cut"))
     with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
         sae.load(str(tmp_path / "nowhere"))

@@ -12,7 +12,6 @@ import sae
 from sae.synthetic import feature_recovery, sparse_feature_data
 from sae.trainer import CHECKPOINT_DIR, TrainingError, sae_name
 
-
 # The data's seed differs from every model seed: with equal seeds the random initial decoder would
 # share its generator stream with the true features and "recover" them before training.
 DATA_SEED = 123

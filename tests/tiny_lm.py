@@ -1,14 +1,17 @@
 """A tiny random GPT-2 with a real (byte-level BPE) tokenizer, saved as a Hugging Face folder.
 
-Tests boot it through the same `sae.lm.load_model` path a user's local model takes.
+Tests boot it through the same `sae.lm.load_model` path a user's local model takes (the fixtures
+`tiny_lm_dir` and `tiny_lm` are in the repository's conftest.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
+
+from sae.cli.run_config import RunConfig
+from sae.typed_config import from_dict
 
 TINY_VOCAB = 320
 
@@ -51,10 +54,8 @@ def make_tiny_lm(
     return directory
 
 
-def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> "RunConfig":
+def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> RunConfig:
     """A run config on the tiny model with small, fast settings; `sections` update a section's keys."""
-    from sae.config import from_dict
-    from sae.run_config import RunConfig
 
     data = {
         "model": {"name": str(model_dir)},
@@ -73,15 +74,3 @@ def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> "RunConfig":
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
     return from_dict(RunConfig, data, "config")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tiny_lm_dir):
-    from sae.lm import load_model
-
-    return load_model(str(tiny_lm_dir))

@@ -102,7 +102,8 @@ def read_steering_examples(paths: list[str | Path]) -> dict[int, list[dict]]:
 def logit_effects(
     W_dec_rows: Tensor, unembedding: Unembedding, n: int = 10, batch: int = 64
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Decoder directions [L, d] through the final norm and unembedding: top and bottom n (values, ids) [L, n]."""
+    """Decoder directions [L, d] through the final norm and unembedding: top and bottom n (values, ids)
+    [L, n]."""
     results = [[], [], [], []]
     for start in tqdm(range(0, len(W_dec_rows), batch), desc="logit effects", unit="batch", leave=False):
         logits = unembedding.logits(W_dec_rows[start : start + batch])  # [batch, vocab]
@@ -166,13 +167,15 @@ def write_dashboard(
     latents = stats.latents.tolist()
     if unembedding is not None and unembedding.W_U.shape[0] != sae.cfg.d_in:
         raise ValueError(
-            f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: not a residual-stream SAE"
+            f"W_U has {unembedding.W_U.shape[0]} rows but the SAE's d_in is {sae.cfg.d_in}: "
+            "not a residual-stream SAE"
         )
     logits = (
         logit_effects(sae.W_dec.detach()[stats.latents], unembedding) if unembedding is not None else None
     )
 
-    # The index sorts by one score: the first one the explanations file names (all scores are on latent pages).
+    # The index sorts by one score: the first one the explanations file names (all scores are on latent
+    # pages).
     score_name = next((name for e in explanations.values() for name in e.scores), None)
     rows = []  # the index: one row per latent, INDEX_COLUMNS
     for chunk_start in tqdm(range(0, len(latents), chunk_size), desc="dashboard chunks", unit="chunk"):

@@ -20,6 +20,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sae.lm import capture, prepare_hooks, stop_layer
+from sae.sites import read_site
+
 # Histogram bins: log10(activation) from -4 to 5 in steps of 0.05 (exact counts, any activation scale).
 HIST_LOG10_LOW, HIST_LOG10_STEP, HIST_BINS = -4.0, 0.05, 180
 PAD_TOKEN = -1  # window positions outside the context
@@ -42,7 +45,8 @@ class Examples:
         )
 
     def merge(self, scores: Tensor, candidates: Examples) -> tuple[Examples, Tensor]:
-        """Keep the k highest of (self, candidates) by score; `scores` [L, k + k'] rank both, in that order."""
+        """Keep the k highest of (self, candidates) by score; `scores` [L, k + k'] rank both, in that
+        order."""
         k = self.values.shape[1]
         kept_scores, order = scores.topk(k, dim=1)  # [L, k]
         values = torch.cat([self.values, candidates.values], 1).gather(1, order)
@@ -69,7 +73,8 @@ class LatentStatistics:
         self.latents = torch.arange(d_sae) if latents is None else torch.as_tensor(latents, dtype=torch.long)
         if len(self.latents) == 0 or self.latents.min() < 0 or self.latents.max() >= d_sae:
             raise ValueError(
-                f"latents must be a non-empty list of indices in [0, {d_sae}), got {self.latents.tolist()[:10]}"
+                f"latents must be a non-empty list of indices in [0, {d_sae}), "
+                f"got {self.latents.tolist()[:10]}"
             )
         n = len(self.latents)
         self.offsets = torch.arange(-window_before, window_after + 1)  # [window]
@@ -124,7 +129,8 @@ class LatentStatistics:
         self.histogram += counts.view_as(self.histogram)
 
     def _windows(self, tokens: Tensor, flat: Tensor, rows: Tensor, values: Tensor, t: int) -> Examples:
-        """Context windows around flat positions `rows` [L, k]: tokens and this latent's acts [L, k, window]."""
+        """Context windows around flat positions `rows` [L, k]: tokens and this latent's acts
+        [L, k, window]."""
         position = rows % t
         window_pos = position[:, :, None] + self.offsets  # [L, k, window]
         inside = (window_pos >= 0) & (window_pos < t)
@@ -135,7 +141,8 @@ class LatentStatistics:
         return Examples(values.float(), window_tokens, window_acts)
 
     def examples(self, i: int, which: str = "top") -> list[tuple[float, list[int], list[float]]]:
-        """The filled examples of tracked latent number i (not latent id): (value, tokens, acts), best first."""
+        """The filled examples of tracked latent number i (not latent id): (value, tokens, acts), best
+        first."""
         source = self.top if which == "top" else self.sample
         keep = source.values[i].isfinite() & (source.values[i] > 0)
         order = source.values[i].argsort(descending=True)
@@ -146,7 +153,8 @@ class LatentStatistics:
         ]
 
     def following_tokens(self, i: int, n: int = 10) -> list[int]:
-        """The distinct tokens right after tracked latent i's top activations, most frequent first (up to n)."""
+        """The distinct tokens right after tracked latent i's top activations, most frequent first
+        (up to n)."""
         after = self.center + 1
         if after >= self.top.tokens.shape[2]:
             raise ValueError("following_tokens needs window_after >= 1")
@@ -182,24 +190,16 @@ def histogram_bin_edges() -> Tensor:
 # --- sources of (tokens, activations) batches ------------------------------------------------------
 
 
-def sae_site(sae, hook_acts: Tensor) -> Tensor:
-    """The SAE's input from a hook activation ([b, t, d] or per-head [b, t, heads, d_head]) -> [b, t, d_in]."""
-    from sae.evals import _site  # one definition of how an SAE reads its hookpoint
-
-    return _site(sae, hook_acts)
-
-
 def model_batches(
     model,
     sae,
     token_batches: Iterable[Tensor],
     exclude_bos: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Run `model` up to the SAE's hookpoint on token batches [b, t]: yields tokens, SAE inputs [b, t, d_in], valid [b, t]."""
-    from cache.writer import capture, prepare_model, stop_layer
-
+    """Run `model` up to the SAE's hookpoint on token batches [b, t]: yields tokens, SAE inputs
+    [b, t, d_in], valid [b, t]."""
     hookpoint = sae.cfg.hookpoint
-    prepare_model(model, [hookpoint])
+    prepare_hooks(model, [hookpoint])
     stop = stop_layer([hookpoint], model.cfg.n_layers)
     device = next(sae.parameters()).device
     for tokens in token_batches:
@@ -207,7 +207,7 @@ def model_batches(
         valid = torch.ones(tokens.shape, dtype=torch.bool)
         if exclude_bos:
             valid[:, 0] = False  # BOS: the SAE never saw it (Gemma's residual norm there is ~5e4)
-        yield tokens, sae_site(sae, hook_acts).float().to(device), valid
+        yield tokens, read_site(sae, hook_acts).float().to(device), valid
 
 
 def cache_batches(
@@ -216,14 +216,16 @@ def cache_batches(
     contexts_per_batch: int = 16,
     max_tokens: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Contexts of an activation cache in order (the first `max_tokens` or so): tokens [b, t], SAE inputs [b, t, d_in], valid [b, t].
+    """Contexts of an activation cache in order (the first `max_tokens` or so): tokens [b, t], SAE inputs
+    [b, t, d_in], valid [b, t].
 
     The cache stores, per shard, the token ids beside the activations; every context has the same number
     of stored positions, so a shard reshapes into [contexts, positions].
     """
+    from safetensors import safe_open
+
     from cache import ActivationReader
     from cache.manifest import TOKENS_KEY, CacheError
-    from safetensors import safe_open
 
     reader = ActivationReader(cache_dir, sae.cfg.hookpoint, batch_size=1, head_index=sae.cfg.hook_head_index)
     if reader.d_in != sae.cfg.d_in:

@@ -1,7 +1,7 @@
 """Released dictionaries: detect the format from the files present and their keys, convert, export.
 
     model = sae.formats.load("path/or/hf://org/repo/subpath")
-    model.save("out/for_saelens", format="saelens")   # or "sparsify"
+    sae.formats.export(model, "out/for_saelens", "saelens")   # or "sparsify"
 
 Every converter maps a foreign file onto `SparseAutoencoder`'s one layout so that encode/decode give the
 source library's own forward pass (see each module's docstring for the semantics it reproduces).
@@ -128,37 +128,26 @@ def load(ref: str | Path, device: str = "cpu", format: str | None = None) -> Spa
 
 
 def export(model: SparseAutoencoder, path: str | Path, format: str) -> Path:
-    """Write `model` in a foreign format (`saelens` or `sparsify`), refusing what the format cannot express."""
+    """Write `model` in a foreign format (`saelens` or `sparsify`), refusing what the format cannot
+    express."""
     if format not in EXPORTERS:
         raise ValueError(f"cannot export to {format!r}; export formats: {', '.join(EXPORTERS)}")
     return EXPORTERS[format](model, path)
 
 
-def check_width(d_hook: int, model: SparseAutoencoder, hookpoint: str | None = None) -> None:
-    """Raise if the SAE cannot read a hook of width `d_hook` (per-head hooks: n_heads * d_head)."""
-    if model.cfg.d_in != d_hook:
-        where = hookpoint or model.cfg.hookpoint or "the hookpoint"
-        raise ValueError(
-            f"SAE reads d_in={model.cfg.d_in} ({model.cfg.source_format} SAE for "
-            f"{model.cfg.model_name or 'unknown model'}, {model.cfg.hookpoint or 'unknown hook'}) but "
-            f"{where} has width {d_hook}"
-        )
-
-
 __all__ = [
     "EXPORTERS",
-    "FormatError",
     "LOADERS",
     "RECOGNISED",
-    "check_width",
+    "FormatError",
     "detect_format",
     "export",
+    "export_saelens",
+    "export_sparsify",
     "load",
     "load_dictionary_learning",
     "load_gemma_scope",
     "load_openai",
     "load_saelens",
     "load_sparsify",
-    "export_saelens",
-    "export_sparsify",
 ]

@@ -1,4 +1,5 @@
-"""dictionary_learning (saprmarks/dictionary_learning): `ae.pt` + `config.json` {"trainer": {dict_class, ...}}.
+"""dictionary_learning (saprmarks/dictionary_learning): `ae.pt` + `config.json`
+{"trainer": {dict_class, ...}}.
 
 The state dict's layout depends on `trainer.dict_class`; each maps onto our layout as that class's
 `encode`/`decode` compute (dictionary_learning 0.1.0):
@@ -11,10 +12,12 @@ The state dict's layout depends on `trainer.dict_class`; each maps onto our layo
                          f = TopK(ReLU(W (x - b_dec) + b)) (encode's default ignores the threshold)
     BatchTopKSAE         as TopK, but encode's default thresholds: f = ReLU(pre) * (ReLU(pre) > threshold),
                          a JumpReLU with the scalar threshold on every latent (dropped by SAELens, #608)
-    MatryoshkaBatchTopKSAE  W_enc [D, F], b_enc, W_dec [F, D], b_dec, threshold, k, group_sizes: BatchTopK's encode
-                         with all groups active (a Matryoshka SAE's nested groups only matter in training)
-    JumpReluAutoEncoder  W_enc [D, F], b_enc, W_dec [F, D], b_dec, threshold [F]: f = ReLU(pre * (pre > threshold)),
-                         no input centring (their class's apply_b_dec_to_input defaults to False)
+    MatryoshkaBatchTopKSAE  W_enc [D, F], b_enc, W_dec [F, D], b_dec, threshold, k, group_sizes:
+                         BatchTopK's encode with all groups active (a Matryoshka SAE's nested groups
+                         only matter in training)
+    JumpReluAutoEncoder  W_enc [D, F], b_enc, W_dec [F, D], b_dec, threshold [F]:
+                         f = ReLU(pre * (pre > threshold)), no input centring (their class's
+                         apply_b_dec_to_input defaults to False)
     GatedAutoEncoder     encoder.weight, decoder.weight, decoder_bias, gate_bias, mag_bias, r_mag
 """
 
@@ -79,7 +82,8 @@ def batch_topk_threshold(state: dict[str, Tensor], d_sae: int) -> Tensor:
     if threshold < 0:
         warnings.warn(
             f"BatchTopK threshold is {threshold.item()} (never learnt): the SAE encodes as plain ReLU, "
-            "as dictionary_learning's encode does"
+            "as dictionary_learning's encode does",
+            stacklevel=2,
         )
     return threshold.expand(d_sae).clone()
 
@@ -119,7 +123,8 @@ def convert_jumprelu(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str
 
 
 def convert_gated(state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    # gate: W (x - b_dec) + gate_bias > 0; magnitude: exp(r_mag) * W (x - b_dec) + mag_bias (ours scales W's rows)
+    # gate: W (x - b_dec) + gate_bias > 0; magnitude: exp(r_mag) * W (x - b_dec) + mag_bias
+    # (ours scales W's rows)
     return {"architecture": "gated"}, {
         "W_enc": state["encoder.weight"],
         "b_enc": state["gate_bias"],
@@ -182,7 +187,8 @@ def load_dictionary_learning(path: str | Path) -> SparseAutoencoder:
     if submodule is None:
         warnings.warn(
             f"{config_path}: submodule_name {trainer.get('submodule_name')!r} has no transformer-lens "
-            "equivalent we know; hookpoint left unset"
+            "equivalent we know; hookpoint left unset",
+            stacklevel=2,
         )
     cfg = sae_config(
         config_path,

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..config import ConfigError, SAEConfig
+from ..config import SAEConfig
+from ..typed_config import ConfigError
 
 
 class FormatError(ValueError):

@@ -1,9 +1,11 @@
-"""Gemma Scope (Google DeepMind): `params.npz` at `.../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/average_l0_N/`.
+"""Gemma Scope (Google DeepMind): `params.npz` at
+`.../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/average_l0_N/`.
 
     W_enc [d_model, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_model]   b_dec [d_model]   threshold [d_sae]
 
 JumpReLU with the raw threshold (not its log): pre = x W_enc + b_enc, with no b_dec subtraction;
-f = ReLU(pre) * (pre > threshold) (the release's reference code writes mask * ReLU(pre)); x_hat = f W_dec + b_dec.
+f = ReLU(pre) * (pre > threshold) (the release's reference code writes mask * ReLU(pre));
+x_hat = f W_dec + b_dec.
 The npz holds weights only: layer, width, site and average L0 come from the path.
 """
 
@@ -64,7 +66,8 @@ def load_gemma_scope(path: str | Path) -> SparseAutoencoder:
         unknown = "model and hookpoint are" if sae_match else "model, hookpoint, width and L0 are"
         warnings.warn(
             f"{params_path}: path is not .../gemma-scope-<size>-<pt|it>-<site>/layer_L/width_W/"
-            f"average_l0_N/params.npz, so the {unknown} unknown"
+            f"average_l0_N/params.npz, so the {unknown} unknown",
+            stacklevel=2,
         )
 
     cfg = sae_config(

@@ -6,7 +6,8 @@
 
 Their `Autoencoder.from_state_dict` normalises the input exactly when the activation is TopK:
 x -> (x - mean) / (std + 1e-5) per token (unbiased std), then latents = act(W (x - pre_bias) + latent_bias),
-recons = (latents W_dec^T + pre_bias) * std + mean. Release paths: `<location>[_v5_32k]/autoencoders/[N/]<layer>.pt`.
+recons = (latents W_dec^T + pre_bias) * std + mean.
+Release paths: `<location>[_v5_32k]/autoencoders/[N/]<layer>.pt`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def load_openai(path: str | Path) -> SparseAutoencoder:
 
     release = RELEASE_PATH.search(path.as_posix())
     if release is None:
-        warnings.warn(f"{path}: not a release path <location>/autoencoders/<layer>.pt; hookpoint unknown")
+        warnings.warn(
+            f"{path}: not a release path <location>/autoencoders/<layer>.pt; hookpoint unknown", stacklevel=2
+        )
     cfg = sae_config(
         path,
         architecture="topk" if activation == "TopK" else "relu",

@@ -7,7 +7,8 @@
 SAELens's forward (v6 `SAE.process_sae_in` / `encode` / `decode`):
     x -> flatten heads (hook_z) -> normalise (layer_norm: per-token LN; constant_norm_rescale) -> x - b_dec
       -> pre = x W_enc + b_enc -> standard: ReLU | topk: ReLU(TopK(pre * |W_dec| if rescaled)) |
-         jumprelu: ReLU(pre) * (pre > threshold) | gated: (x W_enc + b_gate > 0) * ReLU(x (W_enc e^r_mag) + b_mag)
+         jumprelu: ReLU(pre) * (pre > threshold) |
+         gated: (x W_enc + b_gate > 0) * ReLU(x (W_enc e^r_mag) + b_mag)
     f -> (f / |W_dec| if rescaled) W_dec + b_dec -> un-normalise -> unflatten heads
 The weights are cast to the cfg's dtype, as SAELens does on load.
 """
@@ -36,7 +37,7 @@ from .files import (
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")  # BatchTopK and Matryoshka are saved as jumprelu
-DTYPES = {
+SAELENS_DTYPE_NAMES = {
     "float32": "float32",
     "float16": "float16",
     "bfloat16": "bfloat16",
@@ -122,9 +123,11 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
         )
     d_in, d_sae = require_key(cfg, "d_in", cfg_path), require_key(cfg, "d_sae", cfg_path)
     dtype_str = str(cfg.get("dtype", "float32"))
-    if dtype_str not in DTYPES:
-        raise FormatError(f"{cfg_path}: dtype {dtype_str!r}; expected one of {', '.join(DTYPES)}")
-    dtype = getattr(torch, DTYPES[dtype_str])
+    if dtype_str not in SAELENS_DTYPE_NAMES:
+        raise FormatError(
+            f"{cfg_path}: dtype {dtype_str!r}; expected one of {', '.join(SAELENS_DTYPE_NAMES)}"
+        )
+    dtype = getattr(torch, SAELENS_DTYPE_NAMES[dtype_str])
 
     # SAELens casts every stored tensor to the cfg's dtype; we compute the folds in float64 first.
     tensors = {name: t.to(torch.float64) for name, t in read_safetensors(weights_path).items()}
@@ -143,7 +146,7 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
     require_shape(tensors["W_enc"], (d_in, d_sae), "W_enc", weights_path)
     require_shape(tensors["W_dec"], (d_sae, d_in), "W_dec", weights_path)
     require_shape(tensors["b_dec"], (d_in,), "b_dec", weights_path)
-    for name in required[4:] + [gate_bias]:
+    for name in [*required[4:], gate_bias]:
         require_shape(tensors[name], (d_sae,), name, weights_path)
 
     W_enc = tensors["W_enc"].T  # [d_sae, d_in]
@@ -162,7 +165,8 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
             warnings.warn(
                 f"{cfg_path}: normalize_activations is 'expected_average_only_in' and no "
                 "norm_scaling_factor was given; the SAE reads raw activations, as SAELens's "
-                "load_from_disk does"
+                "load_from_disk does",
+                stacklevel=2,
             )
         else:  # SAELens's fold_activation_norm_scaling_factor
             W_enc, W_dec, b_dec = (
@@ -197,7 +201,7 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
         k=cfg.get("k") if architecture == "topk" else None,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
         input_norm=input_norm,
-        dtype=DTYPES[dtype_str],
+        dtype=SAELENS_DTYPE_NAMES[dtype_str],
         model_name=metadata.get("model_name"),
         hookpoint=metadata.get("hook_name"),
         hook_layout="heads" if cfg.get("reshape_activations", "none") == "hook_z" else "flat",

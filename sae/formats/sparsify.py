@@ -53,13 +53,16 @@ def map_hookpoint(module_name: str, transcode: bool) -> str | None:
         if match := pattern.match(module_name):
             return hook.format(match.group(1))
     warnings.warn(
-        f"sparsify hookpoint {module_name!r} has no transformer-lens equivalent we know; hookpoint left unset"
+        f"sparsify hookpoint {module_name!r} has no transformer-lens equivalent we know; "
+        "hookpoint left unset",
+        stacklevel=2,
     )
     return None
 
 
 def load_sparsify(path: str | Path) -> SparseAutoencoder:
-    """A sparsify hookpoint folder (`<run>/<hookpoint>/`) -> SparseAutoencoder, metadata from the run's config."""
+    """A sparsify hookpoint folder (`<run>/<hookpoint>/`) -> SparseAutoencoder, metadata from the run's
+    config."""
     path = Path(path)
     cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
     cfg = read_json(cfg_path)
@@ -90,7 +93,8 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
     if transcode:  # our config names one hook; a transcoder reads one module's input and predicts its output
         warnings.warn(
             f"{cfg_path}: a transcoder; its hookpoint is where it reads, but it reconstructs the "
-            f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful"
+            f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful",
+            stacklevel=2,
         )
 
     # Metadata: sparsify keeps the model in the run's config.json and the hookpoint as the folder name;

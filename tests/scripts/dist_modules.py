@@ -1,4 +1,5 @@
-"""Train one TopK SAE per hookpoint of a cache with module distribution; used by tests/test_distributed_modules.py.
+"""Train one TopK SAE per hookpoint of a cache with module distribution; used by
+tests/test_distributed_modules.py.
 
 torchrun --nproc_per_node 2 tests/scripts/dist_modules.py CACHE_DIR OUT_DIR [--fail-on-rank R --fail-at STEP]
                                                                            [--stop-at STEP]

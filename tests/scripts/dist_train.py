@@ -7,8 +7,6 @@ import argparse
 import os
 import signal
 
-import torch
-
 import sae
 from sae.synthetic import sparse_feature_data
 
