@@ -25,7 +25,6 @@ from sae.analysis.autointerp.pipeline import AutointerpConfig, interpret, pair_c
 from sae.analysis.autointerp.prompts import mark_tokens
 from sae.analysis.autointerp.records import Example, LatentRecord, RecordConfig, collect_records
 from sae.analysis.autointerp.scorers import ScorerConfig, auroc, binary_metrics, detection_score
-from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
 
 WORDS = [
     "the",
@@ -151,8 +150,9 @@ def test_collect_records_top_quantiles_negatives_and_rare_latents():
 
 
 def test_each_latent_draws_its_own_random_negatives():
-    """Eight latents that never fire share one pool of 64 windows; each draws 4 negatives of its own (taking the
-    pool's first silent windows gave every latent the same ones), and the same seed draws the same again."""
+    """Eight latents that never fire share one pool of 64 windows; each draws 4 negatives of its own (taking
+    the pool's first silent windows gave every latent the same ones), and the same seed draws the
+    same again."""
     generator = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -372,8 +372,8 @@ def test_pipeline_counts_every_failure_and_pairs_controls():
     assert by_latent[1].control_from_latent == 2 and by_latent[2].control_from_latent == 1
     detection = summary["scorers"]["detection"]
     per_latent = sum(
-        getattr(by_latent[l], s)["detection"]["parse_failures"]
-        for l in (1, 2)
+        getattr(by_latent[latent], s)["detection"]["parse_failures"]
+        for latent in (1, 2)
         for s in ("scores", "control_scores")
     )
     assert detection["parse_failures"] == per_latent > 0 and detection["examples_asked"] == 24
@@ -409,19 +409,18 @@ def test_request_errors_are_counted_not_dropped():
     )
 
 
-# --- the command, end to end on a tiny model's cache, against the scripted server ----------------------------
+# --- the command, end to end on a tiny model's cache, against the scripted server -----------------
 
 
 def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, tmp_path):
-    """analyze.py autointerp's functions on a real (tiny) cache: every requested latent gets a line, including
+    """`sae-analyze autointerp` on a real (tiny) cache: every requested latent gets a line, including
     latents that never fire; the dashboard can read explanations.jsonl."""
-    import argparse
+    from tiny_lm import tiny_run_config
 
     from cache import build_cache
     from sae import SAEConfig, SparseAutoencoder
-    from sae.analysis.autointerp.cli import add_autointerp_arguments, run_autointerp
     from sae.analysis.dashboard import read_explanations
-    from tiny_lm import tiny_run_config
+    from sae.cli.analyze import main
 
     run_config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"tokens": 1000, "dtype": "float32"})
     cache_dir = build_cache(run_config, tiny_lm)
@@ -440,12 +439,11 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
             return 200, completion_payload(" code tokens"), 0
         return 200, completion_payload(" 1" if n % 2 else " 0", {" 1": -0.7, " 0": -0.7}), 0
 
-    parser = argparse.ArgumentParser()
-    add_autointerp_arguments(parser)
     out = tmp_path / "autointerp"
     with ScriptedServer(reply) as server:
-        args = parser.parse_args(
+        status = main(
             [
+                "autointerp",
                 str(sae_dir),
                 "--cache",
                 str(cache_dir),
@@ -465,7 +463,7 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
                 "2",
             ]
         )
-        assert run_autointerp(args) == 0
+    assert status == 0
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(line["latent"] for line in lines) == [0, 1, 2, 3, 4, 5, 40, 41]
     summary = json.loads((out / "summary.json").read_text())
@@ -479,8 +477,8 @@ def test_command_writes_one_line_per_latent_and_a_summary(tiny_lm, tiny_lm_dir, 
 
 def test_embedding_scorer_ranks_examples_by_the_explanation():
     """all-MiniLM-L6-v2 (real weights): a latent on animal sentences, negatives about money. The right
-    explanation ranks every activating example above the negatives; the wrong one does not. Whole sentences are
-    embedded (a cut at a random position could leave a negative with only 'the')."""
+    explanation ranks every activating example above the negatives; the wrong one does not. Whole sentences
+    are embedded (a cut at a random position could leave a negative with only 'the')."""
     from sae.analysis.autointerp.scorers import EmbeddingScorer, minilm_embedder
 
     words = [
@@ -544,8 +542,8 @@ def test_embedding_scorer_ranks_examples_by_the_explanation():
 
 
 def test_embedding_scorer_embeds_the_text_around_each_peak():
-    """With a window of 1 token before and 0 after, an activating example is embedded as the two tokens ending at
-    its peak, a negative as at most two tokens ending at some position; `None` embeds whole windows."""
+    """With a window of 1 token before and 0 after, an activating example is embedded as the two tokens ending
+    at its peak, a negative as at most two tokens ending at some position; `None` embeds whole windows."""
     from sae.analysis.autointerp.scorers import EmbeddingScorer, crop_example
 
     assert crop_example(Example([1, 2, 3, 4, 5], [0, 0, 0, 0, 0]), 0, 2, 1).tokens == [1, 2]
@@ -573,7 +571,8 @@ def test_embedding_scorer_embeds_the_text_around_each_peak():
 
 
 def test_answer_is_read_after_a_separate_space_token():
-    """Gemma writes ' 1' as ' ' then '1': the answer and its probability come from the first non-space token."""
+    """Gemma writes ' 1' as ' ' then '1': the answer and its probability come from the first non-space
+    token."""
     from sae.analysis.autointerp.clients import Completion, TokenLogprob
     from sae.analysis.autointerp.scorers import parse_answer
 

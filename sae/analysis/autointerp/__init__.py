@@ -2,7 +2,8 @@
 
 Stages, each usable alone from Python:
     records.collect_records     stream a cache once -> per latent: top, quantile and negative examples
-    explainer.explain           few-shot prompt with <<marked>> tokens -> a short explanation (or a counted failure)
+    explainer.explain           few-shot prompt with <<marked>> tokens -> a short explanation
+                                (or a counted failure)
     scorers.*                   detection, fuzzing (LLM) and embedding (MiniLM) scores with failure counts
     simulation.simulation_score per-token activations predicted from the LLM's digit logprobs, correlated
     intervention.InterventionScorer  steer the latent to a target KL, compare the explanation's likelihood

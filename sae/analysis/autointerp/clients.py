@@ -100,7 +100,9 @@ RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
 class OpenAIClient:
-    """An OpenAI-compatible server at `base_url` (e.g. http://127.0.0.1:8000/v1). Use as an async context manager."""
+    """An OpenAI-compatible server at `base_url` (e.g. http://127.0.0.1:8000/v1).
+
+    Use as an async context manager."""
 
     def __init__(
         self,
@@ -371,7 +373,8 @@ class LlamaCppClient:
         return _completion(method(**kwargs), parse_choice, 0.0, "llama.cpp:", method.__name__)
 
     def _evaluate(self, tokens: list[int]) -> None:
-        """Bring the context to exactly `tokens`, reusing the cached prefix when llama.cpp can cut its KV cache."""
+        """Bring the context to exactly `tokens`, reusing the cached prefix when llama.cpp can cut its
+        KV cache."""
         llm = self.llm
         if len(tokens) > llm.n_ctx():
             raise ValueError(f"prompt of {len(tokens)} tokens exceeds the context of {llm.n_ctx()}")
@@ -432,7 +435,7 @@ class LlamaCppClient:
             if token == llm.token_eos():
                 finish = "stop"
                 break
-            new_text = llm.detokenize(generated + [token], prev_tokens=prompt_ids[first:]).decode(
+            new_text = llm.detokenize([*generated, token], prev_tokens=prompt_ids[first:]).decode(
                 "utf-8", errors="ignore"
             )
             hit = min((new_text.find(s) for s in stop if s in new_text), default=-1)

@@ -23,10 +23,11 @@ INSTRUCTIONS = (
 )
 
 # Demonstrations fix the answer format for small base models. Gemma 3 270M copied a demonstration's
-# explanation verbatim for 5 of 6 latents of the default SAE when the explanations were abstract ("the built-in
-# function len"); here each explanation starts by quoting its own most frequent marked tokens, so the form a
-# small model copies is "quote the marked tokens of these examples", which grounds it in the latent's own
-# evidence (the LLM still writes the explanation). Topics are kept away from the concepts the tests use.
+# explanation verbatim for 5 of 6 latents of the default SAE when the explanations were abstract ("the
+# built-in function len"); here each explanation starts by quoting its own most frequent marked tokens, so
+# the form a small model copies is "quote the marked tokens of these examples", which grounds it in the
+# latent's own evidence (the LLM still writes the explanation). Topics are kept away from the concepts the
+# tests use.
 DEMONSTRATIONS = (
     (
         [
@@ -108,9 +109,9 @@ def choose_examples(record: LatentRecord, n: int, rng: random.Random) -> list:
 def marked_summary(texts: list[str], limit: int = 8) -> str:
     """'Marked tokens (count): "a" (5), "b" (2), ...': the distinct <<marked>> spans, most frequent first.
 
-    Why: a small model (Gemma 3 270M) mostly copies the demonstrations' explanations when it has to find the
-    common thread across 20 windows itself; a line naming the marked spans and how often each is marked gives it
-    this latent's own evidence right before the answer.
+    Why: a small model (Gemma 3 270M) mostly copies the demonstrations' explanations when it has to find
+    the common thread across 20 windows itself; a line naming the marked spans and how often each is marked
+    gives it this latent's own evidence right before the answer.
     """
     counts = Counter(span.strip() for text in texts for span in _MARKED.findall(text))
     return "Marked tokens (count): " + ", ".join(f'"{span}" ({n})' for span, n in counts.most_common(limit))
@@ -136,8 +137,8 @@ def explainer_prompt(
 
 
 def parse_explanation(answer: str) -> str | None:
-    """The first line of the answer (up to a written, unquoted "\\n"), without quotes or a repeated 'Explanation:';
-    None if nothing usable."""
+    """The first line of the answer (up to a written, unquoted "\\n"), without quotes or a repeated
+    'Explanation:'; None if nothing usable."""
     lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
     if not lines:
         return None
@@ -174,8 +175,9 @@ def without_demonstration(copied: str) -> tuple[Demonstration, ...]:
 async def explain(
     client: Client, record: LatentRecord, token_strings: TokenStrings, config: ExplainerConfig
 ) -> Explanation:
-    """One explanation; an answer that repeats a demonstration is asked again once with another demonstration
-    set (counted in `retries`), and if that repeats one too it is a "copied_demonstration" failure, never kept."""
+    """One explanation; an answer that repeats a demonstration is asked again once with another
+    demonstration set (counted in `retries`), and if that repeats one too it is a "copied_demonstration"
+    failure, never kept."""
     if record.too_few_activations:
         return Explanation(record.latent, None, "too_few_activations", f"{record.fire_count} firings")
     demonstrations, retries, prompt_tokens, completion_tokens = DEMONSTRATIONS, 0, 0, 0

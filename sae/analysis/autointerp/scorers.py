@@ -36,7 +36,8 @@ from sae.analysis.autointerp.records import Example, LatentRecord, latent_seed
 
 
 def binary_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
-    """Balanced accuracy (TPR+TNR)/2, F1, precision, recall; NaN where undefined (e.g. no positive predicted)."""
+    """Balanced accuracy (TPR+TNR)/2, F1, precision, recall; NaN where undefined (e.g. no positive
+    predicted)."""
     tp = sum(1 for y, p in zip(labels, predictions) if y and p)
     fp = sum(1 for y, p in zip(labels, predictions) if not y and p)
     fn = sum(1 for y, p in zip(labels, predictions) if y and not p)
