@@ -19,8 +19,6 @@ from sae.analysis.circuits.codes import (
     train_codebook_sae,
     train_oneill_relu_sae,
 )
-from tiny_lm import tiny_lm, tiny_lm_dir  # noqa: F401  (fixtures)
-
 
 # --- evaluation ----------------------------------------------------------------------------------
 
@@ -73,16 +71,6 @@ def test_shuffled_labels_swap_each_pair_with_probability_one_half():
     )
     assert torch.equal(shuffled_labels(task, seed=0).clean_tokens, shuffled.clean_tokens)  # seeded
     assert not torch.equal(shuffled_labels(task, seed=1).clean_tokens, shuffled.clean_tokens)
-
-
-def test_control_verdict_names_the_controls_outside_the_chance_band():
-    from sae.analysis.circuits.study import control_verdict
-
-    assert control_verdict({"shuffled": [0.45, 0.55], "re-init": [0.5]}) == "yes: shuffled, re-init"
-    assert control_verdict({"shuffled": [], "re-init": [0.5]}) == "yes: re-init"
-    assert control_verdict({"shuffled": [0.5], "re-init": [0.2, 0.3]}) == "no: re-init 0.25"
-    assert control_verdict({"shuffled": [0.9], "re-init": []}) == "no: shuffled 0.90"
-    assert control_verdict({"shuffled": [], "re-init": []}) == "not run"
 
 
 # --- scoring ---------------------------------------------------------------------------------------
@@ -214,11 +202,42 @@ def test_calibrated_scores_are_at_chance_on_randomly_relabelled_pairs():
 
 
 def test_a_pair_calibrated_method_needs_the_pairing():
-    from sae.analysis.circuits.methods import CODE_METHODS, code_method_scores
+    from sae.analysis.circuits.methods import CODE_METHODS
 
     vectors = torch.randn(6, 1, 2, 8)
     with pytest.raises(ValueError, match="pair_of_positive"):
-        code_method_scores(CODE_METHODS["oneill_overlap_pair_calibrated"], vectors, vectors, seed=0)
+        CODE_METHODS["codebook_overlap_pair_calibrated"].scores(vectors, vectors, seed=0)
+
+
+def test_every_registered_code_method_scores_every_head():
+    """Each code method of the registry, end to end on head vectors (its SAE shrunk to train in seconds):
+    finite scores for every head, a silent (all-zero) head included, and seeded."""
+    import dataclasses
+
+    from sae.analysis.circuits.methods import CODE_METHODS
+
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(8, 16, generator=generator)
+
+    def head_vectors(low: int, high: int, n: int = 12) -> torch.Tensor:  # [prompts, pos=3, 1, 3, d]
+        picked = directions[torch.randint(low, high, (n, 3, 1, 2), generator=generator)]
+        return torch.cat([picked, torch.zeros(n, 3, 1, 1, 16)], 3)
+
+    positives, negatives = head_vectors(0, 5), head_vectors(3, 8)
+    assert list(CODE_METHODS) == [
+        "oneill",
+        "oneill_edge",
+        "codebook_overlap_positions_calibrated",
+        "codebook_overlap_pair_calibrated",
+    ]
+    for name, method in CODE_METHODS.items():
+        small = dataclasses.replace(method, d_sae=16, epochs=20, n_train_prompts=4, null_permutations=5)
+        pos, neg = (v.mean(1) if method.positions == "mean" else v for v in (positives, negatives))
+        scores, details = small.scores(pos, neg, seed=0, pair_of_positive=torch.arange(len(pos)))
+        assert scores.shape == (1, 3) and torch.isfinite(scores).all(), name
+        assert details["vectors"] == pos.shape[:-1].numel() + neg.shape[:-1].numel(), name
+        again, _ = small.scores(pos, neg, seed=0, pair_of_positive=torch.arange(len(pos)))
+        assert torch.equal(scores, again), name
 
 
 # --- codes ------------------------------------------------------------------------------------------
@@ -265,9 +284,11 @@ def word_tokenizer(words: list[str]):
 def test_task_metrics():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
     good, bad = torch.tensor([[0, -1], [2, 1]]), torch.tensor([[1, 2], [0, -1]])
-    make = lambda metric: tasks.Task(
-        "t", torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), good, bad, metric
-    )
+
+    def make(metric: str) -> tasks.Task:
+        tokens = torch.zeros(2, 3, dtype=torch.long)
+        return tasks.Task("t", tokens, tokens, good, bad, metric)
+
     assert torch.allclose(tasks.task_metric(make("prob_diff"), logits), torch.tensor([0.0, 0.8]))
     expected = torch.stack(
         [logits[0, 0] - (logits[0, 1] + logits[0, 2]) / 2, (logits[1, 2] + logits[1, 1]) / 2 - logits[1, 0]]
@@ -463,7 +484,7 @@ def test_reinitialised_copy_redraws_matrices_only(tiny_lm):
     from sae.analysis.circuits.controls import reinitialised_copy
 
     fresh = reinitialised_copy(tiny_lm, seed=0)
-    for (name, old), new in zip(tiny_lm.named_parameters(), fresh.parameters()):
+    for (name, old), new in zip(tiny_lm.named_parameters(), fresh.parameters(), strict=True):
         if old.ndim >= 2:
             assert not torch.equal(old, new), name
             assert new.detach().float().std().item() == pytest.approx(
@@ -471,48 +492,3 @@ def test_reinitialised_copy_redraws_matrices_only(tiny_lm):
             ), name
         else:
             assert torch.equal(old, new), name
-
-
-# --- head-normalised codebook methods ------------------------------------------------------------
-
-
-def _scaled_head_vectors(
-    idx: torch.Tensor, directions: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """[prompts, 1 layer, 3 heads, d]: head 1 = head 0 × 10 (same directions), head 2 writes nothing."""
-    base = directions[idx] + 0.3 * torch.randn(len(idx), directions.shape[1], generator=generator)
-    return torch.stack([base, base * 10, torch.zeros_like(base)], 1)[:, None]
-
-
-def test_normalised_codebook_scores_ignore_a_heads_output_scale():
-    import dataclasses
-
-    from sae.analysis.circuits.methods import CODE_METHODS, code_method_scores
-
-    generator = torch.Generator().manual_seed(0)
-    directions = torch.randn(12, 16, generator=generator)
-    positives = _scaled_head_vectors(torch.randint(0, 6, (20,), generator=generator), directions, generator)
-    negatives = _scaled_head_vectors(torch.randint(3, 12, (20,), generator=generator), directions, generator)
-    scores = {}
-    for name in ("codebook_overlap", "codebook_overlap_normalised"):
-        method = dataclasses.replace(CODE_METHODS[name], d_sae=16, epochs=30)
-        scores[name], details = code_method_scores(method, positives, negatives, seed=0)
-        assert details["silent_vectors"] == 40  # the all-zero head stays zero: no code, no NaN
-        assert scores[name][0, 2] == 0 and torch.isfinite(scores[name]).all()
-    # in one shared SAE the 10× larger head gets other codes; divided by its own mean norm it gets the same
-    assert abs(scores["codebook_overlap"][0, 0] - scores["codebook_overlap"][0, 1]) > 0.05, scores
-    assert scores["codebook_overlap_normalised"][0, 0] == scores["codebook_overlap_normalised"][0, 1], scores
-
-
-def test_head_mean_norms_per_head_over_prompts_and_positions():
-    from sae.analysis.circuits.methods import head_mean_norms
-
-    vectors = torch.zeros(3, 5, 2, 2, 4)  # [prompts, pos, layers, heads, d]
-    vectors[..., 0, 0, 0] = 2.0
-    vectors[1, :, 1, 1, 1] = -6.0  # only one prompt of head (1, 1) is non-zero: mean over 3 prompts is 2
-    norms = head_mean_norms(vectors)
-    assert norms.shape == (2, 2)
-    assert torch.allclose(norms, torch.tensor([[2.0, 1.0], [1.0, 2.0]]))  # zero heads divide by 1
-    assert torch.allclose(head_mean_norms(vectors[:, 0]), norms)  # position-mean shape [prompts, L, H, d]
-    with pytest.raises(ValueError, match="expected"):
-        head_mean_norms(vectors[0, 0])

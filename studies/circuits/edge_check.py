@@ -1,11 +1,12 @@
 """How well edge attribution estimates actual edge patching on the toy induction models.
 
-    python -m sae.analysis.circuits.edge_check --out sae/analysis/circuits/results/edge_check --seeds 0 1 2
+    python studies/circuits/edge_check.py --out studies/circuits/results/edge_check --seeds 0 1 2
 
 Per seed: train the 2-layer toy, then for every edge (layer-0 head -> layer-1 head, any head -> logits)
 compare the attribution-patching and EAP-IG estimates with (a) patching the edge 1% of the way to its
 corrupted value, divided by 0.01 (the directional derivative: checks the gradients) and (b) patching it
-fully (checks the linear approximation). Pearson r of the signed values and Spearman rho of |values|.
+fully (checks the linear approximation). Pearson r of the signed values and Spearman rho of |values|;
+OUT/report.json holds every estimate and effect, OUT/table.md the README's table.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from sae.io import atomic_write_json
+from sae.analysis.circuits.edges import attribution_patching_edges, eap_ig_edges, edge_patching_effects
+from sae.io import atomic_write_bytes, atomic_write_json
 
-from .edges import attribution_patching_edges, eap_ig_edges, edge_patching_effects
-from .toy_induction import TOYS, induction_task, train_induction_model
+from toy_induction import TOYS, induction_task, train_induction_model
+
+METHODS = ("attribution_patching", "eap_ig")  # their edge versions: the `<name>_edges` methods
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,10 +39,9 @@ def check_seed(seed: int, work: Path, n_prompts: int = 40, toy: str = "2l4h") ->
     train_induction_model(work / f"toy_{seed}", steps=1000, seed=seed, **TOYS[toy])
     model = load_model(str(work / f"toy_{seed}"))
     task = induction_task(n_prompts, seed=2000 + seed)
-    estimates = {
-        "attribution_patching": attribution_patching_edges(model, task),
-        "eap_ig": eap_ig_edges(model, task),
-    }
+    estimates = dict(
+        zip(METHODS, (attribution_patching_edges(model, task), eap_ig_edges(model, task)), strict=True)
+    )
     valid = estimates["attribution_patching"].details["edge_valid"]
     pairs = [tuple(p) for p in valid.nonzero().tolist()]
     small = edge_patching_effects(model, task, pairs, scale=0.01) / 0.01
@@ -59,6 +61,34 @@ def check_seed(seed: int, work: Path, n_prompts: int = 40, toy: str = "2l4h") ->
     return result
 
 
+def results_table(results: list[dict]) -> str:
+    """Markdown: one row per seed and method."""
+    header = [
+        "seed",
+        "method",
+        "r vs 1% patch (derivative)",
+        "r vs full patch",
+        "Spearman abs vs full patch",
+        "forward / backward prompts",
+        "seconds",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for r in results:
+        for name in METHODS:
+            m = r[name]
+            cells = [
+                str(r["seed"]),
+                f"{name}_edges",
+                f"{m['pearson_vs_small_patch']:.3f}",
+                f"{m['pearson_vs_full_patch']:.3f}",
+                f"{m['spearman_abs_vs_full_patch']:.3f}",
+                f"{m['forward_prompts']} / {m['backward_prompts']}",
+                f"{m['seconds']:.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,15 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         results = [check_seed(s, Path(work), toy=args.toy) for s in args.seeds]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    table = results_table(results)
     atomic_write_json(out / "report.json", {"args": vars(args), "per_seed": results})
-    for r in results:
-        print(
-            r["seed"],
-            {
-                m: {k: round(v, 3) for k, v in r[m].items() if k.startswith(("pearson", "spearman"))}
-                for m in ("attribution_patching", "eap_ig")
-            },
-        )
+    atomic_write_bytes(out / "table.md", (table + "\n").encode())
+    print(table)
 
 
 if __name__ == "__main__":

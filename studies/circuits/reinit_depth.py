@@ -1,6 +1,6 @@
 """Why do the codebook methods score an untrained toy's layer-0 heads above its layer-1 heads?
 
-    python -m sae.analysis.circuits.reinit_depth --out sae/analysis/circuits/results/reinit_depth
+    python studies/circuits/reinit_depth.py --out studies/circuits/results/reinit_depth
 
 The hypothesis under test: layer-0 heads read the (corrupted) tokens directly, so their outputs change
 more between a clean prompt and its corrupted partner than layer-1 outputs do, and the codebook score
@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sae.analysis.circuits.activations import collect_head_results
+from sae.analysis.circuits.controls import run_on_untrained
 from sae.io import atomic_write_bytes, atomic_write_json
 
-from .activations import collect_head_results
-from .controls import run_on_untrained
-from .methods import CODE_METHODS, code_method_scores
-from .study import REINIT_SEED_OFFSET  # the control proper for toy seed s is seed s + this
-from .toy_induction import TOYS, induction_task, train_induction_model
+from study import REINIT_SEED_OFFSET  # the control proper for toy seed s is seed s + this
+from toy_induction import TOYS, induction_task, train_induction_model
+from variants import COMPARED_CODE_METHODS
 
 CODEBOOK_METHODS = ("codebook_overlap", "codebook_overlap_positions")
 
@@ -108,14 +108,13 @@ def measure_seed(toy: str, seed: int, work: Path, n_prompts: int = 100) -> dict:
         "relative_spread": relative_spread(clean_mean),
         "norm_mean": clean_mean.norm(dim=-1).mean(0),
     }
-    scores = {name: run_on_untrained(name, model, task, seed).scores for name in CODEBOOK_METHODS}
+    methods = {name: COMPARED_CODE_METHODS[name] for name in CODEBOOK_METHODS}
+    scores = {name: run_on_untrained(m, model, task, seed).scores for name, m in methods.items()}
     scale = clean_mean.norm(dim=-1).mean(0)[..., None]  # [layers, heads, 1]: each head's mean clean norm
     vectors = {"mean": (clean_mean, corrupted_mean), "all": (clean_all, corrupted_all)}
-    for name in CODEBOOK_METHODS:
-        clean, corrupted = vectors[CODE_METHODS[name].positions]
-        scores[f"{name}_norms_equalised"] = code_method_scores(
-            CODE_METHODS[name], clean / scale, corrupted / scale, seed
-        )[0]
+    for name, m in methods.items():
+        clean, corrupted = vectors[m.positions]
+        scores[f"{name}_norms_equalised"] = m.scores(clean / scale, corrupted / scale, seed)[0]
     result = {
         "toy": toy,
         "seed": seed,

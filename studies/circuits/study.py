@@ -1,18 +1,21 @@
-"""Multi-seed evaluation of every method on toy induction models: the README's results table.
+"""Multi-seed evaluation of every method (variants.py) on toy induction models or a real model: the
+README's results tables.
 
-    python -m sae.analysis.circuits.study --out sae/analysis/circuits/results/induction --seeds 0 1 2 3 4
-    python -m sae.analysis.circuits.study --out DIR --model gemma-3-270m --task ioi --prompts 40
+    python studies/circuits/study.py --out studies/circuits/results/induction --seeds 0 1 2 3 4
+    python studies/circuits/study.py --out DIR --model gemma-3-270m --task ioi --prompts 40
 
 Per seed: train a toy attention-only model (toy_induction.py), take the ground truth from exhaustive
 resample patching (heads whose |effect| >= 10% of the clean-corrupted gap, fixed in advance), run every
 method, and evaluate. The shuffled-label control runs the code methods with clean and corrupted prompts
-swapped in a random half of the pairs (controls.py). The re-initialised control runs the methods (toys:
-every one that reads the weights; real models: the code methods unless told) on an untrained model (which
-solves nothing, so all clean prompts are its positives) and scores them against the trained model's
-ground truth. Two untrained models: `reinit_control` is an independent initialisation (another seed), the
-control proper, whose heads have nothing to do with the trained model's; `init_control` is the trained
-model's own starting point (same seed), a diagnostic: a head's circuit role can be seeded by its initial
-weights, so AUC away from 0.5 there is not by itself an artefact of the method. `patching_resample` defines the ground truth, so its own AUC of 1 is not a result.
+swapped in each pair with probability 1/2 (the library's controls). The re-initialised control runs the
+methods (toys: every one that reads the weights; real models: the code methods unless told) on an
+untrained model (which solves nothing, so all clean prompts are its positives) and scores them against
+the trained model's ground truth. Two untrained models: `reinit_control` is an independent
+initialisation (another seed), the control proper, whose heads have nothing to do with the trained
+model's; `init_control` is the trained model's own starting point (same seed), a diagnostic: a head's
+circuit role can be seeded by its initial weights, so AUC away from 0.5 there is not by itself an
+artefact of the method. `patching_resample`
+defines the ground truth, so its own AUC of 1 is not a result.
 With `--model NAME --task TASK` the table is made for a real model instead (ground truth from exhaustive
 resample patching on it, once; methods that do not depend on the seed run once).
 `--extend` adds methods, or controls of methods, to an existing OUT/report.json without recomputing what
@@ -30,21 +33,22 @@ from pathlib import Path
 
 import torch
 
-from sae.io import atomic_write_bytes, atomic_write_json
-
-from .activations import last_logits_with_ablation
-from .evaluation import evaluate, near_chance, top_k_mask
-from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
-from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
-from .patching import (
+from sae.analysis.circuits.activations import last_logits_with_ablation
+from sae.analysis.circuits.controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
+from sae.analysis.circuits.evaluation import evaluate, near_chance, top_k_mask
+from sae.analysis.circuits.methods import run_method
+from sae.analysis.circuits.patching import (
     AblationReference,
     ablation_reference,
     circuit_faithfulness,
     exhaustive_head_patching,
     ground_truth_from_effects,
 )
-from .tasks import task_metric
-from .toy_induction import TOYS, induction_task, train_induction_model
+from sae.analysis.circuits.tasks import TASK_NAMES, build_task, task_metric
+from sae.io import atomic_write_bytes, atomic_write_json
+
+from toy_induction import TOYS, induction_task, train_induction_model
+from variants import ALL_METHODS, COMPARED_CODE_METHODS, WEIGHT_READING_METHODS, method
 
 GROUND_TRUTH_FRACTION = 0.1
 REINIT_SEED_OFFSET = 10_000  # the independent re-initialisation of toy seed s uses seed s + this
@@ -185,17 +189,22 @@ def evaluate_seed(
     for name in methods:
         if name not in result["methods"]:
             result["methods"][name] = with_faithfulness(
-                _summary(run_method(name, model, task, seed), truth), model, task, truth, reference, memo
+                _summary(run_method(method(name), model, task, seed), truth),
+                model,
+                task,
+                truth,
+                reference,
+                memo,
             )
-        if name in CODE_METHODS and name not in result["shuffled_control"]:
+        if name in COMPARED_CODE_METHODS and name not in result["shuffled_control"]:
             result["shuffled_control"][name] = _summary(
-                run_on_shuffled_labels(name, model, task, seed), truth
+                run_on_shuffled_labels(method(name), model, task, seed), truth
             )
     for key, directory in (("reinit_control", reinit_dir), ("init_control", init_dir)):
         missing = [m for m in methods if m in WEIGHT_READING_METHODS and m not in result[key]]
         untrained = _load(directory) if missing else None
         for name in missing:
-            result[key][name] = _summary(run_on_untrained(name, untrained, task, seed), truth)
+            result[key][name] = _summary(run_on_untrained(method(name), untrained, task, seed), truth)
     return result
 
 
@@ -247,9 +256,9 @@ def evaluate_model(
     reinit_methods = (
         []
         if reinit_model is None
-        else [m for m in (reinit_methods or CODE_METHODS) if m in WEIGHT_READING_METHODS]
+        else [m for m in (reinit_methods or COMPARED_CODE_METHODS) if m in WEIGHT_READING_METHODS]
     )
-    shuffle_methods = [m for m in shuffle_methods or [] if m in CODE_METHODS]
+    shuffle_methods = [m for m in shuffle_methods or [] if m in COMPARED_CODE_METHODS]
     truth, info = patching_ground_truth(model, task, cache, fingerprint)
     if "error" in info:
         return [{"seed": s, **info, "methods": {}, **{key: {} for key in CONTROLS}} for s in seeds]
@@ -264,14 +273,14 @@ def evaluate_model(
 
     def summary(name: str, seed: int) -> dict:
         return with_faithfulness(
-            _summary(run_method(name, model, task, seed), truth), model, task, truth, reference, memo
+            _summary(run_method(method(name), model, task, seed), truth), model, task, truth, reference, memo
         )
 
     def shuffled_summary(name: str, seed: int) -> dict:
-        return _summary(run_on_shuffled_labels(name, model, task, seed), truth)
+        return _summary(run_on_shuffled_labels(method(name), model, task, seed), truth)
 
     def reinit_summary(name: str, seed: int) -> dict:
-        return _summary(run_on_untrained(name, reinit_model, task, seed), truth)
+        return _summary(run_on_untrained(method(name), reinit_model, task, seed), truth)
 
     once: dict[tuple[str, str], dict] = {}  # methods that do not depend on the seed run once: (part, name)
 
@@ -428,9 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--model", help="a real model instead of the toy induction models (e.g. gemma-3-270m)"
     )
-    parser.add_argument(
-        "--task", default="ioi", help="with --model: ioi, greater_than, docstring or induction"
-    )
+    parser.add_argument("--task", default="ioi", choices=TASK_NAMES, help="with --model: the task to pose")
     parser.add_argument(
         "--reinit",
         action="store_true",
@@ -445,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--shuffle",
         nargs="*",
-        choices=list(CODE_METHODS),
+        choices=list(COMPARED_CODE_METHODS),
         metavar="METHOD",
         help="with --model: also run the shuffled-label control for these code methods (none named: "
         "every code method asked for). Toy runs always run it",
@@ -468,8 +475,6 @@ def main(argv: list[str] | None = None) -> None:
             {k: v for k, v in extended.get("args", {}).items() if k != "earlier_runs"},
         ]
     if args.model:
-        from .cli import build_task
-
         model = _load_named(args.model)
         task = build_task(args.task, model, args.prompts, 0)
         previous = extended["per_seed"] if extended is not None else None
@@ -512,8 +517,8 @@ def with_earlier_seeds(previous: dict[int, dict], per_seed: list[dict]) -> list[
 
 
 def toy_run_to_extend(report: dict, out: Path, args: argparse.Namespace) -> dict[int, dict]:
-    """The per-seed results of OUT/report.json (`report`) by seed, after checking it was made with the same toy
-    settings (a different toy, step count or prompt count would give different models or prompts)."""
+    """The per-seed results of OUT/report.json (`report`) by seed, after checking it was made with the same
+    toy settings (a different toy, step count or prompt count would give different models or prompts)."""
     old_args = report["args"]
     for setting in ("toy", "steps", "prompts"):
         if old_args.get(setting, getattr(args, setting)) != getattr(args, setting):

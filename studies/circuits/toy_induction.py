@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import Task, induction
+from sae.analysis.circuits.tasks import Task, induction
 
 N_TOKENS = 128  # with 48 tokens, 4,000 steps gave no previous-token head; with 128 it forms by step ~400
 HALF = 10
@@ -82,7 +82,7 @@ def repeated_sequences(
     rows = torch.randint(1, n_tokens + 1, (n, length), generator=generator)
     rows[:, 0] = 0
     targets = torch.zeros(n, length - 1, dtype=torch.bool)
-    for row, target in zip(rows, targets):
+    for row, target in zip(rows, targets, strict=True):
         half = int(torch.randint(half_range[0], half_range[1] + 1, (), generator=generator))
         segment = torch.randperm(n_tokens, generator=generator)[:half] + 1
         row[1 : 1 + 2 * half] = torch.cat([segment, segment])
@@ -125,7 +125,8 @@ def train_induction_model(
     """Train (or, with trained=False, only initialise: the re-initialised control) and save to `directory`.
 
     retrieval_fraction > 0 mixes in that fraction of `retrieval_sequences` (the distractor rule).
-    Returns the loss on the induction targets at the end: about log(n_tokens) without induction, near 0 with it.
+    Returns the loss on the induction targets at the end: about log(n_tokens) without induction, near 0
+    with it.
     """
     directory = Path(directory)
     tokenizer = _tokenizer(N_TOKENS, with_retrieve=retrieval_fraction > 0)
@@ -137,7 +138,7 @@ def train_induction_model(
     curve = []  # loss on the induction targets, every 50 steps
     for step in range(steps if trained else 0):
         tokens, induction_targets = repeated_sequences(batch_size, N_TOKENS, generator)
-        n_retrieval = int(round(retrieval_fraction * batch_size))
+        n_retrieval = round(retrieval_fraction * batch_size)
         if n_retrieval:  # replace the first rows by distractor-rule rows (no induction targets in them)
             tokens[:n_retrieval] = retrieval_sequences(
                 n_retrieval, N_TOKENS, N_TOKENS + 2, generator, tokens.shape[1]

@@ -1,9 +1,10 @@
-"""Circuit discovery: which attention heads a task uses.
+"""Circuit discovery: which attention heads (and head -> head edges) a model uses for a task.
 
-Steps are separate and take plain tensors, so a study can swap any of them:
+O'Neill & Bui 2024's SAE-code method as published, our variants of it, and the usual baselines, behind
+one API whose steps take plain tensors, so a study can swap any of them. In order:
 
     from sae.analysis import circuits as C
-    task = C.tasks.ioi(tokenizer, 200)                                      # or C.tasks.from_pairs(...)
+    task = C.tasks.ioi(model.tokenizer, 40)           # or C.tasks.build_task(name, model, n), from_pairs
     pos = C.collect_head_results(model, task.clean_tokens)                 # [prompts, layers, heads, d_model]
     neg = C.collect_head_results(model, task.corrupted_tokens)
     rows, _ = C.training_rows(torch.cat([pos, neg]), n_prompts=10, seed=0)
@@ -13,12 +14,16 @@ Steps are separate and take plain tensors, so a study can swap any of them:
     truth = C.ground_truth.head_mask("gpt2-small/ioi/acdc", 12, 12)         # or from exhaustive patching:
     #   run = C.exhaustive_head_patching(model, task, "resample")
     #   truth = C.ground_truth_from_effects(run.details["effects"], clean_metric, corrupted_metric)
-    C.evaluate(scores, truth)                                               # AUC, P/R/F1, controls
+    C.evaluate(scores, truth)                                     # ROC AUC (overall, within layers), P/R/F1
+    C.circuit_faithfulness(model, task, C.evaluation.top_k_mask(scores, int(truth.sum())))
 
-`C.run_method(name, model, task, seed)` runs any named method (CODE_METHODS, BASELINES) with its cost.
+`C.run_method(name, model, task, seed)` runs any named method (CODE_METHODS, BASELINES; or a CodeMethod of
+your own) with its cost; `C.controls` runs one on shuffled prompt labels or a re-initialised model, which
+should come out near chance (`C.evaluation.near_chance`). The command: `sae-analyze circuits`. Guide:
+docs/circuits.md; the study behind the registry: studies/circuits/.
 """
 
-from . import ground_truth, tasks
+from . import controls, edges, evaluation, ground_truth, tasks
 from .activations import ForwardCounter, collect_head_results, collect_z, head_results_from_z
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .evaluation import evaluate, oracle_best_f1, precision_recall_f1, roc_auc
@@ -47,8 +52,11 @@ __all__ = [
     "circuit_faithfulness",
     "collect_head_results",
     "collect_z",
+    "controls",
     "eap_ig_nodes",
+    "edges",
     "evaluate",
+    "evaluation",
     "exhaustive_head_patching",
     "ground_truth",
     "ground_truth_from_effects",

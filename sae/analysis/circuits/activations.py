@@ -40,7 +40,7 @@ def collect_z(model, tokens: Tensor, batch_size: int = 64, counter: ForwardCount
         batch = tokens[start : start + batch_size].to(model.cfg.device)
         stored: dict[int, Tensor] = {}
 
-        def store(z: Tensor, hook) -> None:
+        def store(z: Tensor, hook, stored=stored) -> None:
             stored[hook.layer()] = z.detach().float().cpu()
 
         model.run_with_hooks(batch, fwd_hooks=[(z_hook_name(L), store) for L in range(n_layers)])

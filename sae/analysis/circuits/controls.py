@@ -8,8 +8,8 @@ model's ground truth near 0.5).
   probability 1/2, so "positive" and "negative" prompts no longer mean anything: a code method, which
   scores what separates the two sets, should find nothing. (Swapping exactly half of the pairs instead
   makes a split that is balanced against the truth as no random relabelling is, and a method calibrated
-  against random relabellings then ranks the heads that truly differ below chance: synthetic check in
-  the circuits README.) It is no null for the patching and gradient baselines (noising one head of a
+  against random relabellings then ranks the heads that truly differ below chance; synthetic check in
+  tests/test_circuits.py.) It is no null for the patching and gradient baselines (noising one head of a
   clean run is not undone by denoising it in a corrupted run), so they are not run on it.
 Both run a method with all the "clean" prompts as its positives (`run_on_shuffled_labels`,
 `run_on_untrained`): which ones the model solves would leak the labels back, and an untrained model
@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from .methods import run_method
+from .methods import CodeMethod, run_method
 from .patching import MethodScores
 from .scoring import random_swaps
 from .tasks import Task
@@ -64,11 +64,12 @@ def shuffled_labels(task: Task, seed: int) -> Task:
     )
 
 
-def run_on_shuffled_labels(name: str, model, task: Task, seed: int) -> MethodScores:
-    """Method `name` (a code method) on `shuffled_labels(task, seed)`."""
-    return run_method(name, model, shuffled_labels(task, seed), seed, positives_from="all")
+def run_on_shuffled_labels(method: str | CodeMethod, model, task: Task, seed: int) -> MethodScores:
+    """A code method (by name, or a CodeMethod) on `shuffled_labels(task, seed)`."""
+    return run_method(method, model, shuffled_labels(task, seed), seed, positives_from="all")
 
 
-def run_on_untrained(name: str, untrained_model, task: Task, seed: int) -> MethodScores:
-    """Method `name` on an untrained model (`reinitialised_copy`, or a toy never trained)."""
-    return run_method(name, untrained_model, task, seed, positives_from="all")
+def run_on_untrained(method: str | CodeMethod, untrained_model, task: Task, seed: int) -> MethodScores:
+    """A method (by name, or a CodeMethod) on an untrained model (`reinitialised_copy`, or a toy never
+    trained)."""
+    return run_method(method, untrained_model, task, seed, positives_from="all")

@@ -248,7 +248,7 @@ def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale
             delta = scale * (z_corrupt[:, :, L_up, h_up] - z_clean[:, :, L_up, h_up]) @ W_O[L_up, h_up]
         delta = delta.to(model.cfg.device)
 
-        def add_delta(resid: Tensor, hook) -> Tensor:
+        def add_delta(resid: Tensor, hook, delta=delta) -> Tensor:
             return resid + delta.to(resid.dtype)
 
         if down == n_layers * n_heads:
@@ -257,14 +257,14 @@ def edge_patching_effects(model, task: Task, edges: list[tuple[int, int]], scale
             L_down, h_down = divmod(down, n_heads)
             captured: dict[str, Tensor] = {}
 
-            def capture(z: Tensor, hook) -> None:
+            def capture(z: Tensor, hook, captured=captured, h_down=h_down) -> None:
                 captured["z"] = z[:, :, h_down].clone()
 
             model.run_with_hooks(
                 tokens, fwd_hooks=[(_resid_pre(L_down), add_delta), (z_hook_name(L_down), capture)]
             )
 
-            def replace(z: Tensor, hook) -> Tensor:
+            def replace(z: Tensor, hook, captured=captured, h_down=h_down) -> Tensor:
                 z = z.clone()
                 z[:, :, h_down] = captured["z"]
                 return z

@@ -12,7 +12,8 @@ DATA_FILE = Path(__file__).parent / "data" / "ground_truth.json"
 
 
 def available() -> list[str]:
-    """Keys such as "gpt2-small/ioi/acdc" ("model/task/source"); sources differ where O'Neill & Bui's lists do."""
+    """Keys such as "gpt2-small/ioi/acdc" ("model/task/source"); sources differ where O'Neill & Bui's
+    lists do."""
     return [k for k in json.loads(DATA_FILE.read_text()) if not k.startswith("_")]
 
 

@@ -167,7 +167,8 @@ def circuit_faithfulness(
 
 
 def _metric_and_z_grads(model, task: Task, resid_pre_override=None) -> tuple[Tensor, list[Tensor]]:
-    """Sum of the task metric on the clean prompts and d(metric)/dz per layer: [prompts, pos, heads, d_head]."""
+    """Sum of the task metric on the clean prompts and d(metric)/dz per layer: [prompts, pos, heads,
+    d_head]."""
     n_layers, _ = model_shape(model)
     zs: dict[int, Tensor] = {}
 

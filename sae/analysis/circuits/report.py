@@ -1,17 +1,9 @@
-"""`analyze.py circuits`: score heads on a task, evaluate against a ground truth, write a JSON report and
-a layer × head heatmap per method.
-
-    python analyze.py circuits --task ioi --model gemma-3-270m --methods oneill codebook_overlap --out out/ioi
-
-Wiring into analyze.py's registry:
-    from sae.analysis.circuits.cli import add_circuits_arguments, run_circuits
-    SUBCOMMANDS["circuits"] = (add_circuits_arguments, run_circuits, "find the attention heads a task uses")
-or, with plain argparse subparsers, `add_circuits_parser(subparsers)` (sets `func=run_circuits`).
+"""A circuit report: score every head on a task with each method, evaluate against a ground truth, write
+OUT/report.json and a layer × head heatmap per method (`sae-analyze circuits` runs `write_report`).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from pathlib import Path
@@ -24,86 +16,25 @@ from . import ground_truth, tasks
 from .activations import last_logits_with_ablation
 from .controls import reinitialised_copy, run_on_shuffled_labels, run_on_untrained
 from .evaluation import CHANCE_BAND, evaluate, near_chance, roc_auc, top_k_mask
-from .methods import ALL_METHODS, CODE_METHODS, WEIGHT_READING_METHODS, run_method
+from .methods import CODE_METHODS, WEIGHT_READING_METHODS, run_method
 from .patching import (
     ablation_reference,
     circuit_faithfulness,
     exhaustive_head_patching,
     ground_truth_from_effects,
 )
-from .tasks import task_metric, task_solved
-
-TASKS = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
+from .tasks import build_task, task_metric, task_solved
 
 
-def add_circuits_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "circuits",
-        help="find the attention heads a task uses",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_circuits_arguments(parser)
-    parser.set_defaults(func=run_circuits)
-    return parser
-
-
-def add_circuits_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--model", required=True, help="gemma-3-270m, a local HF folder, or a hub name")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["oneill", "codebook_overlap", "attribution_patching"],
-        choices=ALL_METHODS,
-    )
-    parser.add_argument(
-        "--ground-truth",
-        default="patching",
-        help="'patching' (exhaustive resample patching on this model, heads with |effect| >= "
-        "10%% of the clean-corrupted gap) or a shipped list: " + ", ".join(ground_truth.available()),
-    )
-    parser.add_argument("--prompts", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="directory for report.json and <method>.png")
-    parser.add_argument(
-        "--controls",
-        action="store_true",
-        help="also run each method on shuffled prompt labels (code methods) and on a re-initialised "
-        "copy of the model (methods that read weights), and say whether they come out near chance",
-    )
-
-
-def run_circuits(args: argparse.Namespace) -> int:
-    """The subcommand: exit status 0 once report.json and the heatmaps are written."""
-    main_circuits(args)
-    return 0
-
-
-def build_task(name: str, model, n: int, seed: int) -> tasks.Task:
-    if name == "ioi":
-        return tasks.ioi(model.tokenizer, n, seed)
-    if name == "greater_than":
-        return tasks.greater_than(model.tokenizer, n, seed)
-    if name == "greater_than_digits":
-        return tasks.greater_than_digits(model.tokenizer, n, seed)
-    if name == "docstring":
-        return tasks.docstring(model.tokenizer, n, seed)
-    # induction on any model: ordinary vocabulary ids (past the special tokens at the start)
-    vocab = list(range(100, min(model.cfg.d_vocab, 20_000)))
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
-    return tasks.induction(vocab, n, bos=bos, seed=seed)
-
-
-def main_circuits(args: argparse.Namespace) -> dict:
+def write_report(options) -> dict:
+    """`options` as `sae.cli.circuits.CircuitsOptions`: task, model, methods, ground_truth, prompts, seed,
+    dtype, device, out, controls. Returns the report it writes."""
     from sae.lm import load_model
 
-    out = Path(args.out)
+    out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, args.dtype, args.device)
-    task = build_task(args.task, model, args.prompts, args.seed)
+    model = load_model(options.model, options.dtype, options.device)
+    task = build_task(options.task, model, options.prompts, options.seed)
     nothing = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool)
     clean_logits = last_logits_with_ablation(model, task.clean_tokens, nothing, None)
     corrupted_logits = last_logits_with_ablation(model, task.corrupted_tokens, nothing, None)
@@ -114,21 +45,21 @@ def main_circuits(args: argparse.Namespace) -> dict:
         "corrupted_metric": float(task_metric(task, corrupted_logits).mean()),
     }
     print(
-        f"{args.task}: the model solves {check['clean_solved']:.0%} of clean and "
+        f"{options.task}: the model solves {check['clean_solved']:.0%} of clean and "
         f"{check['corrupted_solved']:.0%} of corrupted prompts"
     )
-    truth, truth_info = _ground_truth(args, model, task, check)
+    truth, truth_info = _ground_truth(options, model, task, check)
     report = {
-        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "options": dict(vars(options)),
         "task_check": check,
         "ground_truth": truth_info,
         "methods": {},
     }
     reference = ablation_reference(model, task, "resample") if truth is not None else None
     reinit = None  # the re-initialised copy, made once when the first control needs it
-    for name in args.methods:
+    for name in options.methods:
         started = time.perf_counter()
-        scores = run_method(name, model, task, args.seed)
+        scores = run_method(name, model, task, options.seed)
         entry = {
             "scores": scores.scores.tolist(),
             "seconds": scores.seconds,
@@ -145,11 +76,11 @@ def main_circuits(args: argparse.Namespace) -> dict:
             # the circuit this method would report (its top |truth| heads), everything else resample-ablated
             found = top_k_mask(scores.scores, int(truth.sum()))
             entry["faithfulness_at_k"] = circuit_faithfulness(model, task, found, "resample", reference)
-            if args.controls:
-                reinit = reinit or reinitialised_copy(model, seed=args.seed)
-                entry["controls"] = control_aucs(name, model, reinit, task, truth, args.seed)
+            if options.controls:
+                reinit = reinit or reinitialised_copy(model, seed=options.seed)
+                entry["controls"] = control_aucs(name, model, reinit, task, truth, options.seed)
         report["methods"][name] = entry
-        atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{args.task}: {name}", truth))
+        atomic_write_bytes(out / f"{name}.png", heatmap_png(scores.scores, f"{options.task}: {name}", truth))
         auc = entry.get("evaluation", {}).get("roc_auc")
         print(
             f"{name}: {time.perf_counter() - started:.1f} s"
@@ -174,11 +105,11 @@ def control_aucs(name: str, model, reinit_model, task: tasks.Task, truth: torch.
     return aucs | {"near_chance": verdict, "chance_band": list(CHANCE_BAND)}
 
 
-def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
+def _ground_truth(options, model, task, check) -> tuple[torch.Tensor | None, dict]:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if args.ground_truth != "patching":
-        mask = ground_truth.head_mask(args.ground_truth, n_layers, n_heads)
-        return mask, {"source": args.ground_truth, "heads": mask.int().tolist()}
+    if options.ground_truth != "patching":
+        mask = ground_truth.head_mask(options.ground_truth, n_layers, n_heads)
+        return mask, {"source": options.ground_truth, "heads": mask.int().tolist()}
     run = exhaustive_head_patching(model, task, "resample")
     mask = ground_truth_from_effects(run.details["effects"], check["clean_metric"], check["corrupted_metric"])
     info = {
@@ -195,7 +126,8 @@ def _ground_truth(args, model, task, check) -> tuple[torch.Tensor | None, dict]:
 
 def top_edges(estimate: torch.Tensor, valid: torch.Tensor, n_heads: int, n: int = 20) -> list[dict]:
     """The n edges with the largest |estimate| as {"from": "L.h" or "input", "to": "L.h" or "logits",
-    "estimate"} (edge matrices as in edges.edge_index: the last row is the input, the last column the logits)."""
+    "estimate"} (edge matrices as in edges.edge_index: the last row is the input, the last column the
+    logits)."""
     magnitude = (estimate.abs() * valid).flatten()
     order = magnitude.argsort(descending=True)[: min(n, int(valid.sum()))]
     width = estimate.shape[1]
@@ -236,15 +168,3 @@ def heatmap_png(scores: torch.Tensor, title: str, truth: torch.Tensor | None = N
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Stand-alone entry point until analyze.py wires the subcommand: python -m sae.analysis.circuits.cli ..."""
-    parser = argparse.ArgumentParser(prog="circuits")
-    add_circuits_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["circuits", *(argv if argv is not None else __import__("sys").argv[1:])])
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()

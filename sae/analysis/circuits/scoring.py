@@ -155,7 +155,7 @@ def _relabelled(
     pair_of_positive: Tensor | None,
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """One draw of the null: (positives, negatives) with the labels relabelled as `permutation_calibrated` says."""
+    """One draw of the null: (positives, negatives) relabelled as `permutation_calibrated` says."""
     if pair_of_positive is None:
         pooled = torch.cat([positive_codes, negative_codes])
         order = torch.randperm(len(pooled), generator=generator)

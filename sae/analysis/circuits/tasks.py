@@ -124,7 +124,9 @@ def encode_prompts(tokenizer, prompts: list[str], what: str) -> Tensor:
     rows = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     lengths = {len(r) for r in rows}
     if len(lengths) > 1:
-        by_length = {n: next(p for p, r in zip(prompts, rows) if len(r) == n) for n in sorted(lengths)}
+        by_length = {
+            n: next(p for p, r in zip(prompts, rows, strict=True) if len(r) == n) for n in sorted(lengths)
+        }
         raise ValueError(
             f"{what}: prompts tokenise to different lengths {sorted(lengths)}, e.g. {by_length}; "
             "positions must line up between prompts"
@@ -205,7 +207,8 @@ OBJECTS = [" ring", " book", " drink", " bone", " kiss", " bag", " ball", " key"
 
 
 def ioi(tokenizer, n: int, seed: int = 0) -> Task:
-    """Indirect object identification, half ABBA and half BABA ("Then, B and A went ... B gave a ... to" -> A).
+    """Indirect object identification, half ABBA and half BABA ("Then, B and A went ... B gave a ... to"
+    -> A).
 
     Corrupted prompts are ABC-style: the second subject mention becomes a third name, so the sentence no
     longer says who the indirect object is. Metric: logit(IO) - logit(S).
@@ -404,7 +407,10 @@ DESCRIPTION_WORDS = [
     " local",
     " next",
 ]
-DOCSTRING_TEMPLATE = 'def{fn}(self,{a0},{a1},{a2},{a3},{a4}):\n    """{w0}{w1}\n\n    :param{d0}:{w2}{w3}\n    :param{d1}:{w4}{w5}\n    :param'
+DOCSTRING_TEMPLATE = (
+    'def{fn}(self,{a0},{a1},{a2},{a3},{a4}):\n    """{w0}{w1}\n\n'
+    "    :param{d0}:{w2}{w3}\n    :param{d1}:{w4}{w5}\n    :param"
+)
 
 
 def docstring(tokenizer, n: int, seed: int = 0) -> Task:
@@ -447,3 +453,25 @@ def docstring(tokenizer, n: int, seed: int = 0) -> Task:
         pad_ids(bad),
         "logit_minus_max_bad",
     )
+
+
+TASK_NAMES = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
+
+
+def build_task(name: str, model, n: int, seed: int = 0) -> Task:
+    """One of TASK_NAMES, posed for `model` (a TransformerBridge: its tokenizer, or for induction its
+    vocabulary size): n prompt pairs drawn with `seed`."""
+    if name == "ioi":
+        return ioi(model.tokenizer, n, seed)
+    if name == "greater_than":
+        return greater_than(model.tokenizer, n, seed)
+    if name == "greater_than_digits":
+        return greater_than_digits(model.tokenizer, n, seed)
+    if name == "docstring":
+        return docstring(model.tokenizer, n, seed)
+    if name == "induction":
+        # ordinary vocabulary ids (past the special tokens at the start)
+        vocab = list(range(100, min(model.cfg.d_vocab, 20_000)))
+        bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+        return induction(vocab, n, bos=bos, seed=seed)
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")

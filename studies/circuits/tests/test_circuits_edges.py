@@ -9,7 +9,8 @@ import torch
 from sae.analysis.circuits import edges
 from sae.analysis.circuits.methods import run_method
 from sae.analysis.circuits.patching import attribution_patching
-from sae.analysis.circuits.toy_induction import induction_task, train_induction_model
+
+from toy_induction import induction_task, train_induction_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from sae.analysis.circuits.patching import (
     ground_truth_from_effects,
 )
 from sae.analysis.circuits.tasks import task_metric, task_solved
-from sae.analysis.circuits.toy_induction import induction_task, train_induction_model
+
+from toy_induction import induction_task, train_induction_model
+from variants import method as study_method
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,10 @@ def test_circuit_is_faithful_and_its_complement_is_not(trained, task, truth):
 @pytest.mark.parametrize("method", ["oneill", "codebook_overlap_positions", "attribution_patching"])
 def test_methods_rank_circuit_heads_above_chance(trained, task, truth, method):
     model, _ = trained
-    aucs = [evaluation.roc_auc(run_method(method, model, task, seed).scores, truth) for seed in (0, 1)]
+    aucs = [
+        evaluation.roc_auc(run_method(study_method(method), model, task, seed).scores, truth)
+        for seed in (0, 1)
+    ]
     assert sum(aucs) / len(aucs) > 0.6, aucs
 
 
@@ -83,7 +88,7 @@ def test_controls_come_out_near_chance(trained, task, truth):
     from sae.analysis.circuits.controls import run_on_shuffled_labels
 
     model, _ = trained
-    method = "codebook_overlap_calibrated"
+    method = study_method("codebook_overlap_calibrated")
     found = evaluation.roc_auc(run_method(method, model, task, 0).scores, truth)
     aucs = [
         evaluation.roc_auc(run_on_shuffled_labels(method, model, task, seed).scores, truth)
@@ -98,32 +103,14 @@ def test_controls_come_out_near_chance(trained, task, truth):
 
 
 def test_circuits_command_writes_report_and_heatmaps(trained, tmp_path):
-    import argparse
     import json
 
-    from sae.analysis.circuits.cli import add_circuits_arguments, run_circuits
+    from sae.cli.analyze import main
 
     _, info = trained
-    parser = argparse.ArgumentParser()  # as analyze.py's SUBCOMMANDS registry uses the pair
-    add_circuits_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--task",
-            "induction",
-            "--model",
-            str(info["directory"]),
-            "--prompts",
-            "40",
-            "--methods",
-            "oneill",
-            "attribution_patching",
-            "random",
-            "--controls",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    assert run_circuits(args) == 0
+    arguments = ["circuits", "--task", "induction", "--model", str(info["directory"]), "--prompts", "40"]
+    methods = ["--methods", "oneill", "attribution_patching", "random", "--controls", "--out", str(tmp_path)]
+    assert main(arguments + methods) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task_check"]["clean_solved"] > 0.9
     assert set(report["methods"]) == {"oneill", "attribution_patching", "random"}
@@ -151,7 +138,7 @@ def test_analyze_py_circuits_end_to_end(trained, tmp_path):
     from pathlib import Path
 
     _, info = trained
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     out = tmp_path / "circuits"
     done = subprocess.run(
         [
@@ -193,8 +180,9 @@ def test_analyze_py_circuits_end_to_end(trained, tmp_path):
 def test_model_study_runs_controls_and_extends_without_recomputing(trained, task, tmp_path):
     """study.evaluate_model (the Gemma tables' path) on the trained toy: the shuffled-label control for the
     methods asked, the re-initialised one for code methods, and an extension that keeps what it has."""
-    from sae.analysis.circuits import study
     from sae.analysis.circuits.controls import reinitialised_copy
+
+    import study
 
     model, _ = trained
     small = task.select(torch.arange(20))
@@ -225,7 +213,7 @@ def test_model_study_runs_controls_and_extends_without_recomputing(trained, task
         previous=first,
         shuffle_methods=["codebook_overlap"],
     )
-    for old, new in zip(first, extended):
+    for old, new in zip(first, extended, strict=True):
         assert new["methods"]["oneill"] == old["methods"]["oneill"]
         assert new["shuffled_control"]["oneill"] == old["shuffled_control"]["oneill"]
         assert set(new["reinit_control"]) == {"oneill", "attribution_patching", "codebook_overlap"}

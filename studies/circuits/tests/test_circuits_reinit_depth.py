@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae.analysis.circuits.reinit_depth import layer0_first, relative_change, relative_spread, spearman
+from reinit_depth import layer0_first, relative_change, relative_spread, spearman
 
 
 def test_relative_change_is_change_over_size_per_head():

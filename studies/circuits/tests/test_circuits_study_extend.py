@@ -1,6 +1,6 @@
-"""`study --extend` on the toy models: rows already in report.json are kept, only new methods run (with
-their re-initialised and own-init controls), and a run with other settings or another ground truth is refused.
-Trains one small toy twice (~1 min)."""
+"""`study.py --extend` on the toy models: rows already in report.json are kept, only new methods run (with
+their re-initialised and own-init controls), and a run with other settings or another ground truth is
+refused; and the table's parts. Trains one small toy twice (~1 min)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sae.analysis.circuits import study
+import study
 
 SETTINGS = ["--seeds", "0", "--steps", "300", "--prompts", "40"]
 
@@ -80,6 +80,14 @@ def test_toy_extend_adds_methods_and_their_controls_and_keeps_old_rows(tmp_path)
     (out / "report.json").write_text(json.dumps(report))
     with pytest.raises(ValueError, match="ground truth"):
         study.main(["--out", str(out), *SETTINGS, "--extend", "--methods", "oneill"])
+
+
+def test_control_verdict_names_the_controls_outside_the_chance_band():
+    assert study.control_verdict({"shuffled": [0.45, 0.55], "re-init": [0.5]}) == "yes: shuffled, re-init"
+    assert study.control_verdict({"shuffled": [], "re-init": [0.5]}) == "yes: re-init"
+    assert study.control_verdict({"shuffled": [0.5], "re-init": [0.2, 0.3]}) == "no: re-init 0.25"
+    assert study.control_verdict({"shuffled": [0.9], "re-init": []}) == "no: shuffled 0.90"
+    assert study.control_verdict({"shuffled": [], "re-init": []}) == "not run"
 
 
 def test_table_of_a_partly_extended_run_has_every_method():
