@@ -23,16 +23,20 @@ activation), or `calibrate_to_kl` (bisection on alpha for a target mean next-tok
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.analysis.features import Unembedding, sae_site
+from sae.analysis.features import Unembedding
+from sae.lm import capture, stop_layer
+from sae.sites import read_site, write_site
 
 Mode = Literal["add", "clamp", "ablate", "force", "suppress"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate", "force", "suppress")
@@ -66,7 +70,8 @@ class Intervention:
         is_codebook = sae.cfg.architecture == "codebook"
         if (self.mode in CODEBOOK_MODES) != is_codebook and self.mode != "ablate":
             raise ValueError(
-                f"mode {self.mode!r} is for {'codebook' if self.mode in CODEBOOK_MODES else 'non-codebook'} SAEs; "
+                f"mode {self.mode!r} is for "
+                f"{'codebook' if self.mode in CODEBOOK_MODES else 'non-codebook'} SAEs; "
                 f"this SAE is {sae.cfg.architecture} (codebook SAEs steer with force, suppress or ablate)"
             )
 
@@ -152,8 +157,6 @@ def steering_hook(sae, intervention: Interventions, skip_positions: int = 1) -> 
     knows which absolute positions it is given and steers all but the first `skip_positions` (BOS).
     A call with several positions starts a new sequence (a plain forward, or a cached generation's prompt).
     """
-    from sae.evals import _put_site  # the same splice the evals use
-
     intervention = check_interventions(sae, intervention)
     seen = 0
 
@@ -165,8 +168,8 @@ def steering_hook(sae, intervention: Interventions, skip_positions: int = 1) -> 
         seen += acts.shape[1]
         if first >= acts.shape[1]:
             return acts
-        x = sae_site(sae, acts).to(sae.W_dec.device)
-        return _put_site(sae, acts, steered_site(sae, x, intervention).to(acts.device), first)
+        x = read_site(sae, acts).to(sae.W_dec.device)
+        return write_site(sae, acts, steered_site(sae, x, intervention).to(acts.device), first)
 
     return hook
 
@@ -179,6 +182,75 @@ def steering(model, sae, intervention: Interventions | None):
         return
     with model.hooks(fwd_hooks=[(sae.cfg.hookpoint, steering_hook(sae, intervention))]):
         yield
+
+
+# --- the KV cache, checked before it is trusted ---------------------------------------------------
+
+VERIFIED_VERSIONS = "transformers >=5.9,<=5.24 with transformer-lens 4.3"
+"""Where `check_kv_cache` passed on the test models and Gemma 3 (keep in step with pyproject.toml)."""
+
+_kv_cache_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Model -> None where its KV-cached generation matched full forwards, else the error to raise."""
+
+
+def check_kv_cache(model) -> None:
+    """Raise unless `model`'s KV-cached generation reproduces full forwards (checked once per model).
+
+    A short greedy generation with the cache is compared, step by step, with the logits of one uncached
+    forward of the same tokens. A cache path that disagrees would steer, and score, silently wrong
+    completions (transformers 5.24 with transformer-lens 4.3 ignored the prompt after the first step).
+    """
+    if model not in _kv_cache_verdicts:
+        _pass_the_cache_to_attention(model)
+        _kv_cache_verdicts[model] = _kv_cache_disagreement(model)
+    if (error := _kv_cache_verdicts[model]) is not None:
+        raise RuntimeError(error)
+
+
+def _kv_cache_disagreement(model) -> str | None:
+    prompt = model.to_tokens("The cat sat on the mat, and then it")
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            max_new_tokens=3,
+            do_sample=False,
+            use_past_kv_cache=True,
+            stop_at_eos=False,
+            verbose=False,
+            output_logits=True,
+        )
+        cached = torch.stack(out.logits, dim=1)[0].float()  # [3, vocab]: the prompt, then 2 cached steps
+        uncached = model(out.sequences[:, :-1])[0, prompt.shape[1] - 1 :].float()  # the same positions
+    # Measured: float32 agrees to ~1e-5 std of the logits; a cache that is ignored is off by 1-5 std.
+    half_precision = out.logits[0].dtype.itemsize < 4
+    tolerance = (5e-2 if half_precision else 1e-3) * uncached.std().item()
+    difference = (cached - uncached).abs().max().item()
+    if difference <= tolerance:
+        return None
+    return (
+        f"KV-cached generation disagrees with full forwards of the same tokens (max |logit difference| "
+        f"{difference:.3g}, tolerance {tolerance:.3g}) with transformers {version('transformers')} and "
+        f"transformer-lens {version('transformer-lens')}: generated text would be wrong. Install a "
+        f"verified pair ({VERIFIED_VERSIONS}) or pass use_kv_cache=False (slower, exact)."
+    )
+
+
+def _pass_the_cache_to_attention(model) -> None:
+    """transformers 5.24 renamed the cache that decoder layers hand to attention from `past_key_values` to
+    `cache`; transformer-lens 4.3's attention bridges, which recompute attention themselves, read only
+    `past_key_values` (`AttentionBridge._update_kv_cache`), so each cached step attended to itself alone.
+    Hand it over under the name they read (HF's attention maps that name back where a bridge calls it)."""
+    from transformer_lens.model_bridge.generalized_components import AttentionBridge
+
+    def rename_cache(module, args, kwargs):
+        if "cache" not in kwargs or "past_key_values" in kwargs:
+            return None
+        renamed = {name: value for name, value in kwargs.items() if name != "cache"}
+        return args, {**renamed, "past_key_values": kwargs["cache"]}
+
+    for module in model.modules():
+        if isinstance(module, AttentionBridge):
+            module.register_forward_pre_hook(rename_cache, with_kwargs=True)
 
 
 # --- generation and measurements ------------------------------------------------------------------
@@ -195,6 +267,8 @@ def generate(
     use_kv_cache: bool = True,
 ) -> Tensor:
     """[1, prompt + new] tokens generated (with the KV cache unless told not to); temperature 0 is greedy."""
+    if use_kv_cache:
+        check_kv_cache(model)
     tokens = model.to_tokens(prompt)  # [1, prompt] with BOS
     torch.manual_seed(seed)  # same sampling noise for the steered and the unsteered run
     with torch.no_grad(), steering(model, sae, intervention):
@@ -244,7 +318,8 @@ def calibrate_to_kl(
     iterations: int = 12,
     alpha_ceiling: float = 1e4,
 ) -> tuple[float, float]:
-    """Bisection on alpha (units of `max_activation`) until the mean next-token KL on `prompts` hits `target_kl`.
+    """Bisection on alpha (units of `max_activation`) until the mean next-token KL on `prompts` hits
+    `target_kl`.
 
     Several latents (with one max activation each) are steered together, all at the same alpha.
     Returns (alpha, KL at alpha). KL grows with |alpha| for add and clamp; the upper bracket is found by
@@ -333,15 +408,14 @@ def completion_effects(
     embed: Callable[[list[str]], Tensor] | None,
     explanation: str | None,
 ) -> CompletionEffects:
-    """Measure a completion (tokens [1, t], the first `prompt_length` being the prompt) with the clean model."""
-    from cache.writer import capture, stop_layer
-
+    """Measure a completion (tokens [1, t], the first `prompt_length` being the prompt) with the clean
+    model."""
     latents = [latent] if isinstance(latent, int) else list(latent)
     hookpoint = sae.cfg.hookpoint
     with torch.no_grad():
         logits = model(tokens)  # [1, t, vocab]
         acts = capture(model, tokens, [hookpoint], stop_layer([hookpoint], model.cfg.n_layers))[hookpoint]
-        f = sae.encode(sae_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][
+        f = sae.encode(read_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][
             :, latents
         ]  # [new, L]
     log_probs = F.log_softmax(logits[0, prompt_length - 1 : -1].float(), dim=-1)  # predicting the new tokens
