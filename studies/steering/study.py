@@ -1,5 +1,7 @@
 """Does steering with a token latent make the model write the token that follows it? A study whose choice
-of latents is fixed before any steering result is seen (`analyze.py steer-study`).
+of latents is fixed before any steering result is seen (the table and findings: README.md beside this).
+
+    python studies/steering/study.py SAE --cache CACHE --out DIR [--latents 5] [--completion-alpha 4] ...
 
 Choice of latents (`token_latents`, then a seeded random sample of them):
   1. the latent's top `TOP_EXAMPLES` activations on the statistics text are all filled, and at least
@@ -26,14 +28,24 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.analysis.features import PAD_TOKEN, LatentStatistics, Unembedding
+from cache import CacheError
+from sae.analysis.features import (
+    PAD_TOKEN,
+    LatentStatistics,
+    Unembedding,
+    cache_batches,
+    collect_statistics,
+    model_batches,
+)
 from sae.analysis.steering import (
     NEUTRAL_PROMPTS,
     Intervention,
@@ -42,6 +54,10 @@ from sae.analysis.steering import (
     next_token_log_probs,
     strength_in_units,
 )
+from sae.data import OFFLINE_CORPUS, DataConfig, token_batches
+from sae.io import atomic_write_json, atomic_write_text
+from sae.sites import load_sae_and_model
+from sae.typed_config import ConfigError, add_arguments, from_args, option
 
 TOP_EXAMPLES = 20
 MIN_SHARE = 0.8
@@ -149,7 +165,7 @@ class LatentSteeringResult:
 
     @property
     def kl_monotone(self) -> bool:
-        return all(a < b for a, b in zip(self.kl, self.kl[1:]))
+        return all(a < b for a, b in zip(self.kl, self.kl[1:], strict=False))
 
 
 def _completions(
@@ -169,7 +185,7 @@ def measure_completions(
 ) -> CompletionSet:
     """Completions (tokens [1, prompt + new] per prompt) measured with the clean model for `latent`."""
     texts, log_perplexities, activations = [], [], []
-    for prompt, tokens in zip(prompts, generated):
+    for prompt, tokens in zip(prompts, generated, strict=True):
         effects = completion_effects(
             model, sae, tokens, model.to_tokens(prompt).shape[1], latent.latent, None, None
         )
@@ -263,7 +279,8 @@ def results_table(results: list[LatentSteeringResult], prompts: int, tokenizer) 
     words = " / ".join(f"α={a:g} steered, control" for a in alphas)
     lines = [
         f"| latent | reads → concept (shares) | KL monotone | p(concept) clean → α={at:g} (control) "
-        f"| p(top-10 logit tokens) clean → α={at:g} (control) | completions with the word (of {prompts}): unsteered / {words} "
+        f"| p(top-10 logit tokens) clean → α={at:g} (control) "
+        f"| completions with the word (of {prompts}): unsteered / {words} "
         f"| perplexity: unsteered / {' / '.join(f'α={a:g}' for a in alphas)} |",
         "|" + "---|" * 7,
     ]
@@ -273,75 +290,102 @@ def results_table(results: list[LatentSteeringResult], prompts: int, tokenizer) 
         counts = " / ".join(f"{c['steered'].with_word}, {c['control'].with_word}" for c in r.completions)
         perplexities = " / ".join(f"{c['steered'].perplexity:.1f}" for c in r.completions)
         lines.append(
-            f"| {r.latent.latent} | `{read}` → `{r.latent.word}` ({r.latent.token_share:.2f}, {r.latent.concept_share:.2f}) "
-            f"| {'yes' if r.kl_monotone else 'no'} | {r.p_concept_clean:.2e} → {r.p_concept[i]:.2e} ({r.p_concept_control[i]:.2e}) "
+            f"| {r.latent.latent} | `{read}` → `{r.latent.word}` "
+            f"({r.latent.token_share:.2f}, {r.latent.concept_share:.2f}) "
+            f"| {'yes' if r.kl_monotone else 'no'} "
+            f"| {r.p_concept_clean:.2e} → {r.p_concept[i]:.2e} ({r.p_concept_control[i]:.2e}) "
             f"| {r.p_top_clean:.2e} → {r.p_top[i]:.2e} ({r.p_top_control[i]:.2e}) "
             f"| {r.unsteered.with_word} / {counts} | {r.unsteered.perplexity:.1f} / {perplexities} |"
         )
     return "\n".join(lines)
 
 
-# --- command line (analyze.py steer-study) --------------------------------------------------------
+def control_latents(stats: LatentStatistics, candidates: list[TokenLatent], n: int, seed: int) -> list[int]:
+    """n random latents that fired and are not candidates (seeded apart from the sample of candidates)."""
+    excluded = {c.latent for c in candidates}
+    pool = [
+        latent
+        for latent, count in zip(stats.latents.tolist(), stats.fire_count.tolist(), strict=True)
+        if count > 0 and latent not in excluded
+    ]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:n]
+    return [pool[j] for j in order.tolist()]
+
+
+def summarise(results: list[LatentSteeringResult], prompts: int) -> dict:
+    """Totals over the latents: probabilities at each completion alpha, completions with the word."""
+    summary: dict = {"latents": len(results), "kl_monotone": sum(r.kl_monotone for r in results)}
+    for block in results[0].completions:
+        a = block["alpha"]
+        i = results[0].alphas.index(a)
+        at = [next(c for c in r.completions if c["alpha"] == a) for r in results]
+        summary[f"alpha {a:g}"] = {
+            "p_concept_rise_median": _median_rise(results, "p_concept", "p_concept", i),
+            "p_concept_control_rise_median": _median_rise(results, "p_concept_control", "p_concept", i),
+            "p_concept_above_control": sum(r.p_concept[i] > r.p_concept_control[i] for r in results),
+            "p_top_rise_median": _median_rise(results, "p_top", "p_top", i),
+            "p_top_control_rise_median": _median_rise(results, "p_top_control", "p_top", i),
+            "p_top_above_control": sum(r.p_top[i] > r.p_top_control[i] for r in results),
+            "completions_with_word": {
+                "unsteered": sum(r.unsteered.with_word for r in results),
+                "steered": sum(c["steered"].with_word for c in at),
+                "control": sum(c["control"].with_word for c in at),
+                "of": prompts * len(results),
+            },
+            "perplexity_geomean": {
+                "unsteered": _geomean([r.unsteered.perplexity for r in results]),
+                "steered": _geomean([c["steered"].perplexity for c in at]),
+                "control": _geomean([c["control"].perplexity for c in at]),
+            },
+        }
+    return summary
+
+
+def _median_rise(results: list[LatentSteeringResult], measured: str, clean: str, i: int) -> float:
+    """Median over the latents of measurement `measured` at alpha index i over its clean value."""
+    return float(
+        torch.tensor([getattr(r, measured)[i] / getattr(r, clean + "_clean") for r in results]).median()
+    )
+
+
+def _geomean(values: list[float]) -> float:
+    return float(torch.tensor(values).log().mean().exp())
+
+
+# --- command line ---------------------------------------------------------------------------------
 
 
 @dataclass
 class StudyOptions:
-    sae: str
-    out: str
-    cache: str | None = None
-    dataset: str = "python-stdlib"
-    tokens: int = 131072
-    context_size: int = 128
-    latents: int = 8
-    seed: int = 0
-    alpha: list[float] = field(default_factory=list)
-    completion_alpha: list[float] = field(default_factory=list)
-    max_new_tokens: int = 24
-    model: str | None = None
-    device: str = "cpu"
-
-
-def add_steer_study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sae", help="SAE directory")
-    parser.add_argument("--out", required=True, help="output directory: study.json and study.md")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--cache", help="activation cache for the latent statistics (no model forward)")
-    source.add_argument(
-        "--dataset", default="python-stdlib", help="text to run the model over for the statistics"
+    sae: str = option(help="SAE directory or file (ours or a supported foreign format)", positional=True)
+    out: str = option(help="output directory: study.json and study.md")
+    cache: str | None = option(
+        None, help="activation cache for the latent statistics (no model forward; instead of --dataset)"
     )
-    parser.add_argument("--tokens", type=int, default=131072, help="tokens for the latent statistics")
-    parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument(
-        "--latents", type=int, default=8, help="how many qualifying latents to steer (random sample)"
+    dataset: str | None = option(
+        None, help="text to run the model over for the statistics (default: python-stdlib)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of that sample and of the control latents")
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        action="append",
-        default=[],
-        help="alphas of the KL/probability sweep (repeatable; default 0.5 1 2 4 8)",
+    tokens: int = option(131072, help="tokens for the latent statistics")
+    context_size: int = option(128, help="tokens per context of --dataset")
+    latents: int = option(8, help="how many qualifying latents to steer (random sample)")
+    seed: int = option(0, help="seed of that sample and of the control latents")
+    alpha: list[float] = option(
+        default_factory=list, help="alphas of the KL/probability sweep (repeatable; default 0.5 1 2 4 8)"
     )
-    parser.add_argument(
-        "--completion-alpha",
-        type=float,
-        action="append",
-        default=[],
+    completion_alpha: list[float] = option(
+        default_factory=list,
         help="alphas of the greedy completions, each one of --alpha (repeatable; default 4 8)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--model")
-    parser.add_argument("--device", default="cpu")
+    max_new_tokens: int = option(24, help="tokens generated per completion")
+    model: str | None = option(None, help="model name or directory (default: the SAE config's model_name)")
+    device: str = option("cpu", help="torch device")
+
+    def __post_init__(self) -> None:
+        if self.cache is not None and self.dataset is not None:
+            raise ConfigError("--cache, --dataset: give one of them, not both")
 
 
-def run_steer_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from analyze import load_sae_and_model, options, text_token_batches
-    from sae.analysis.features import cache_batches, collect_statistics, model_batches
-    from sae.io import atomic_write_json, atomic_write_text
-
-    opts = options(StudyOptions, args)
+def run(opts: StudyOptions) -> int:
     alphas = sorted(opts.alpha or [0.5, 1.0, 2.0, 4.0, 8.0])
     completion_alphas = sorted(opts.completion_alpha or [4.0, 8.0])
     if not set(completion_alphas) <= set(alphas):
@@ -349,6 +393,10 @@ def run_steer_study(args: argparse.Namespace) -> int:
             f"--completion-alpha {completion_alphas} are not all among the sweep's alphas {alphas}"
         )
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
+    print(
+        f"model {opts.model or sae.cfg.model_name}, SAE {opts.sae} ({sae.cfg.architecture}, "
+        f"d_sae {sae.cfg.d_sae}, {sae.cfg.hookpoint})"
+    )
     started = time.time()
     if opts.cache:
         batches, total, source = (
@@ -357,25 +405,28 @@ def run_steer_study(args: argparse.Namespace) -> int:
             f"cache {opts.cache}",
         )
     else:
-        token_batches = text_token_batches(model, opts.dataset, opts.tokens, opts.context_size)
-        batches, total, source = model_batches(model, sae, token_batches), len(token_batches), opts.dataset
+        data = DataConfig(dataset=opts.dataset or OFFLINE_CORPUS, context_size=opts.context_size)
+        # contexts of context_size tokens, BOS counted, about `tokens` in all
+        text = token_batches(data, model.tokenizer, opts.tokens, batch_contexts=8, exclude_bos=False)
+        batches, total, source = model_batches(model, sae, text), len(text), data.dataset
     stats = collect_statistics(
         sae, batches, total_batches=total, k_top=TOP_EXAMPLES, k_sample=1, window_before=0, window_after=1
     )
     candidates = token_latents(stats, model.tokenizer)
     chosen = sample(candidates, opts.latents, opts.seed)
     print(
-        f"{len(candidates)} latents qualify on {stats.tokens_seen} tokens; steering {[c.latent for c in chosen]}"
+        f"{len(candidates)} latents qualify on {stats.tokens_seen} tokens; "
+        f"steering {[c.latent for c in chosen]}"
     )
     if not chosen:
-        raise ValueError("no latent meets the study's conditions (see sae/analysis/steering_study.py)")
+        raise ValueError("no latent meets the study's conditions (see studies/steering/study.py)")
     controls = control_latents(stats, candidates, len(chosen), opts.seed)
 
     prompts = list(NEUTRAL_PROMPTS)
     clean = [next_token_log_probs(model, sae, model.to_tokens(p), None) for p in prompts]
     unsteered_tokens = [generate(model, sae, p, None, opts.max_new_tokens) for p in prompts]
     results = []
-    for latent, control in zip(chosen, controls):
+    for latent, control in zip(chosen, controls, strict=False):
         unsteered = measure_completions(model, sae, prompts, unsteered_tokens, latent)
         results.append(
             steer_latent(
@@ -424,57 +475,20 @@ def run_steer_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def control_latents(stats: LatentStatistics, candidates: list[TokenLatent], n: int, seed: int) -> list[int]:
-    """n random latents that fired and are not candidates (seeded apart from the sample of candidates)."""
-    excluded = {c.latent for c in candidates}
-    pool = [
-        latent
-        for latent, count in zip(stats.latents.tolist(), stats.fire_count.tolist())
-        if count > 0 and latent not in excluded
-    ]
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[:n]
-    return [pool[j] for j in order.tolist()]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="studies/steering/study.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser, StudyOptions)
+    args = parser.parse_args(argv)
+    try:
+        return run(from_args(StudyOptions, args, "studies/steering/study.py"))
+    except (ConfigError, CacheError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
-def summarise(results: list[LatentSteeringResult], prompts: int) -> dict:
-    """Totals over the latents: probabilities at each completion alpha, completions with the word."""
-    summary: dict = {"latents": len(results), "kl_monotone": sum(r.kl_monotone for r in results)}
-    for block in results[0].completions:
-        a = block["alpha"]
-        i = results[0].alphas.index(a)
-        rise = lambda x: float(
-            torch.tensor([getattr(r, x)[i] / getattr(r, x + "_clean") for r in results]).median()
-        )  # noqa: E731
-        control = lambda x: float(
-            torch.tensor(
-                [
-                    getattr(r, x + "_control")[i] / getattr(r, x + "_clean")  # noqa: E731
-                    for r in results
-                ]
-            ).median()
-        )
-        at = [next(c for c in r.completions if c["alpha"] == a) for r in results]
-        summary[f"alpha {a:g}"] = {
-            "p_concept_rise_median": rise("p_concept"),
-            "p_concept_control_rise_median": control("p_concept"),
-            "p_concept_above_control": sum(r.p_concept[i] > r.p_concept_control[i] for r in results),
-            "p_top_rise_median": rise("p_top"),
-            "p_top_control_rise_median": control("p_top"),
-            "p_top_above_control": sum(r.p_top[i] > r.p_top_control[i] for r in results),
-            "completions_with_word": {
-                "unsteered": sum(r.unsteered.with_word for r in results),
-                "steered": sum(c["steered"].with_word for c in at),
-                "control": sum(c["control"].with_word for c in at),
-                "of": prompts * len(results),
-            },
-            "perplexity_geomean": {
-                "unsteered": _geomean([r.unsteered.perplexity for r in results]),
-                "steered": _geomean([c["steered"].perplexity for c in at]),
-                "control": _geomean([c["control"].perplexity for c in at]),
-            },
-        }
-    return summary
-
-
-def _geomean(values: list[float]) -> float:
-    return float(torch.tensor(values).log().mean().exp())
+if __name__ == "__main__":
+    sys.exit(main())
