@@ -25,6 +25,7 @@ from cache.distributed import cache_shards_of_this_rank
 from cache.manifest import FORMAT, FORMAT_VERSION, CacheError, read_manifest
 from cache.shards import ShardWriter, cache_lock, capture_batch, remove_stale_temporary_files
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
+from sae.device import DTYPES
 from sae.distributed import Distributed
 from sae.lm import capture, load_model, prepare_hooks, stop_layer, weights_hash
 from sae.version import __version__
@@ -104,6 +105,12 @@ def build_cache(
     cache_dir = Path(run.cache.dir)
     hookpoints = run.cache.hookpoints
     model = model if model is not None else load_model(run.model.name, run.model.dtype, run.model.device)
+    weights_dtype = next(model.parameters()).dtype
+    if weights_dtype != DTYPES[run.model.dtype]:  # the manifest would name a dtype the cache was not made in
+        raise CacheError(
+            f"the model passed to build_cache is {weights_dtype}, but model.dtype is {run.model.dtype!r}: "
+            "load it in that dtype, or set model.dtype to match"
+        )
     prepare_hooks(model, hookpoints)
     stop_at_layer = stop_layer(hookpoints, model.cfg.n_layers)
 

@@ -175,3 +175,10 @@ def test_sae_train_reads_a_cache_directory(multi_hook_cache, tmp_path):
     metrics = json.loads((tmp_path / "blocks.1.hook_resid_post_topk_k4_64" / "metrics.json").read_text())
     assert metrics["tokens"] >= 2048 and metrics["fvu"] < 1.0
     assert model.cfg.hookpoint == "blocks.1.hook_resid_post"
+
+
+def test_a_model_in_another_dtype_than_the_config_is_refused(tiny_lm, tiny_lm_dir, tmp_path):
+    config = tiny_run_config(tiny_lm_dir, tmp_path, model={"dtype": "bfloat16"})  # tiny_lm is float32
+    with pytest.raises(CacheError, match=r"build_cache is torch\.float32, but model\.dtype is 'bfloat16'"):
+        build_cache(config, tiny_lm, progress=False)
+    assert not (tmp_path / "cache").exists()

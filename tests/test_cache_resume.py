@@ -21,7 +21,7 @@ SETTINGS = {"tokens": 20_000, "batch_contexts": 16, "shard_contexts": 32}
 def _write_config(path: Path, model_dir: Path, cache_dir: Path) -> None:
     cache = "\n".join(f"{k} = {v}" for k, v in SETTINGS.items())
     path.write_text(
-        f'[model]\nname = "{model_dir}"\n[data]\ncontext_size = 32\n'
+        f'[model]\nname = "{model_dir}"\ndtype = "float32"\n[data]\ncontext_size = 32\n'
         f'[cache]\ndir = "{cache_dir}"\n'
         f'hookpoints = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"]\n{cache}\n'
     )

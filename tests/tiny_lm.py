@@ -58,7 +58,7 @@ def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> RunConfig:
     """A run config on the tiny model with small, fast settings; `sections` update a section's keys."""
 
     data = {
-        "model": {"name": str(model_dir)},
+        "model": {"name": str(model_dir), "dtype": "float32"},  # as the tiny_lm fixture loads it
         "data": {"context_size": 32},
         "cache": {
             "dir": str(tmp / "cache"),
