@@ -86,20 +86,23 @@ def test_controls_come_out_near_chance(trained, task, truth):
     """With clean and corrupted prompts swapped in half the pairs, positives and negatives are exchangeable:
     a method that scores their difference loses the circuit. Random scores never had it.
 
-    The library's codebook_overlap_positions_calibrated, over 3 seeds: one seed of the toy's circuit is too
-    coarse (its AUC moves in steps of 1/12), and the toy model trained here differs between CPUs (on an
-    AMD EPYC the study's codebook_overlap_calibrated found 0.67, 0.75, 0.83 on seeds 0-2)."""
+    The library's codebook_overlap_pair_calibrated (its null swaps pairs as this control does), over 6
+    seeds: one seed of the toy's circuit (6 of 8 heads) is too coarse, its AUC moving in steps of 1/12, and
+    the toy model trained here differs between CPUs. Measured on an Intel Xeon, seeds 0-5: found 1.0, 0.92,
+    0.83, 0.83, 0.83, 0.75, shuffled mean 0.40. codebook_overlap_positions_calibrated, used here before,
+    found 0.81 but kept 0.74 when shuffled on that CPU (0.56 on an AMD EPYC): on this toy its pooled null
+    does not remove what the shuffle leaves."""
     from sae.analysis.circuits.controls import run_on_shuffled_labels
 
     model, _ = trained
-    method = "codebook_overlap_positions_calibrated"
-    found = [evaluation.roc_auc(run_method(method, model, task, seed).scores, truth) for seed in range(3)]
+    method = "codebook_overlap_pair_calibrated"
+    found = [evaluation.roc_auc(run_method(method, model, task, seed).scores, truth) for seed in range(6)]
     aucs = [
         evaluation.roc_auc(run_on_shuffled_labels(method, model, task, seed).scores, truth)
-        for seed in range(3)
+        for seed in range(6)
     ]
     found_mean, mean = sum(found) / len(found), sum(aucs) / len(aucs)
-    assert found_mean > 0.8 and abs(mean - 0.5) < 0.2 and mean < found_mean - 0.2, (found, aucs)
+    assert found_mean > 0.75 and abs(mean - 0.5) < 0.2 and mean < found_mean - 0.25, (found, aucs)
     random_aucs = [
         evaluation.roc_auc(run_method("random", model, task, seed).scores, truth) for seed in range(30)
     ]
