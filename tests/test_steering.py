@@ -165,6 +165,25 @@ def test_clamping_a_latent_to_its_own_value_leaves_the_model_unchanged(tiny_lm):
             assert torch.equal(tiny_lm(longer), clean)
 
 
+def test_an_sae_on_one_heads_hook_result_steers_and_leaves_the_model_as_it_came(tiny_lm):
+    cfg = SAEConfig(
+        architecture="relu",
+        d_in=32,
+        d_sae=64,
+        hookpoint="blocks.0.attn.hook_result",
+        hook_layout="heads",
+        hook_head_index=1,
+    )
+    sae = SparseAutoencoder.from_config(cfg, seed=0)
+    tokens = tiny_lm.to_tokens("def f(x):")
+    with torch.no_grad():
+        clean = tiny_lm(tokens)
+        with steering(tiny_lm, sae, Intervention(latent=3, mode="add", strength=5.0)):
+            steered = tiny_lm(tokens)
+    assert not torch.allclose(steered, clean, atol=1e-3)
+    assert not tiny_lm.cfg.use_attn_result  # per-head results were computed for the block only
+
+
 def test_several_latents_at_once_add_their_changes():
     sae = make_sae("relu", k=None)
     x = torch.randn(2, 5, 32) * 2

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.analysis.features import Unembedding
-from sae.lm import capture, stop_layer
+from sae.lm import capture, hookpoints_ready, stop_layer
 from sae.sites import read_site, write_site
 
 Mode = Literal["add", "clamp", "ablate", "force", "suppress"]
@@ -180,7 +180,8 @@ def steering(model, sae, intervention: Interventions | None):
     if intervention is None:
         yield
         return
-    with model.hooks(fwd_hooks=[(sae.cfg.hookpoint, steering_hook(sae, intervention))]):
+    hooks = [(sae.cfg.hookpoint, steering_hook(sae, intervention))]
+    with hookpoints_ready(model, [sae.cfg.hookpoint]), model.hooks(fwd_hooks=hooks):
         yield
 
 
@@ -412,7 +413,7 @@ def completion_effects(
     model."""
     latents = [latent] if isinstance(latent, int) else list(latent)
     hookpoint = sae.cfg.hookpoint
-    with torch.no_grad():
+    with torch.no_grad(), hookpoints_ready(model, [hookpoint]):
         logits = model(tokens)  # [1, t, vocab]
         acts = capture(model, tokens, [hookpoint], stop_layer([hookpoint], model.cfg.n_layers))[hookpoint]
         f = sae.encode(read_site(sae, acts).float().to(sae.W_dec.device))[0, prompt_length:][
