@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sae.data import DataConfig, token_batches
 from sae.lm import capture, hookpoints_ready, stop_layer
 from sae.sites import read_site
 
@@ -254,6 +255,34 @@ def cache_batches(
                 acts[start : start + contexts_per_batch].float(),
                 torch.ones(batch_tokens.shape, dtype=torch.bool),
             )
+
+
+@dataclass
+class ActivationBatches:
+    """(tokens [b, t], SAE inputs [b, t, d_in], valid [b, t]) batches for `collect_statistics`, how many
+    there are where known, and where they come from (for reports)."""
+
+    batches: Iterator[tuple[Tensor, Tensor, Tensor]]
+    total: int | None
+    source: str
+
+
+def activation_batches(
+    model,
+    sae,
+    tokens: int,
+    cache: str | Path | None = None,
+    data: DataConfig | None = None,
+    count_bos: bool = False,
+) -> ActivationBatches:
+    """About `tokens` tokens of the SAE's inputs: the first ones of the activation cache `cache`, else
+    `model` run over `data` (default: the offline corpus in 128-token contexts), 8 contexts a batch.
+    `count_bos`: whether BOS positions count toward `tokens` from text (they are never valid)."""
+    if cache is not None:
+        return ActivationBatches(cache_batches(cache, sae, max_tokens=tokens), None, f"cache {cache}")
+    data = data or DataConfig()
+    text = token_batches(data, model.tokenizer, tokens, batch_contexts=8, exclude_bos=not count_bos)
+    return ActivationBatches(model_batches(model, sae, text), len(text), data.dataset)
 
 
 def collect_statistics(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from sae.cli.common import Subcommand, exclusive, parse_latents
-from sae.data import DataConfig, token_batches
+from sae.data import OFFLINE_CORPUS, DataConfig, token_batches
 from sae.typed_config import ConfigError, option
 
 SAE_HELP = "SAE directory or file (ours or a supported foreign format)"
@@ -129,7 +129,7 @@ class SteerOptions:
 def run_steer(opts: SteerOptions) -> int:
     from sae.analysis import steering
     from sae.analysis.dashboard import read_explanations
-    from sae.analysis.features import collect_statistics, model_batches
+    from sae.analysis.features import activation_batches, collect_statistics
     from sae.io import atomic_write_json
     from sae.typed_config import to_dict
 
@@ -148,12 +148,12 @@ def run_steer(opts: SteerOptions) -> int:
     # The latent on ordinary text: its max activation (the unit of alpha) and the tokens that follow its
     # top activations (whose probability steering should raise).
     data = DataConfig(dataset=opts.dataset, context_size=opts.context_size)
-    batches = token_batches(data, model.tokenizer, opts.stat_tokens, batch_contexts=8)
+    activations = activation_batches(model, sae, opts.stat_tokens, data=data)
     stats = collect_statistics(
         sae,
-        model_batches(model, sae, batches),
+        activations.batches,
         latents=opts.latent,
-        total_batches=len(batches),
+        total_batches=activations.total,
         k_top=20,
         k_sample=1,
         window_before=0,
@@ -256,24 +256,21 @@ def run_dashboard(opts: DashboardOptions) -> int:
     import torch
 
     from sae.analysis.dashboard import read_explanations, read_steering_examples, write_dashboard
-    from sae.analysis.features import Unembedding, cache_batches, collect_statistics, model_batches
+    from sae.analysis.features import Unembedding, activation_batches, collect_statistics
 
     explanations = read_explanations(opts.explanations) if opts.explanations else {}
     steering = read_steering_examples(opts.steering)
     sae, model = load_sae_and_model(opts.sae, opts.model, opts.device)
     latents = torch.tensor(parse_latents(opts.latents)) if opts.latents else None
-    if opts.cache:
-        batches, total, source = (
-            cache_batches(opts.cache, sae, max_tokens=opts.tokens),
-            None,
-            f"cache {opts.cache}",
-        )
-    else:
-        data = DataConfig(dataset=opts.dataset or "python-stdlib", context_size=opts.context_size)
-        text = token_batches(data, model.tokenizer, opts.tokens, batch_contexts=8)
-        batches, total, source = model_batches(model, sae, text), len(text), data.dataset
+    data = DataConfig(dataset=opts.dataset or OFFLINE_CORPUS, context_size=opts.context_size)
+    activations = activation_batches(model, sae, opts.tokens, cache=opts.cache, data=data)
     stats = collect_statistics(
-        sae, batches, latents, total_batches=total, k_top=opts.top_examples, k_sample=opts.quantile_sample
+        sae,
+        activations.batches,
+        latents,
+        total_batches=activations.total,
+        k_top=opts.top_examples,
+        k_sample=opts.quantile_sample,
     )
     in_residual_stream = "resid" in (sae.cfg.hookpoint or "") and sae.cfg.d_in == model.W_U.shape[0]
     index = write_dashboard(
@@ -284,7 +281,7 @@ def run_dashboard(opts: DashboardOptions) -> int:
         unembedding=Unembedding(model) if in_residual_stream else None,
         explanations=explanations,
         steering=steering,
-        source=source,
+        source=activations.source,
         model_name=opts.model or sae.cfg.model_name,
         chunk_size=opts.chunk_size,
         title=opts.title,

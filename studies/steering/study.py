@@ -42,9 +42,8 @@ from sae.analysis.features import (
     PAD_TOKEN,
     LatentStatistics,
     Unembedding,
-    cache_batches,
+    activation_batches,
     collect_statistics,
-    model_batches,
 )
 from sae.analysis.steering import (
     NEUTRAL_PROMPTS,
@@ -54,7 +53,7 @@ from sae.analysis.steering import (
     next_token_log_probs,
     strength_in_units,
 )
-from sae.data import OFFLINE_CORPUS, DataConfig, token_batches
+from sae.data import OFFLINE_CORPUS, DataConfig
 from sae.io import atomic_write_json, atomic_write_text
 from sae.sites import load_sae_and_model
 from sae.typed_config import ConfigError, add_arguments, from_args, option
@@ -398,19 +397,17 @@ def run(opts: StudyOptions) -> int:
         f"d_sae {sae.cfg.d_sae}, {sae.cfg.hookpoint})"
     )
     started = time.time()
-    if opts.cache:
-        batches, total, source = (
-            cache_batches(opts.cache, sae, max_tokens=opts.tokens),
-            None,
-            f"cache {opts.cache}",
-        )
-    else:
-        data = DataConfig(dataset=opts.dataset or OFFLINE_CORPUS, context_size=opts.context_size)
-        # contexts of context_size tokens, BOS counted, about `tokens` in all
-        text = token_batches(data, model.tokenizer, opts.tokens, batch_contexts=8, exclude_bos=False)
-        batches, total, source = model_batches(model, sae, text), len(text), data.dataset
+    data = DataConfig(dataset=opts.dataset or OFFLINE_CORPUS, context_size=opts.context_size)
+    # contexts of context_size tokens, BOS counted, about `tokens` in all
+    activations = activation_batches(model, sae, opts.tokens, cache=opts.cache, data=data, count_bos=True)
     stats = collect_statistics(
-        sae, batches, total_batches=total, k_top=TOP_EXAMPLES, k_sample=1, window_before=0, window_after=1
+        sae,
+        activations.batches,
+        total_batches=activations.total,
+        k_top=TOP_EXAMPLES,
+        k_sample=1,
+        window_before=0,
+        window_after=1,
     )
     candidates = token_latents(stats, model.tokenizer)
     chosen = sample(candidates, opts.latents, opts.seed)
@@ -452,7 +449,7 @@ def run(opts: StudyOptions) -> int:
         {
             "options": asdict(opts),
             "alphas": alphas,
-            "source": source,
+            "source": activations.source,
             "tokens": stats.tokens_seen,
             "qualifying_latents": len(candidates),
             "prompts": prompts,
