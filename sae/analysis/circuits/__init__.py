@@ -21,6 +21,9 @@ one API whose steps take plain tensors, so a study can swap any of them. In orde
 your own) with its cost; `C.controls` runs one on shuffled prompt labels or a re-initialised model, which
 should come out near chance (`C.evaluation.near_chance`). The command: `sae-analyze circuits`. Guide:
 docs/circuits.md; the study behind the registry: studies/circuits/.
+
+Over trained dictionaries: `C.SplicedModel(model, saes).run(tokens)` gives the model's own logits with
+every SAE's latents and error as nodes that keep their gradients (`splice.py`).
 """
 
 from . import controls, edges, evaluation, ground_truth, tasks
@@ -37,6 +40,7 @@ from .patching import (
     ground_truth_from_effects,
 )
 from .scoring import oneill_edge_head_scores, oneill_head_scores, overlap_head_scores
+from .splice import SiteNodes, SplicedModel
 from .tasks import Task
 
 __all__ = [
@@ -46,6 +50,8 @@ __all__ = [
     "CodeMethod",
     "ForwardCounter",
     "MethodScores",
+    "SiteNodes",
+    "SplicedModel",
     "Task",
     "argmax_codes",
     "attribution_patching",

@@ -1,0 +1,124 @@
+"""SAEs spliced into a model with their errors kept as nodes (Marks et al. 2024, Sparse Feature Circuits).
+
+At each spliced hookpoint the activation x [b, t, d_in] is rewritten as
+
+    f = encode(x)                 the latents       [b, t, d_sae]
+    ε = x - x̂(f)                  the SAE's error   [b, t, d_in]
+    x' = x̂(f) + ε                 what the model reads on: x itself, to rounding
+
+so the model's output is unchanged, and the metric becomes a function of every latent and every error.
+f and ε are leaves of the autograd graph, independent of each other: after a backward pass `f.grad` is
+∂metric/∂x' through the decoder (W_dec f) and `ε.grad` is ∂metric/∂x'. The activation x itself passes
+its gradient straight on (x' = x in value, and d x'/d x is taken as the identity), so a node upstream gets
+the gradient it has in the unspliced model: downstream sites do not cut it. x̂ includes what
+`SparseAutoencoder.forward` adds beside the decoder (the input norm undone with x's statistics, the skip
+path), both held at their values on x, so ε is the whole difference.
+
+Positions before `first` (BOS by default: SAEs are not trained on it) are left as they are and their
+nodes get no gradient. An intervention edits a site's nodes before x' is formed (patching a latent to
+its value on other tokens, ablating it); the error keeps its value on these tokens unless it edits that
+too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae.lm import capture, hookpoints_ready
+from sae.model import SparseAutoencoder
+from sae.sites import read_site, write_site
+
+
+@dataclass
+class SiteNodes:
+    """One spliced site's nodes on a batch: latents [b, t, d_sae] and error [b, t, d_in]."""
+
+    latents: Tensor
+    error: Tensor
+
+
+Intervention = Callable[[SiteNodes], SiteNodes]
+"""Edits a site's nodes (values only: the result is spliced in and its gradients kept)."""
+
+
+class SplicedModel:
+    """`model` with one SAE at each of its hookpoints; `run` returns logits and every site's nodes."""
+
+    def __init__(self, model, saes: Sequence[SparseAutoencoder], first: int = 1):
+        hookpoints = [sae.cfg.hookpoint for sae in saes]
+        if any(h is None for h in hookpoints):
+            raise ValueError("every spliced SAE needs cfg.hookpoint (the hook it reads)")
+        if len(set(hookpoints)) != len(hookpoints):
+            raise ValueError(f"one SAE per hookpoint; given {hookpoints}")
+        self.model, self.first = model, first
+        self.saes: dict[str, SparseAutoencoder] = dict(zip(hookpoints, saes, strict=True))
+        probe = torch.full((1, 1), model.tokenizer.bos_token_id, device=model.cfg.device)
+        with hookpoints_ready(model, hookpoints):
+            acts = capture(model, probe, hookpoints, stop_at_layer=None)
+        for hookpoint, sae in self.saes.items():
+            read_site(sae, acts[hookpoint])  # a wrong width is named here, before any real forward
+
+    @property
+    def hookpoints(self) -> list[str]:
+        return list(self.saes)
+
+    def run(
+        self, tokens: Tensor, interventions: dict[str, Intervention] | None = None
+    ) -> tuple[Tensor, dict[str, SiteNodes]]:
+        """tokens [b, t] -> logits [b, t, vocab] and each site's nodes, which keep their gradients
+        (`latents.grad`, `error.grad` after a backward pass from the logits)."""
+        interventions = interventions or {}
+        unknown = set(interventions) - set(self.saes)
+        if unknown:
+            raise ValueError(
+                f"interventions at {sorted(unknown)}, where no SAE is spliced ({self.hookpoints})"
+            )
+        nodes: dict[str, SiteNodes] = {}
+
+        def splice_at(hookpoint: str) -> Callable[[Tensor, object], Tensor]:
+            sae = self.saes[hookpoint]
+
+            def splice(acts: Tensor, hook) -> Tensor:  # hook.name is the bridge's own name, not the alias
+                x = read_site(sae, acts).to(sae.W_dec.dtype)  # [b, t, d_in]
+                held = x.detach()  # the input-norm statistics and the skip path are held at x's values
+                with torch.no_grad():
+                    latents = sae.encode(held)
+                    site = SiteNodes(latents, held - reconstruct(sae, latents, held))
+                if hookpoint in interventions:
+                    site = interventions[hookpoint](site)
+                if torch.is_grad_enabled():
+                    keep_gradient(site.latents)
+                    keep_gradient(site.error)
+                nodes[hookpoint] = site
+                # + (x - held): zero in value, the identity for x's gradient (the pass-through above)
+                new = reconstruct(sae, site.latents, held) + site.error + (x - held)
+                return write_site(sae, acts, new, self.first)
+
+            return splice
+
+        hooks = [(h, splice_at(h)) for h in self.saes]
+        with hookpoints_ready(self.model, self.hookpoints), self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(tokens.to(self.model.cfg.device))
+        return logits, nodes
+
+
+def reconstruct(sae: SparseAutoencoder, latents: Tensor, x: Tensor) -> Tensor:
+    """x̂ [b, t, d_in] from latents [b, t, d_sae]: the decoder, then what `forward` adds that depends on
+    x (its input-norm statistics, the skip path), as functions of the x given."""
+    x_hat = sae.decode(latents, sae.input_stats(x))
+    if sae.cfg.skip_connection:
+        x_hat = x_hat + x @ sae.W_skip.T
+    return x_hat
+
+
+def keep_gradient(node: Tensor) -> None:
+    """Make `node.grad` filled by a backward pass: a leaf starts requiring grad; a tensor an intervention
+    computed from something that requires grad keeps its gradient too."""
+    if node.requires_grad:
+        node.retain_grad()
+    else:
+        node.requires_grad_()
