@@ -22,14 +22,17 @@ your own) with its cost; `C.controls` runs one on shuffled prompt labels or a re
 should come out near chance (`C.evaluation.near_chance`). The command: `sae-analyze circuits`. Guide:
 docs/circuits.md; the study behind the registry: studies/circuits/.
 
-Over trained dictionaries: `C.SplicedModel(model, saes).run(tokens)` gives the model's own logits with
-every SAE's latents and error as nodes that keep their gradients (`splice.py`).
+Over trained dictionaries: `spliced = C.SplicedModel(model, saes)`; `spliced.run(tokens)` gives the model's
+own logits with every SAE's latents and error as nodes that keep their gradients (`splice.py`);
+`C.attribution_patching_nodes(spliced, task)` and `C.integrated_gradients_nodes(spliced, task, steps)`
+estimate each node's effect on the task metric (`feature_attribution.py`).
 """
 
 from . import controls, edges, evaluation, ground_truth, tasks
 from .activations import ForwardCounter, collect_head_results, collect_z, head_results_from_z
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .evaluation import evaluate, oracle_best_f1, precision_recall_f1, roc_auc
+from .feature_attribution import NodeEffects, attribution_patching_nodes, integrated_gradients_nodes
 from .methods import ALL_METHODS, BASELINES, CODE_METHODS, CodeMethod, run_method
 from .patching import (
     MethodScores,
@@ -50,11 +53,13 @@ __all__ = [
     "CodeMethod",
     "ForwardCounter",
     "MethodScores",
+    "NodeEffects",
     "SiteNodes",
     "SplicedModel",
     "Task",
     "argmax_codes",
     "attribution_patching",
+    "attribution_patching_nodes",
     "circuit_faithfulness",
     "collect_head_results",
     "collect_z",
@@ -67,6 +72,7 @@ __all__ = [
     "ground_truth",
     "ground_truth_from_effects",
     "head_results_from_z",
+    "integrated_gradients_nodes",
     "oneill_edge_head_scores",
     "oneill_head_scores",
     "oracle_best_f1",
