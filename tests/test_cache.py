@@ -188,11 +188,9 @@ def test_a_model_in_another_dtype_than_the_config_is_refused(tiny_lm, tiny_lm_di
 def test_caching_hook_result_leaves_the_model_as_it_came(tiny_lm, tiny_lm_dir, tmp_path):
     # Per-head results change the attention's arithmetic, so a model left with them on would cache
     # other bits afterwards (found as a resume test that failed only after this module ran).
-    tokens = torch.tensor(
-        list(islice(token_contexts(tiny_run_config(tiny_lm_dir, tmp_path).data, tiny_lm.tokenizer), 4))
-    )
-    before = capture(tiny_lm, tokens, ["blocks.1.hook_resid_post"], stop_at_layer=None)
     config = tiny_run_config(tiny_lm_dir, tmp_path, cache={"hookpoints": ["blocks.0.attn.hook_result"]})
+    tokens = torch.tensor(list(islice(token_contexts(config.data, tiny_lm.tokenizer), 4)))
+    before = capture(tiny_lm, tokens, ["blocks.1.hook_resid_post"], stop_at_layer=None)
     build_cache(config, tiny_lm, progress=False)
     assert not tiny_lm.cfg.use_attn_result
     after = capture(tiny_lm, tokens, ["blocks.1.hook_resid_post"], stop_at_layer=None)
