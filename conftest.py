@@ -1,13 +1,13 @@
 """Fixtures for the library's tests (tests/) and the studies' tests (studies/*/tests/): a tiny random
-GPT-2 with a real tokenizer, built once per session (tests/tiny_lm.py). Under CI=true a skipped test
-fails: CI has Chromium and every extra, so a skip there is a test that did not run."""
+GPT-2 with a real tokenizer and a tiny Gemma 3 on it, built once per session (tests/tiny_lm.py). Under
+CI=true a skipped test fails: CI has Chromium and every extra, so a skip there is a test that did not run."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.tiny_lm import make_tiny_lm
+from tests.tiny_lm import make_tiny_gemma, make_tiny_lm
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,13 @@ def tiny_lm(tiny_lm_dir):
     from sae.lm import load_model
 
     return load_model(str(tiny_lm_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory, tiny_lm_dir):
+    from sae.lm import load_model
+
+    return load_model(str(make_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma") / "model", tiny_lm_dir)))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -54,6 +54,32 @@ def make_tiny_lm(
     return directory
 
 
+def make_tiny_gemma(directory: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 (RMSNorm with q/k norms, GeGLU MLP, grouped-query attention) on the tiny
+    GPT-2's tokenizer: the architecture of the default model at test size."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    Gemma3ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def tiny_run_config(model_dir: Path, tmp: Path, **sections) -> RunConfig:
     """A run config on the tiny model with small, fast settings; `sections` update a section's keys."""
 

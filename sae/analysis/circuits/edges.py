@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .activations import ForwardCounter, collect_z, model_shape, z_hook_name
+from .lrp import quiet_norm_edits, relp_hooks
 from .patching import MethodScores
 from .tasks import Task, task_metric
 
@@ -78,7 +79,7 @@ def embeddings(model, tokens: Tensor) -> Tensor:
 
 
 def _edge_products(
-    model, task: Task, delta_z: Tensor, delta_input: Tensor, resid_pre_override=None
+    model, task: Task, delta_z: Tensor, delta_input: Tensor, resid_pre_override=None, rules: bool = False
 ) -> tuple[Tensor, int]:
     """One forward and backward on the clean prompts, then the direct-path products.
 
@@ -108,9 +109,11 @@ def _edge_products(
     names = [z_hook_name(L) for L in range(n_layers)] + [_resid_pre(L) for L in range(n_layers)]
     names += [_resid_mid(L) for L in range(n_layers)] + [FINAL_RESID]
     hooks = [(_resid_pre(0), input_leaf)] + [(name, keeper(name)) for name in names]
+    if rules:  # the forward's graph follows RelP's rules, so every product below does too
+        hooks += relp_hooks(model)
     edges = torch.zeros(n_layers * n_heads + 1, n_layers * n_heads + 1)
     vjps = 0
-    with torch.enable_grad():
+    with torch.enable_grad(), quiet_norm_edits():
         logits = model.run_with_hooks(task.clean_tokens.to(model.cfg.device), fwd_hooks=hooks)
         task_metric(task, logits[:, -1]).sum().backward(retain_graph=True)
         missing = [n for n in names if n not in kept or kept[n].grad is None]
@@ -148,8 +151,9 @@ def _edge_products(
     return edges, vjps
 
 
-def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScores:
-    """steps=None: attribution patching on the clean run; an int: EAP-IG with that many interpolations."""
+def _edge_method(model, task: Task, name: str, steps: int | None, rules: bool = False) -> MethodScores:
+    """steps=None: attribution patching on the clean run (RelP with `rules`); an int: EAP-IG with that many
+    interpolations."""
     started, counter = time.perf_counter(), ForwardCounter()
     n_layers, n_heads = model_shape(model)
     z_clean = collect_z(model, task.clean_tokens, counter=counter)
@@ -162,7 +166,7 @@ def _edge_method(model, task: Task, name: str, steps: int | None) -> MethodScore
     delta_input = resid["corrupt"] - resid["clean"]
     vjps = 0
     if steps is None:
-        total, vjps = _edge_products(model, task, delta_z, delta_input)
+        total, vjps = _edge_products(model, task, delta_z, delta_input, rules=rules)
         counter.forward_prompts += len(task)
         counter.backward_prompts += len(task)
     else:
@@ -204,6 +208,11 @@ def attribution_patching_edges(model, task: Task) -> MethodScores:
     """Edge attribution patching: 2 forwards (z clean, z corrupt) + 1 forward and 1 backward per prompt,
     then one vector-Jacobian product per edge end (counted in details, not as passes of the model)."""
     return _edge_method(model, task, "attribution_patching_edges", None)
+
+
+def relp_edges(model, task: Task) -> MethodScores:
+    """Edge RelP: edge attribution patching with every vector-Jacobian product under RelP's rules."""
+    return _edge_method(model, task, "relp_edges", None, rules=True)
 
 
 def eap_ig_edges(model, task: Task, steps: int = 5) -> MethodScores:

@@ -22,6 +22,7 @@ from .activations import (
     model_shape,
     z_hook_name,
 )
+from .lrp import quiet_norm_edits, relp_hooks
 from .tasks import Task, task_metric
 
 
@@ -166,9 +167,11 @@ def circuit_faithfulness(
 # --- gradient-based baselines -----------------------------------------------------------------------
 
 
-def _metric_and_z_grads(model, task: Task, resid_pre_override=None) -> tuple[Tensor, list[Tensor]]:
+def _metric_and_z_grads(
+    model, task: Task, resid_pre_override=None, rules: bool = False
+) -> tuple[Tensor, list[Tensor]]:
     """Sum of the task metric on the clean prompts and d(metric)/dz per layer: [prompts, pos, heads,
-    d_head]."""
+    d_head]; with `rules`, the gradient under RelP's propagation rules (`lrp.py`)."""
     n_layers, _ = model_shape(model)
     zs: dict[int, Tensor] = {}
 
@@ -180,25 +183,28 @@ def _metric_and_z_grads(model, task: Task, resid_pre_override=None) -> tuple[Ten
     hooks = [(z_hook_name(L), keep) for L in range(n_layers)]
     if resid_pre_override is not None:
         hooks.append(("blocks.0.hook_resid_pre", resid_pre_override))
-    with torch.enable_grad():
+    if rules:
+        hooks += relp_hooks(model)
+    with torch.enable_grad(), quiet_norm_edits():
         logits = model.run_with_hooks(task.clean_tokens.to(model.cfg.device), fwd_hooks=hooks)
         metric = task_metric(task, logits[:, -1]).sum()
         metric.backward()
     return metric.detach(), [zs[L].grad.detach().float().cpu() for L in range(n_layers)]
 
 
-def attribution_patching(model, task: Task) -> MethodScores:
+def attribution_patching(model, task: Task, rules: bool = False) -> MethodScores:
     """Node attribution patching (Syed et al.): |sum over positions of (z_corrupt - z_clean)·dm/dz|,
-    averaged over prompts. 2 forwards + 1 backward per prompt."""
+    averaged over prompts. 2 forwards + 1 backward per prompt. With `rules`: RelP (Rezaei Jafari et al.
+    2025), the gradient taken under LRP's rules, at the same cost."""
     started, counter = time.perf_counter(), ForwardCounter()
     z_clean = collect_z(model, task.clean_tokens, counter=counter)  # [prompts, pos, layers, heads, d_head]
     z_corrupt = collect_z(model, task.corrupted_tokens, counter=counter)
-    _, grads = _metric_and_z_grads(model, task)
+    _, grads = _metric_and_z_grads(model, task, rules=rules)
     counter.backward_prompts += len(task)
     grad = torch.stack(grads, dim=2)  # [prompts, pos, layers, heads, d_head]
     estimate = ((z_corrupt - z_clean) * grad).sum(dim=(1, 4)).mean(0)  # [layers, heads]: metric change
     return MethodScores(
-        "attribution_patching",
+        "relp" if rules else "attribution_patching",
         estimate.abs(),
         time.perf_counter() - started,
         counter.forward_prompts + len(task),

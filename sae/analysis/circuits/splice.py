@@ -35,10 +35,12 @@ from sae.sites import read_site, write_site
 
 @dataclass
 class SiteNodes:
-    """One spliced site's nodes on a batch: latents [b, t, d_sae] and error [b, t, d_in]."""
+    """One spliced site's nodes on a batch: latents [b, t, d_sae] and error [b, t, d_in]; `input` is the
+    activation the SAE read [b, t, d_in] (no gradient; what x̂'s input statistics and skip path use)."""
 
     latents: Tensor
     error: Tensor
+    input: Tensor | None = None
 
 
 Intervention = Callable[[SiteNodes], SiteNodes]
@@ -67,10 +69,14 @@ class SplicedModel:
         return list(self.saes)
 
     def run(
-        self, tokens: Tensor, interventions: dict[str, Intervention] | None = None
+        self,
+        tokens: Tensor,
+        interventions: dict[str, Intervention] | None = None,
+        extra_hooks: Sequence[tuple[str, Callable]] = (),
     ) -> tuple[Tensor, dict[str, SiteNodes]]:
         """tokens [b, t] -> logits [b, t, vocab] and each site's nodes, which keep their gradients
-        (`latents.grad`, `error.grad` after a backward pass from the logits)."""
+        (`latents.grad`, `error.grad` after a backward pass from the logits). `extra_hooks` run beside the
+        splices (RelP's rules: `lrp.relp_hooks`)."""
         interventions = interventions or {}
         unknown = set(interventions) - set(self.saes)
         if unknown:
@@ -87,9 +93,10 @@ class SplicedModel:
                 held = x.detach()  # the input-norm statistics and the skip path are held at x's values
                 with torch.no_grad():
                     latents = sae.encode(held)
-                    site = SiteNodes(latents, held - reconstruct(sae, latents, held))
+                    site = SiteNodes(latents, held - reconstruct(sae, latents, held), held)
                 if hookpoint in interventions:
-                    site = interventions[hookpoint](site)
+                    edited = interventions[hookpoint](site)
+                    site = SiteNodes(edited.latents, edited.error, held)
                 if torch.is_grad_enabled():
                     keep_gradient(site.latents)
                     keep_gradient(site.error)
@@ -100,7 +107,7 @@ class SplicedModel:
 
             return splice
 
-        hooks = [(h, splice_at(h)) for h in self.saes]
+        hooks = [(h, splice_at(h)) for h in self.saes] + list(extra_hooks)
         with hookpoints_ready(self.model, self.hookpoints), self.model.hooks(fwd_hooks=hooks):
             logits = self.model(tokens.to(self.model.cfg.device))
         return logits, nodes

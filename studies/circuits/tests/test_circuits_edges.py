@@ -57,6 +57,18 @@ def test_edges_out_of_a_head_sum_to_its_node_attribution(model, task, estimates)
     torch.testing.assert_close(out_sum, node, rtol=1e-3, atol=1e-4)
 
 
+def test_relp_edges_out_of_a_head_sum_to_its_relp_node_attribution(model, task):
+    # the same identity under RelP's rules: every product is taken on the rule-following graph
+    relp = edges.relp_edges(model, task)
+    out_sum = (relp.details["edge_estimates"] * relp.details["edge_valid"]).sum(1)[:-1]
+    node_relp = attribution_patching(model, task, rules=True)
+    torch.testing.assert_close(
+        out_sum, -node_relp.details["estimated_effects"].flatten(), rtol=1e-3, atol=1e-4
+    )
+    plain = attribution_patching(model, task)
+    assert node_relp.method == "relp" and not torch.allclose(node_relp.scores, plain.scores)
+
+
 def test_edges_out_of_the_input_sum_to_the_attribution_of_the_embedding_change(model, task, estimates):
     # every gradient path from the embeddings first meets either a head or the logits: the input's edges
     # split (embeddings(corrupt) - embeddings(clean)) · dm/d embeddings among them
