@@ -4,6 +4,7 @@
     steer       steered and unsteered completions side by side, with measured effects
     dashboard   a static HTML site of latents (open OUT/index.html; no server)
     circuits    the attention heads a task uses: SAE-code methods, patching baselines, evaluation
+    feature-circuit  the latents of spliced SAEs a task uses, their edges, faithfulness curves, a graph
     autointerp  explain latents with an LLM and score the explanations (real vs shuffled control)
 
 Examples:
@@ -294,7 +295,7 @@ def run_dashboard(opts: DashboardOptions) -> int:
 
 
 def subcommands() -> dict[str, Subcommand]:
-    from sae.cli import autointerp, circuits
+    from sae.cli import autointerp, circuits, feature_circuit
 
     return {
         "eval": Subcommand(
@@ -303,6 +304,7 @@ def subcommands() -> dict[str, Subcommand]:
         "steer": Subcommand(SteerOptions, run_steer, "steer the model with latents and measure the effects"),
         "dashboard": Subcommand(DashboardOptions, run_dashboard, "write a static HTML dashboard of latents"),
         "circuits": circuits.SUBCOMMAND,
+        "feature-circuit": feature_circuit.SUBCOMMAND,
         "autointerp": autointerp.SUBCOMMAND,
     }
 

@@ -22,17 +22,31 @@ your own) with its cost; `C.controls` runs one on shuffled prompt labels or a re
 should come out near chance (`C.evaluation.near_chance`). The command: `sae-analyze circuits`. Guide:
 docs/circuits.md; the study behind the registry: studies/circuits/.
 
-Over trained dictionaries: `spliced = C.SplicedModel(model, saes)`; `spliced.run(tokens)` gives the model's
-own logits with every SAE's latents and error as nodes that keep their gradients (`splice.py`);
-`C.attribution_patching_nodes(spliced, task)` and `C.integrated_gradients_nodes(spliced, task, steps)`
-estimate each node's effect on the task metric (`feature_attribution.py`).
+Over trained dictionaries (feature circuits; the command: `sae-analyze feature-circuit`):
+
+    spliced = C.SplicedModel(model, saes)            # splice.py: the model's logits; latents, errors as nodes
+    effects = C.integrated_gradients_nodes(spliced, task, 10)  # or attribution_patching_nodes, relp_nodes
+    effects.heads("blocks.3.attn.hook_z")            # [heads]: a hook_z SAE's estimates split per head
+    nodes = C.ranked_nodes(effects, n=30)            # feature_circuit.py: top-N or by threshold
+    C.feature_edges(spliced, task, nodes)            # feature_edges.py: latent -> latent and -> metric
+    C.curves(spliced, task, effects, [10, 100])      # faithfulness / completeness vs random latents
+    C.raw_basis(hookpoint, d_in)                     # the same procedure on the site's own dimensions
+    C.patching_check(spliced, task, [effects])       # estimates against real patching of sampled latents
 """
 
 from . import controls, edges, evaluation, ground_truth, tasks
 from .activations import ForwardCounter, collect_head_results, collect_z, head_results_from_z
 from .codes import argmax_codes, topk_code_sets, train_codebook_sae, train_oneill_relu_sae, training_rows
 from .evaluation import evaluate, oracle_best_f1, precision_recall_f1, roc_auc
-from .feature_attribution import NodeEffects, attribution_patching_nodes, integrated_gradients_nodes
+from .feature_attribution import (
+    NodeEffects,
+    attribution_patching_nodes,
+    integrated_gradients_nodes,
+    patching_check,
+    relp_nodes,
+)
+from .feature_circuit import Node, curves, random_like, ranked_nodes, raw_basis
+from .feature_edges import feature_edges
 from .methods import ALL_METHODS, BASELINES, CODE_METHODS, CodeMethod, run_method
 from .patching import (
     MethodScores,
@@ -53,6 +67,7 @@ __all__ = [
     "CodeMethod",
     "ForwardCounter",
     "MethodScores",
+    "Node",
     "NodeEffects",
     "SiteNodes",
     "SplicedModel",
@@ -64,11 +79,13 @@ __all__ = [
     "collect_head_results",
     "collect_z",
     "controls",
+    "curves",
     "eap_ig_nodes",
     "edges",
     "evaluate",
     "evaluation",
     "exhaustive_head_patching",
+    "feature_edges",
     "ground_truth",
     "ground_truth_from_effects",
     "head_results_from_z",
@@ -77,7 +94,12 @@ __all__ = [
     "oneill_head_scores",
     "oracle_best_f1",
     "overlap_head_scores",
+    "patching_check",
     "precision_recall_f1",
+    "random_like",
+    "ranked_nodes",
+    "raw_basis",
+    "relp_nodes",
     "roc_auc",
     "run_method",
     "tasks",

@@ -12,6 +12,8 @@ Two ways, each a pair (train, encode) working on plain tensors:
 * `train_codebook_sae` + `topk_code_sets` — our improvement: the toolkit's codebook SAE
   (`sae.train`), each vector represented by the set of its k nearest codes. A head output that is
   exactly zero (a head that writes nothing) gets no code at all (-1s), not a made-up one.
+* `head_codes` — no SAE trained for the task: per-head codes from a dictionary trained by `train.py` on
+  every head's `hook_z` concatenated.
 """
 
 from __future__ import annotations
@@ -125,3 +127,21 @@ def topk_code_sets(model: SparseAutoencoder, vectors: Tensor, k: int | None = No
     codes = model.codes(vectors.float(), k)
     silent = vectors.norm(dim=-1) == 0
     return Codes(codes.masked_fill(silent[..., None], NO_CODE), int(silent.sum()))
+
+
+@torch.no_grad()
+def head_codes(model: SparseAutoencoder, z: Tensor, k: int = 1) -> Codes:
+    """Per-head codes from a trained dictionary of every head's `hook_z` concatenated (O'Neill & Bui's
+    scoring on the dictionaries users train, instead of a per-task SAE).
+
+    z [..., heads, d_head] -> codes [..., heads, k]: for each head, the k latents that write most into that
+    head's slice of the input, f_i · ‖W_dec[i, head]‖ (the per-head split of decoder rows of Kissane et
+    al. 2024); NO_CODE where fewer than k latents write into the head.
+    """
+    n_heads = z.shape[-2]
+    if model.cfg.d_in != z.shape[-2] * z.shape[-1]:
+        raise ValueError(f"the dictionary reads d_in={model.cfg.d_in}, hook_z has {tuple(z.shape[-2:])}")
+    f = model.encode(z.flatten(-2).to(model.W_dec.dtype))  # [..., d_sae]
+    share = model.W_dec.unflatten(-1, (n_heads, -1)).norm(dim=-1).T  # [heads, d_sae]
+    values, codes = (f[..., None, :] * share).topk(k, dim=-1)  # [..., heads, k]
+    return Codes(codes.masked_fill(values <= 0, NO_CODE), int((values[..., 0] <= 0).sum()))

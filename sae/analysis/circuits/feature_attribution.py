@@ -86,7 +86,7 @@ def _first_order(spliced: SplicedModel, task: Task, method: str, rules: bool) ->
     with quiet_norm_edits():
         hooks = relp_hooks(spliced.model) if rules else ()
         logits, clean = spliced.run(task.clean_tokens, extra_hooks=hooks)
-        grads = _gradients(task_metric(task, logits[:, -1]).sum(), clean)
+        grads = node_gradients(task_metric(task, logits[:, -1]).sum(), clean)
     effects = NodeEffects(method, {}, {}, 2, 1, 0.0)
     for h, nodes in clean.items():
         _add_site(effects, spliced, h, nodes, corrupt[h], *grads[h])
@@ -116,7 +116,7 @@ def integrated_gradients_nodes(spliced: SplicedModel, task: Task, steps: int = 1
                 )
 
             logits, nodes = spliced.run(task.clean_tokens, {h: on_the_path})
-            g_latents, g_error = _gradients(task_metric(task, logits[:, -1]).sum(), {h: nodes[h]})[h]
+            g_latents, g_error = node_gradients(task_metric(task, logits[:, -1]).sum(), {h: nodes[h]})[h]
             grad_latents += g_latents / steps
             grad_error += g_error / steps
         _add_site(effects, spliced, h, clean[h], corrupt[h], grad_latents, grad_error)
@@ -124,7 +124,21 @@ def integrated_gradients_nodes(spliced: SplicedModel, task: Task, steps: int = 1
     return effects
 
 
-def _gradients(metric: Tensor, sites: dict[str, SiteNodes]) -> dict[str, tuple[Tensor, Tensor]]:
+NODE_METHODS = ("integrated_gradients", "attribution_patching", "relp")
+
+
+def node_effects(spliced: SplicedModel, task: Task, method: str, steps: int = 10) -> NodeEffects:
+    """Every node's estimated effect by `method`, one of NODE_METHODS (`steps`: integrated gradients')."""
+    if method == "integrated_gradients":
+        return integrated_gradients_nodes(spliced, task, steps)
+    if method == "attribution_patching":
+        return attribution_patching_nodes(spliced, task)
+    if method == "relp":
+        return relp_nodes(spliced, task)
+    raise ValueError(f"unknown node method {method!r}; known: {', '.join(NODE_METHODS)}")
+
+
+def node_gradients(metric: Tensor, sites: dict[str, SiteNodes]) -> dict[str, tuple[Tensor, Tensor]]:
     """∂metric/∂latents and ∂metric/∂error of each site (autograd.grad: the model's weights get none)."""
     inputs = [t for nodes in sites.values() for t in (nodes.latents, nodes.error)]
     grads = torch.autograd.grad(metric, inputs, allow_unused=True)

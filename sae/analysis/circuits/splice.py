@@ -77,13 +77,32 @@ class SplicedModel:
         """tokens [b, t] -> logits [b, t, vocab] and each site's nodes, which keep their gradients
         (`latents.grad`, `error.grad` after a backward pass from the logits). `extra_hooks` run beside the
         splices (RelP's rules: `lrp.relp_hooks`)."""
-        interventions = interventions or {}
+        logits, nodes, _ = self._run(tokens, interventions or {}, extra_hooks, connected=False)
+        return logits, nodes
+
+    def run_connected(self, tokens: Tensor) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
+        """For edges: tokens [b, t] -> logits, each site's nodes as leaves, and the same nodes as computed
+        from the site's input, in the autograd graph of the nodes of earlier sites.
+
+        Each site's output is rebuilt from its leaves alone (no pass-through), so a gradient from a node
+        or the metric stops at the nearest spliced sites below it: ∂(computed nodes of site s)/∂(leaves of
+        site u) is the direct effect of u on s with every site in between held at its value."""
+        return self._run(tokens, {}, (), connected=True)
+
+    def _run(
+        self,
+        tokens: Tensor,
+        interventions: dict[str, Intervention],
+        extra_hooks: Sequence[tuple[str, Callable]],
+        connected: bool,
+    ) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
         unknown = set(interventions) - set(self.saes)
         if unknown:
             raise ValueError(
                 f"interventions at {sorted(unknown)}, where no SAE is spliced ({self.hookpoints})"
             )
         nodes: dict[str, SiteNodes] = {}
+        computed: dict[str, SiteNodes] = {}
 
         def splice_at(hookpoint: str) -> Callable[[Tensor, object], Tensor]:
             sae = self.saes[hookpoint]
@@ -91,6 +110,15 @@ class SplicedModel:
             def splice(acts: Tensor, hook) -> Tensor:  # hook.name is the bridge's own name, not the alias
                 x = read_site(sae, acts).to(sae.W_dec.dtype)  # [b, t, d_in]
                 held = x.detach()  # the input-norm statistics and the skip path are held at x's values
+                if connected:
+                    latents = sae.encode(x)
+                    error = x - reconstruct(sae, latents, x)
+                    computed[hookpoint] = SiteNodes(latents, error, held)
+                    site = SiteNodes(latents.detach().requires_grad_(), error.detach().requires_grad_(), held)
+                    nodes[hookpoint] = site
+                    return write_site(
+                        sae, acts, reconstruct(sae, site.latents, held) + site.error, self.first
+                    )
                 with torch.no_grad():
                     latents = sae.encode(held)
                     site = SiteNodes(latents, held - reconstruct(sae, latents, held), held)
@@ -110,7 +138,7 @@ class SplicedModel:
         hooks = [(h, splice_at(h)) for h in self.saes] + list(extra_hooks)
         with hookpoints_ready(self.model, self.hookpoints), self.model.hooks(fwd_hooks=hooks):
             logits = self.model(tokens.to(self.model.cfg.device))
-        return logits, nodes
+        return logits, nodes, computed
 
 
 def reconstruct(sae: SparseAutoencoder, latents: Tensor, x: Tensor) -> Tensor:
