@@ -70,7 +70,15 @@ def test_saes_that_do_not_fit_the_model_are_named(tiny_lm_dir, sae_paths, tmp_pa
     )
     narrow.b_dec = torch.nn.Parameter(torch.zeros(16))
     wrong_width = str(narrow.save(tmp_path / "narrow"))
-    for path, message in [(wrong_model, "trained on model 'gpt2'"), (wrong_width, "d_in=16")]:
+    elsewhere = make_sae("blocks.7.hook_resid_post", "relu")  # the tiny model has 2 blocks
+    elsewhere.cfg = dataclasses.replace(elsewhere.cfg, model_name=str(tiny_lm_dir))
+    wrong_hook = str(elsewhere.save(tmp_path / "elsewhere"))
+    cases = [
+        (wrong_model, "trained on model 'gpt2'"),
+        (wrong_width, "d_in=16"),
+        (wrong_hook, "unknown hookpoint(s) ['blocks.7.hook_resid_post']"),
+    ]
+    for path, message in cases:
         argv = [
             "feature-circuit",
             "--model",

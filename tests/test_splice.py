@@ -127,3 +127,13 @@ def test_mismatched_saes_are_named_before_running(tiny_lm):
         SplicedModel(tiny_lm, [make_sae(RESID), make_sae(RESID, seed=1)])
     with pytest.raises(ValueError, match="no SAE is spliced"):
         SplicedModel(tiny_lm, [make_sae(RESID)]).run(torch.zeros(1, 3, dtype=torch.long), {Z: lambda s: s})
+
+
+def test_the_last_position_alone_gives_the_same_last_logits(tiny_lm, saes, tokens):
+    spliced = SplicedModel(tiny_lm, saes)
+    with torch.no_grad():
+        full, _ = spliced.run(tokens)
+        last, nodes = spliced.run(tokens, last_position=True)
+    assert last.shape == (len(tokens), 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    assert nodes[Z].latents.shape[1] == tokens.shape[1]  # every position is still spliced

@@ -67,7 +67,7 @@ class NodeEffects:
 def site_values(spliced: SplicedModel, tokens: Tensor) -> dict[str, SiteNodes]:
     """Every site's node values on `tokens` [prompts, pos], without gradients."""
     with torch.no_grad():
-        return spliced.run(tokens)[1]
+        return spliced.run(tokens, last_position=True)[1]
 
 
 def attribution_patching_nodes(spliced: SplicedModel, task: Task) -> NodeEffects:
@@ -85,7 +85,7 @@ def _first_order(spliced: SplicedModel, task: Task, method: str, rules: bool) ->
     corrupt = site_values(spliced, task.corrupted_tokens)
     with quiet_norm_edits():
         hooks = relp_hooks(spliced.model) if rules else ()
-        logits, clean = spliced.run(task.clean_tokens, extra_hooks=hooks)
+        logits, clean = spliced.run(task.clean_tokens, extra_hooks=hooks, last_position=True)
         grads = node_gradients(task_metric(task, logits[:, -1]).sum(), clean)
     effects = NodeEffects(method, {}, {}, 2, 1, 0.0)
     for h, nodes in clean.items():
@@ -115,7 +115,7 @@ def integrated_gradients_nodes(spliced: SplicedModel, task: Task, steps: int = 1
                     torch.lerp(clean[h].error, corrupt[h].error, alpha),
                 )
 
-            logits, nodes = spliced.run(task.clean_tokens, {h: on_the_path})
+            logits, nodes = spliced.run(task.clean_tokens, {h: on_the_path}, last_position=True)
             g_latents, g_error = node_gradients(task_metric(task, logits[:, -1]).sum(), {h: nodes[h]})[h]
             grad_latents += g_latents / steps
             grad_error += g_error / steps
@@ -211,7 +211,7 @@ def patching_check(
     clean = site_values(spliced, task.clean_tokens)
     corrupt = site_values(spliced, task.corrupted_tokens)
     with torch.no_grad():
-        clean_metric = task_metric(task, spliced.run(task.clean_tokens)[0][:, -1]).mean()
+        clean_metric = task_metric(task, spliced.run(task.clean_tokens, last_position=True)[0][:, -1]).mean()
     generator = torch.Generator().manual_seed(seed)
     nodes, patched = {}, {}
     for h in spliced.hookpoints:
@@ -230,7 +230,7 @@ def patching_check(
                 return SiteNodes(edited, site.error)
 
             with torch.no_grad():
-                logits, _ = spliced.run(task.clean_tokens, {h: patch})
+                logits, _ = spliced.run(task.clean_tokens, {h: patch}, last_position=True)
             effects.append(clean_metric - task_metric(task, logits[:, -1]).mean())
         nodes[h] = torch.stack([positions, latents], 1)
         patched[h] = torch.stack(effects).float().cpu() if effects else torch.zeros(0)

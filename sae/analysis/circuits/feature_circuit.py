@@ -151,7 +151,7 @@ def metric_with(
                 )
 
             interventions[h] = ablate
-    logits, _ = spliced.run(task.clean_tokens, interventions)
+    logits, _ = spliced.run(task.clean_tokens, interventions, last_position=True)
     return float(task_metric(task, logits[:, -1]).mean())
 
 

@@ -55,9 +55,9 @@ def feature_edges(
     to the metric."""
     started = time.perf_counter()
     corrupt = site_values(spliced, task.corrupted_tokens)
-    logits, clean = spliced.run(task.clean_tokens)
+    logits, clean = spliced.run(task.clean_tokens, last_position=True)
     total = node_gradients(task_metric(task, logits[:, -1]).sum(), clean)  # g: every path to the metric
-    logits, leaves, computed = spliced.run_connected(task.clean_tokens)
+    logits, leaves, computed = spliced.run_connected(task.clean_tokens, last_position=True)
     order = list(leaves)  # the sites in the order the forward computes them
     inputs = [t for h in order for t in (leaves[h].latents, leaves[h].error)]
     direct = torch.autograd.grad(

@@ -73,21 +73,26 @@ class SplicedModel:
         tokens: Tensor,
         interventions: dict[str, Intervention] | None = None,
         extra_hooks: Sequence[tuple[str, Callable]] = (),
+        last_position: bool = False,
     ) -> tuple[Tensor, dict[str, SiteNodes]]:
         """tokens [b, t] -> logits [b, t, vocab] and each site's nodes, which keep their gradients
         (`latents.grad`, `error.grad` after a backward pass from the logits). `extra_hooks` run beside the
-        splices (RelP's rules: `lrp.relp_hooks`)."""
-        logits, nodes, _ = self._run(tokens, interventions or {}, extra_hooks, connected=False)
+        splices (RelP's rules: `lrp.relp_hooks`). `last_position`: logits [b, 1, vocab] of the last
+        position only, what task metrics read (the unembedding of a 262k vocabulary is a third of a
+        Gemma 3 270M forward over all positions)."""
+        logits, nodes, _ = self._run(tokens, interventions or {}, extra_hooks, False, last_position)
         return logits, nodes
 
-    def run_connected(self, tokens: Tensor) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
+    def run_connected(
+        self, tokens: Tensor, last_position: bool = False
+    ) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
         """For edges: tokens [b, t] -> logits, each site's nodes as leaves, and the same nodes as computed
         from the site's input, in the autograd graph of the nodes of earlier sites.
 
         Each site's output is rebuilt from its leaves alone (no pass-through), so a gradient from a node
         or the metric stops at the nearest spliced sites below it: ∂(computed nodes of site s)/∂(leaves of
         site u) is the direct effect of u on s with every site in between held at its value."""
-        return self._run(tokens, {}, (), connected=True)
+        return self._run(tokens, {}, (), True, last_position)
 
     def _run(
         self,
@@ -95,6 +100,7 @@ class SplicedModel:
         interventions: dict[str, Intervention],
         extra_hooks: Sequence[tuple[str, Callable]],
         connected: bool,
+        last_position: bool,
     ) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
         unknown = set(interventions) - set(self.saes)
         if unknown:
@@ -136,9 +142,15 @@ class SplicedModel:
             return splice
 
         hooks = [(h, splice_at(h)) for h in self.saes] + list(extra_hooks)
+        if last_position:
+            hooks.append(("unembed.hook_in", _last_position))
         with hookpoints_ready(self.model, self.hookpoints), self.model.hooks(fwd_hooks=hooks):
             logits = self.model(tokens.to(self.model.cfg.device))
         return logits, nodes, computed
+
+
+def _last_position(x: Tensor, hook) -> Tensor:
+    return x[:, -1:]
 
 
 def reconstruct(sae: SparseAutoencoder, latents: Tensor, x: Tensor) -> Tensor:
