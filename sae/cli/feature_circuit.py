@@ -40,7 +40,12 @@ class FeatureCircuitOptions:
     graph_nodes: int = option(30, help="the top nodes drawn in the graph, with their edges")
     edges_per_node: int = option(8, help="edges kept into each graph node")
     check_per_site: int = option(
-        0, help="> 0: patch this many latents per site for real and correlate every method's estimates"
+        0, help="> 0: patch this many latents per site for real and correlate the estimates with it"
+    )
+    compare: list[Literal[NODE_METHODS]] = option(
+        default_factory=lambda: list(NODE_METHODS),
+        metavar="METHOD",
+        help="the methods the patching check judges beside --method",
     )
     explanations: list[str] = option(
         default_factory=list, metavar="HOOKPOINT=FILE", help="autointerp explanations.jsonl of a site's SAE"

@@ -16,7 +16,7 @@ import torch
 
 from sae.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-from .feature_attribution import NODE_METHODS, NodeEffects, node_effects, patching_check, site_values
+from .feature_attribution import NodeEffects, node_effects, patching_check, site_values
 from .feature_circuit import ERROR, Node, curves, ranked_nodes, raw_basis
 from .feature_edges import feature_edges
 from .graph_html import graph_html
@@ -88,7 +88,9 @@ def write_feature_circuit(options) -> dict:
                 f"raw-basis curves ({ablation})", curves, raw, task, raw_effects, sizes, ablation, 0
             ).as_dict()
     if options.check_per_site:
-        others = [node_effects(spliced, task, m, options.steps) for m in NODE_METHODS if m != options.method]
+        others = [
+            node_effects(spliced, task, m, options.steps) for m in options.compare if m != options.method
+        ]
         result = timed(
             "patching check", patching_check, spliced, task, [effects, *others], options.check_per_site
         )
