@@ -138,10 +138,13 @@ def node_effects(spliced: SplicedModel, task: Task, method: str, steps: int = 10
     raise ValueError(f"unknown node method {method!r}; known: {', '.join(NODE_METHODS)}")
 
 
-def node_gradients(metric: Tensor, sites: dict[str, SiteNodes]) -> dict[str, tuple[Tensor, Tensor]]:
-    """∂metric/∂latents and ∂metric/∂error of each site (autograd.grad: the model's weights get none)."""
+def node_gradients(
+    metric: Tensor, sites: dict[str, SiteNodes], retain_graph: bool = False
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """∂metric/∂latents and ∂metric/∂error of each site, zero where the metric does not reach them
+    (autograd.grad: the model's weights get none)."""
     inputs = [t for nodes in sites.values() for t in (nodes.latents, nodes.error)]
-    grads = torch.autograd.grad(metric, inputs, allow_unused=True)
+    grads = torch.autograd.grad(metric, inputs, retain_graph=retain_graph, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
     return {h: (grads[2 * i], grads[2 * i + 1]) for i, h in enumerate(sites)}
 
@@ -157,17 +160,27 @@ def _add_site(
 ) -> None:
     """-Δn · gradient, averaged over prompts: latents [pos, d_sae], error [pos]; and per head at a site
     reading every head's hook_z. grad_error is the gradient at the site's output x' [b, t, d_in]."""
-    delta_latents = corrupt.latents - clean.latents.detach()
-    delta_error = corrupt.error - clean.error.detach()
-    effects.latents[hookpoint] = -(delta_latents * grad_latents).mean(0).detach()
-    effects.errors[hookpoint] = -(delta_error * grad_error).sum(-1).mean(0).detach()
+    effects.latents[hookpoint], effects.errors[hookpoint] = estimates(
+        clean, corrupt, grad_latents, grad_error
+    )
     sae = spliced.saes[hookpoint]
     if sae.cfg.hook_layout == "heads" and sae.cfg.hook_head_index is None:
         n_heads = spliced.model.cfg.n_heads
         delta_x_hat = _decoded_change(sae, clean, corrupt.latents)
         g = grad_error.unflatten(-1, (n_heads, -1))
         effects.head_latents[hookpoint] = -(delta_x_hat.unflatten(-1, (n_heads, -1)) * g).sum(-1).mean(0)
-        effects.head_errors[hookpoint] = -(delta_error.unflatten(-1, (n_heads, -1)) * g).sum(-1).mean(0)
+        delta_error = (corrupt.error - clean.error.detach()).unflatten(-1, (n_heads, -1))
+        effects.head_errors[hookpoint] = -(delta_error * g).sum(-1).mean(0)
+
+
+def estimates(
+    clean: SiteNodes, corrupt: SiteNodes, grad_latents: Tensor, grad_error: Tensor
+) -> tuple[Tensor, Tensor]:
+    """-Δn · gradient per node, averaged over prompts: latents [pos, d_sae], errors [pos] (summed over
+    d_in)."""
+    latents = -((corrupt.latents - clean.latents.detach()) * grad_latents).mean(0)
+    errors = -((corrupt.error - clean.error.detach()) * grad_error).sum(-1).mean(0)
+    return latents.detach(), errors.detach()
 
 
 @torch.no_grad()
@@ -208,10 +221,10 @@ def patching_check(
     rest, so that the methods are judged on both large and ordinary nodes, chosen without any estimate.
     One forward per latent.
     """
-    clean = site_values(spliced, task.clean_tokens)
     corrupt = site_values(spliced, task.corrupted_tokens)
     with torch.no_grad():
-        clean_metric = task_metric(task, spliced.run(task.clean_tokens, last_position=True)[0][:, -1]).mean()
+        logits, clean = spliced.run(task.clean_tokens, last_position=True)
+    clean_metric = task_metric(task, logits[:, -1]).mean()
     generator = torch.Generator().manual_seed(seed)
     nodes, patched = {}, {}
     for h in spliced.hookpoints:

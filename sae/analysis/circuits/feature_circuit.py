@@ -118,14 +118,14 @@ def random_like(
     return drawn
 
 
-def ablation_nodes(spliced: SplicedModel, task: Task, ablation: str) -> dict[str, SiteNodes]:
-    """What an ablated node becomes on each clean prompt: [prompts, pos, ...] per site."""
+def ablation_nodes(corrupt: dict[str, SiteNodes], ablation: str) -> dict[str, SiteNodes]:
+    """What an ablated node becomes on each clean prompt, from the nodes of the paired corrupted prompts
+    (`site_values(spliced, task.corrupted_tokens)`): [prompts, pos, ...] per site."""
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; known: {', '.join(ABLATIONS)}")
-    corrupt = site_values(spliced, task.corrupted_tokens)
     if ablation == "resample":
         return corrupt
-    n = len(task)
+    n = len(next(iter(corrupt.values())).latents)
     return {
         h: SiteNodes(
             site.latents.mean(0, keepdim=True).expand(n, -1, -1),
@@ -189,9 +189,9 @@ def curves(
 ) -> Curves:
     """Faithfulness and completeness of the top-N circuits by `effects` for each N in `sizes`, beside N
     random active nodes at the same sites. 2 + 2·len(sizes)·(1 + random_draws) forwards."""
-    ablated = ablation_nodes(spliced, task, ablation)
-    clean = site_values(spliced, task.clean_tokens)
     corrupt = site_values(spliced, task.corrupted_tokens)
+    ablated = ablation_nodes(corrupt, ablation)
+    clean = site_values(spliced, task.clean_tokens)
     positions = task.clean_tokens.shape[1]
     nothing = circuit_of([], spliced, positions)
     full, empty = metric_with(spliced, task, None, ablated), metric_with(spliced, task, nothing, ablated)

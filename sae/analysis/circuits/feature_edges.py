@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .feature_attribution import node_gradients, site_values
+from .feature_attribution import estimates, node_gradients, site_values
 from .feature_circuit import ERROR, Node
-from .splice import SiteNodes, SplicedModel
+from .splice import SplicedModel
 from .tasks import Task, task_metric
 
 
@@ -59,14 +59,10 @@ def feature_edges(
     total = node_gradients(task_metric(task, logits[:, -1]).sum(), clean)  # g: every path to the metric
     logits, leaves, computed = spliced.run_connected(task.clean_tokens, last_position=True)
     order = list(leaves)  # the sites in the order the forward computes them
-    inputs = [t for h in order for t in (leaves[h].latents, leaves[h].error)]
-    direct = torch.autograd.grad(
-        task_metric(task, logits[:, -1]).sum(), inputs, retain_graph=True, allow_unused=True
-    )
-    direct_by_site = _by_site(order, direct)
+    direct = node_gradients(task_metric(task, logits[:, -1]).sum(), leaves, retain_graph=True)
     edges, backwards = [], 2
     for node in dict.fromkeys(downstream):  # unique, in order
-        weights = _weights(leaves[node.site], corrupt[node.site], *direct_by_site[node.site])
+        weights = estimates(leaves[node.site], corrupt[node.site], *direct[node.site])
         edges.append(Edge(node, None, float(_at(weights, node))))
         below = order[: order.index(node.site)]
         if not below:
@@ -79,35 +75,14 @@ def feature_edges(
                 g_latents[:, node.position, node.latent]
                 * computed[node.site].latents[:, node.position, node.latent]
             ).sum()
-        ups = [t for h in below for t in (leaves[h].latents, leaves[h].error)]
-        grads = torch.autograd.grad(target, ups, retain_graph=True, allow_unused=True)
+        grads = node_gradients(target, {h: leaves[h] for h in below}, retain_graph=True)
         backwards += 1
         candidates: list[Edge] = []
-        for h, (g_lat, g_err) in _by_site(below, grads).items():
-            lat, err = _weights(leaves[h], corrupt[h], g_lat, g_err)
-            candidates += _top_edges(h, lat, err, node, top)
+        for h, (g_lat, g_err) in grads.items():
+            candidates += _top_edges(h, *estimates(leaves[h], corrupt[h], g_lat, g_err), node, top)
         candidates.sort(key=lambda e: abs(e.weight), reverse=True)
         edges += candidates[:top]
     return FeatureEdges(edges, 3, backwards, time.perf_counter() - started)
-
-
-def _by_site(
-    sites: Sequence[str], grads: Sequence[Tensor | None]
-) -> dict[str, tuple[Tensor | None, Tensor | None]]:
-    return {h: (grads[2 * i], grads[2 * i + 1]) for i, h in enumerate(sites)}
-
-
-def _weights(
-    clean: SiteNodes, corrupt: SiteNodes, g_latents: Tensor | None, g_error: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """-Δn · g per node, mean over prompts: latents [pos, d_sae], errors [pos] (zero where g is None)."""
-    latents = torch.zeros(clean.latents.shape[1:])
-    errors = torch.zeros(clean.error.shape[1])
-    if g_latents is not None:
-        latents = -((corrupt.latents - clean.latents.detach()) * g_latents).mean(0).detach()
-    if g_error is not None:
-        errors = -((corrupt.error - clean.error.detach()) * g_error).sum(-1).mean(0).detach()
-    return latents, errors
 
 
 def _at(weights: tuple[Tensor, Tensor], node: Node) -> Tensor:
