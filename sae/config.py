@@ -3,6 +3,7 @@ train it). Both are read strictly (`sae.typed_config.from_dict`): unknown keys a
 
 from __future__ import annotations
 
+import itertools
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -10,22 +11,39 @@ from typing import Literal
 from .typed_config import ConfigError
 
 # Trainable architectures, then the ones we only load from other libraries (inference and analysis).
-TrainableArchitecture = Literal["topk", "relu", "codebook"]
-LoadOnlyArchitecture = Literal["jumprelu", "groupmax", "gated"]
+TrainableArchitecture = Literal["topk", "relu", "codebook", "batchtopk", "jumprelu", "matryoshka", "topafa"]
+LoadOnlyArchitecture = Literal["groupmax", "gated"]
 Architecture = Literal[TrainableArchitecture, LoadOnlyArchitecture]  # nested Literals flatten
 TRAINABLE_ARCHITECTURES: tuple[str, ...] = typing.get_args(TrainableArchitecture)
 LOAD_ONLY_ARCHITECTURES: tuple[str, ...] = typing.get_args(LoadOnlyArchitecture)
 Similarity = Literal["inner", "cosine"]
+FIXED_K_ARCHITECTURES = ("topk", "codebook", "groupmax")  # exactly k active latents per token
+THRESHOLD_ARCHITECTURES = ("jumprelu", "batchtopk", "matryoshka")  # encode with a per-latent threshold
+K_REQUIRED = (*FIXED_K_ARCHITECTURES, "batchtopk", "matryoshka")
 
 
 def check_d_sae_and_k(architecture: str, d_sae: int, k: int | None, where: str) -> None:
-    """d_sae positive; k set and at most d_sae where the architecture picks k latents per token."""
+    """d_sae positive; k set where the architecture needs it, and never above d_sae."""
     if d_sae <= 0:
         raise ConfigError(f"{where}.d_sae must be positive, got {d_sae}")
-    if architecture in ("topk", "codebook", "groupmax") and (k is None or not 0 < k <= d_sae):
-        raise ConfigError(f"architecture {architecture!r} needs 0 < k <= d_sae ({d_sae}), got k={k}")
+    if architecture in K_REQUIRED and k is None:
+        raise ConfigError(f"architecture {architecture!r} needs k (0 < k <= d_sae = {d_sae})")
+    if k is not None and not 0 < k <= d_sae:
+        raise ConfigError(f"{where}.k must satisfy 0 < k <= d_sae ({d_sae}), got k={k}")
     if architecture == "groupmax" and d_sae % k:
         raise ConfigError(f"groupmax needs d_sae ({d_sae}) divisible by k ({k})")
+
+
+def default_prefixes(d_sae: int) -> list[int]:
+    """Matryoshka's nested prefix sizes when none are given: d_sae/16, /8, /4, /2 and all of it."""
+    return sorted({max(1, d_sae // 2**i) for i in (4, 3, 2, 1, 0)})
+
+
+def check_prefixes(prefixes: list[int], d_sae: int, where: str) -> None:
+    if not prefixes or any(b <= a for a, b in itertools.pairwise(prefixes)) or prefixes[0] <= 0:
+        raise ConfigError(f"{where}.prefixes must be increasing positive sizes, got {prefixes}")
+    if prefixes[-1] != d_sae:
+        raise ConfigError(f"{where}.prefixes must end at d_sae ({d_sae}), got {prefixes}")
 
 
 @dataclass
@@ -36,7 +54,14 @@ class SAEConfig:
     d_in: int
     d_sae: int
     k: int | None = None
-    """Active latents per token (topk, groupmax) or codes per token (codebook); informative for others."""
+    """What k means depends on the architecture:
+    topk, groupmax: active latents per token; codebook: codes per token;
+    batchtopk, matryoshka: active latents per token on average over a training batch (k * batch kept);
+    jumprelu: the L0 the training controller steers to (None: a fixed penalty, `TrainConfig.l0_coefficient`);
+    topafa: a cap on the latents one token may use (None: no cap, exact but dense); relu, gated: unused."""
+    prefixes: list[int] | None = None
+    """Matryoshka: the nested prefix sizes m_1 < ... < d_sae whose reconstructions the loss sums
+    (None: `default_prefixes(d_sae)`)."""
     similarity: Similarity = "cosine"
     """How the codebook SAE chooses codes: cosine similarity with its keys (rebuilt synthetic data with
     FVU 0.42 where the inner product reached 0.60), or the inner product."""
@@ -68,6 +93,12 @@ class SAEConfig:
         if self.d_in <= 0:
             raise ConfigError(f"SAEConfig.d_in must be positive, got {self.d_in}")
         check_d_sae_and_k(self.architecture, self.d_sae, self.k, "SAEConfig")
+        if self.architecture == "matryoshka":
+            if self.prefixes is None:
+                self.prefixes = default_prefixes(self.d_sae)
+            check_prefixes(self.prefixes, self.d_sae, "SAEConfig")
+        elif self.prefixes is not None:
+            raise ConfigError(f"SAEConfig.prefixes is for matryoshka SAEs, not {self.architecture!r}")
 
     @property
     def trainable(self) -> bool:
@@ -83,7 +114,7 @@ class TrainConfig:
     batch_size: int = 4096
     """Rows per step when the trainer batches a tensor or a cache itself."""
     lr: float | None = None
-    """None: 2e-4 / sqrt(d_sae / 2**14) per SAE (Gao et al. 2024)."""
+    """None: 1.6e-3 / sqrt(d_sae / 2**14) per SAE (Gao et al. 2024's scaling, 8x their 2e-4; `default_lr`)."""
     lr_warmup_fraction: float = 0.01
     lr_decay_fraction: float = 0.2
     """Linear decay to zero over this final fraction of the steps."""
@@ -102,6 +133,28 @@ class TrainConfig:
     """ReLU SAEs: weight of sum_i f_i * ||W_dec,i|| (on inputs scaled to E||x|| = sqrt(d_in))."""
     l1_warmup_fraction: float = 0.05
     codebook_init: Literal["samples", "kmeans"] = "kmeans"
+    threshold_decay: float = 0.99
+    """BatchTopK, Matryoshka: the inference threshold is an exponential moving average, with this decay per
+    step, of the smallest activation each training batch keeps (dictionary_learning: 0.999 from step 1000,
+    which a short run never reaches)."""
+    jumprelu_penalty: Literal["l0", "tanh"] = "l0"
+    """JumpReLU's sparsity penalty: λ Σ_i H(pre_i - θ_i) (Rajamanoharan et al.) or λ Σ_i tanh(c f_i ‖d_i‖)
+    (Anthropic, January 2025), with c = `tanh_scale`."""
+    l0_coefficient: float = 1.0
+    """JumpReLU's λ, on the per-token squared error of inputs scaled to E‖x‖ = √d_in; where the SAE's k is
+    set it is only the starting value, which the controller moves until L0 reaches k."""
+    l0_controller_rate: float = 0.1
+    """JumpReLU with k: each step log λ += rate * (L0 - k) / k."""
+    threshold_lr_scale: float = 1.0
+    """JumpReLU: the thresholds' learning rate as a multiple of `lr`."""
+    jumprelu_bandwidth: float = 0.3
+    """Width ε of the rectangle kernel in the threshold's straight-through gradient. Rajamanoharan et al.
+    use 0.001 over runs of ~10^5 steps; in runs of hundreds of steps so narrow a window almost never holds a
+    pre-activation, the thresholds do not move and L0 goes where the encoder takes it (planted data, k 5:
+    L0 1.5 at 0.001, 5.0 at 0.3)."""
+    tanh_scale: float = 4.0
+    afa_coefficient: float = 1 / 16
+    """top-AFA: weight of mean((‖f‖ - ‖x‖)^2), the value Lee et al. report stable across layers."""
     normalize_inputs: bool = True
     """Scale inputs so that E||x|| = sqrt(d_in); the factor is folded into the saved weights."""
     seed: int = 0

@@ -3,7 +3,8 @@
 Weights use one layout whatever their origin (converters in `sae.formats` map foreign files onto it):
 
     W_enc [d_sae, d_in]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
-    threshold [d_sae]     jumprelu (also BatchTopK SAEs, which encode with a threshold at inference)
+    threshold [d_sae]     jumprelu, batchtopk, matryoshka (the last two learn one threshold for all
+                          latents in training and encode with it at inference)
     b_mag, r_mag [d_sae]  gated (b_enc is the gate bias)
     W_skip [d_in, d_in]   with `skip_connection`
 
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .config import SAEConfig
+from .activations import top_afa
+from .config import FIXED_K_ARCHITECTURES, THRESHOLD_ARCHITECTURES, SAEConfig
 from .device import DTYPES
 from .io import atomic_save_file, atomic_write_json
 from .kernels import SparseCode, sparse_decode
@@ -44,7 +46,7 @@ def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an SAE of this config holds, with its shape."""
     d_in, d_sae = cfg.d_in, cfg.d_sae
     shapes = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if cfg.architecture == "jumprelu":
+    if cfg.architecture in THRESHOLD_ARCHITECTURES:
         shapes["threshold"] = (d_sae,)
     if cfg.architecture == "gated":
         shapes |= {"b_mag": (d_sae,), "r_mag": (d_sae,)}
@@ -105,10 +107,20 @@ class SparseAutoencoder(nn.Module):
             return F.normalize(x, dim=-1) @ F.normalize(self.W_enc, dim=-1).T + self.b_enc
         return x @ self.W_enc.T + self.b_enc
 
+    @property
+    def k_sparse(self) -> bool:
+        """Whether `encode_sparse` applies: at most k latents per token, known before encoding."""
+        return self.cfg.architecture in FIXED_K_ARCHITECTURES or (
+            self.cfg.architecture == "topafa" and self.cfg.k is not None
+        )
+
     def encode_sparse(self, x: Tensor) -> SparseCode:
-        """[..., d_in] -> values, indices [..., k] for fixed-k architectures (topk, codebook, groupmax)."""
+        """[..., d_in] -> values, indices [..., k] for architectures with at most k active latents per token
+        (topk, codebook, groupmax; topafa with a cap k, values 0 beyond a token's own count)."""
         arch, k = self.cfg.architecture, self.cfg.k
         pre = self.pre_activations(x)
+        if arch == "topafa" and k is not None:
+            return self._top_afa(x, SparseCode(*pre.relu().topk(k, dim=-1)))
         if arch == "topk":
             values, indices = pre.topk(k, dim=-1)
             return SparseCode(values.relu().to(x.dtype), indices)
@@ -122,18 +134,31 @@ class SparseAutoencoder(nn.Module):
             return SparseCode(values.to(x.dtype), within + offsets)
         raise ValueError(f"{arch} SAEs have no fixed number of active latents; use encode()")
 
+    def _top_afa(self, x: Tensor, candidates: SparseCode) -> SparseCode:
+        """Lee et al.'s selection among candidate activations [..., c]: the fewest whose norm is
+        closest to ‖x - b_dec‖ (in the encoder's units)."""
+        lead = candidates.values.shape[:-1]
+        flat = SparseCode(*(t.reshape(-1, t.shape[-1]) for t in candidates))
+        target = self._prepare(x).reshape(-1, self.cfg.d_in).norm(dim=-1)
+        values, indices = top_afa(flat, self.W_dec.norm(dim=-1), target)
+        return SparseCode(values.view(*lead, -1).to(x.dtype), indices.view(*lead, -1))
+
     def encode(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae] dense activations, zero where a latent is inactive."""
         arch = self.cfg.architecture
-        if arch in ("topk", "codebook", "groupmax"):
+        if self.k_sparse:
             values, indices = self.encode_sparse(x)
             dense = torch.zeros(*values.shape[:-1], self.cfg.d_sae, dtype=values.dtype, device=values.device)
             return dense.scatter(-1, indices, values)
         pre = self.pre_activations(x)
         if arch == "relu":
             f = pre.relu()
-        elif arch == "jumprelu":
+        elif arch in THRESHOLD_ARCHITECTURES:
             f = pre.relu() * (pre > self.threshold)
+        elif arch == "topafa":  # no cap: every latent is a candidate
+            every = torch.arange(self.cfg.d_sae, device=pre.device).expand_as(pre)
+            values, indices = self._top_afa(x, SparseCode(pre.relu(), every))
+            f = torch.zeros_like(values).scatter(-1, indices, values)
         elif arch == "gated":
             x_c = self._prepare(x)
             magnitude = x_c @ (self.W_enc * self.r_mag.exp()[:, None]).T + self.b_mag
@@ -151,7 +176,7 @@ class SparseAutoencoder(nn.Module):
         k = k or self.cfg.k
         if k is None:
             raise ValueError(f"{self.cfg.architecture} SAE has no k in its config: pass codes(x, k=...)")
-        if self.cfg.architecture in ("topk", "codebook", "groupmax") and k == self.cfg.k:
+        if self.k_sparse and k == self.cfg.k:
             values, indices = self.encode_sparse(x)
         else:
             values, indices = self.encode(x).topk(k, dim=-1)
@@ -189,7 +214,7 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_in]: the reconstruction in the units of x."""
         stats = self.input_stats(x.to(self.W_enc.dtype))
-        if self.cfg.architecture in ("topk", "codebook", "groupmax"):
+        if self.k_sparse:
             x_hat = self.decode_sparse(self.encode_sparse(x), stats)
         else:
             x_hat = self.decode(self.encode(x), stats)

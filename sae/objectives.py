@@ -1,21 +1,28 @@
 """What each architecture minimises, and how it starts from the data.
 
-An `Objective` maps (SAE, batch of scaled inputs) to a loss, its logged terms and per-latent firing
-counts; the trainer owns everything else (optimiser, schedule, bookkeeping).
+An `Objective` maps (SAE, batch of scaled inputs, training state) to a loss, its logged terms and
+per-latent firing counts; the trainer owns everything else (optimiser, schedule, bookkeeping).
+`state` holds what an objective carries from step to step besides the SAE's weights (JumpReLU's
+penalty coefficient); the trainer checkpoints it with them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import JumpReLU, Step, batch_topk_mask, compact, top_afa
 from .config import TrainConfig
 from .device import DTYPES
 from .kernels import SparseCode, dense_decode, dense_topk_encode, sparse_decode, topk_encode
 from .model import SparseAutoencoder
 
 StepTerms = dict[str, Tensor]  # scalar loss terms of one step, for logging
+CONTROLLER_RANGE = 1e3  # JumpReLU's λ stays within [λ0 / 1e3, λ0 * 1e3]
+CANDIDATES_PER_K = 4  # batch top-k chooses among each token's 4k largest activations (see `batchtopk`)
 
 
 class Objective:
@@ -29,42 +36,38 @@ class Objective:
         self.decode = sparse_decode if sparse else dense_decode
 
     def __call__(
-        self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor
+        self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state: dict[str, Tensor]
     ) -> tuple[Tensor, StepTerms, Tensor]:
         """-> (loss, terms, fires: [d_sae] how often each latent fired in this batch).
 
         `progress` is the fraction of training done; `dead` [n_dead] the latents AuxK may revive."""
-        return getattr(self, sae.cfg.architecture)(sae, x, progress, dead)
+        return getattr(self, sae.cfg.architecture)(sae, x, progress, dead, state)
 
-    def topk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor):
-        cfg = sae.cfg
-        k_aux = self.cfg.k_aux or cfg.d_in // 2
-        k_encode = 4 * cfg.k if self.cfg.multi_topk else cfg.k
-        code, aux = self.encode(
+    # --- k-sparse codes: topk, batchtopk, matryoshka, topafa ---------------------------------------
+
+    def _candidates(
+        self, sae: SparseAutoencoder, x: Tensor, k: int, dead: Tensor, b_enc: Tensor | None = None
+    ) -> tuple[SparseCode, SparseCode | None]:
+        """The k largest ReLU-ed pre-activations per token [batch, k], and AuxK's over the dead latents."""
+        return self.encode(
             x,
             sae.W_enc,
-            sae.b_enc,
-            k_encode,
+            sae.b_enc if b_enc is None else b_enc,
+            min(k, sae.cfg.d_sae),
             pre_bias=sae.b_dec,
             relu=True,
             compute_dtype=self.compute_dtype,
             aux_latents=dead,
-            k_aux=k_aux,
+            k_aux=self.cfg.k_aux or sae.cfg.d_in // 2,
         )
-        wide = code
-        if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
-            values, pos = wide.values.topk(cfg.k, dim=-1, sorted=False)
-            code = SparseCode(values, wide.indices.gather(-1, pos))
-        variance = (x - x.mean(0)).pow(2).sum()
-        x_hat = self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec
-        residual = x - x_hat
-        fvu = residual.pow(2).sum() / variance
+
+    def _reconstruction(
+        self, sae: SparseAutoencoder, x: Tensor, code: SparseCode, aux: SparseCode | None
+    ) -> tuple[Tensor, StepTerms, Tensor]:
+        """FVU of the code's reconstruction, plus AuxK's term -> (loss, terms, residual [batch, d_in])."""
+        residual = x - (self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec)
+        fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         terms, loss = {"fvu": fvu}, fvu
-        if self.cfg.multi_topk:
-            # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
-            wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + sae.b_dec
-            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / variance
-            loss = loss + terms["multi_topk_fvu"] / 8
         if aux is not None:
             # AuxK (Gao et al.): dead latents learn to explain what the live ones miss. The residual
             # already contains b_dec, so the auxiliary reconstruction must not add it again.
@@ -72,9 +75,107 @@ class Objective:
             aux_hat = self.decode(aux.values, aux.indices, sae.W_dec)
             terms["auxk"] = (aux_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
             loss = loss + self.cfg.auxk_coefficient * terms["auxk"]
+        return loss, terms, residual
+
+    def topk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+        k = sae.cfg.k
+        wide, aux = self._candidates(sae, x, 4 * k if self.cfg.multi_topk else k, dead)
+        code = wide
+        if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
+            values, pos = wide.values.topk(k, dim=-1, sorted=False)
+            code = SparseCode(values, wide.indices.gather(-1, pos))
+        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        if self.cfg.multi_topk:
+            # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
+            wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + sae.b_dec
+            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+            loss = loss + terms["multi_topk_fvu"] / 8
+        return loss, terms, self._fires(code, sae.cfg.d_sae)
+
+    def _batch_topk(self, sae: SparseAutoencoder, x: Tensor, dead: Tensor):
+        """The k * batch largest activations of the batch, among each token's 4k largest: exact unless
+        a token would keep all 4k (logged as `capped_fraction`). Moves the inference threshold towards
+        the smallest activation kept."""
+        k = sae.cfg.k
+        candidates, aux = self._candidates(sae, x, CANDIDATES_PER_K * k, dead)
+        kept = batch_topk_mask(candidates.values, k)
+        code = compact(candidates, kept)
+        with torch.no_grad():
+            smallest = candidates.values[kept].min()
+            decay = self.cfg.threshold_decay
+            unset = sae.threshold < 0  # never learnt yet: start from this batch's value
+            sae.threshold.copy_(torch.where(unset, smallest, decay * sae.threshold + (1 - decay) * smallest))
+        capped = kept.all(dim=-1).float().mean() if kept.shape[-1] < sae.cfg.d_sae else torch.zeros(())
+        return code, aux, {"capped_fraction": capped, "threshold": sae.threshold[0].clone()}
+
+    def batchtopk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+        code, aux, extra = self._batch_topk(sae, x, dead)
+        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
+
+    def matryoshka(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+        """Mean over the nested prefixes m_j of the FVU of f[:m_j] W_dec[:m_j] + b_dec (Bussmann et al.
+        2025); the last prefix is the whole dictionary, whose FVU is logged as `fvu`."""
+        code, aux, extra = self._batch_topk(sae, x, dead)
+        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        variance = (x - x.mean(0)).pow(2).sum()
+        prefix_fvus = []
+        for size in sae.cfg.prefixes[:-1]:
+            values = code.values * (code.indices < size)
+            x_hat = self.decode(values, code.indices, sae.W_dec) + sae.b_dec
+            prefix_fvus.append((x - x_hat).pow(2).sum() / variance)
+        prefix_loss = torch.stack([*prefix_fvus, terms["fvu"]]).mean()
+        terms["prefix_fvu"] = prefix_loss
+        loss = loss - terms["fvu"] + prefix_loss
+        return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
+
+    def topafa(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+        """Lee et al. 2025: f = ReLU((x - b_dec) W_enc), no encoder bias; each token keeps the fewest
+        latents whose norm comes closest to ‖x - b_dec‖ (`activations.top_afa`), among its k largest
+        when the SAE has a cap k. Loss: FVU + AuxK + c · d_in · mean((‖f‖ - ‖x‖)²) / Var(x), their
+        mean squared error plus c · mean((‖f‖ - ‖x‖)²) rescaled as our FVU is."""
+        cfg = sae.cfg
+        no_bias = torch.zeros_like(sae.b_enc)
+        candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead, b_enc=no_bias)
+        code = top_afa(candidates, sae.W_dec.norm(dim=-1), (x - sae.b_dec).norm(dim=-1).detach())
+        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        variance_per_token = (x - x.mean(0)).pow(2).sum(-1).mean()
+        norm_gap = (code.values.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
+        terms["afa"] = norm_gap * cfg.d_in / variance_per_token
+        loss = loss + self.cfg.afa_coefficient * terms["afa"]
+        if cfg.k is not None:
+            terms["capped_fraction"] = (code.values[:, -1] > 0).float().mean()
         return loss, terms, self._fires(code, cfg.d_sae)
 
-    def codebook(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor):
+    # --- dense codes: relu, jumprelu, and codebook's binary ones -----------------------------------
+
+    def jumprelu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+        """‖x - x̂‖² + λ S(f), S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖), θ learnt through
+        straight-through gradients (Rajamanoharan et al. 2024). With the SAE's k set, λ follows a
+        controller, log λ += rate (L0 - k) / k, and is kept in `state`."""
+        cd, cfg, bandwidth = self.compute_dtype, self.cfg, self.cfg.jumprelu_bandwidth
+        pre = F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
+        f = JumpReLU.apply(pre, sae.threshold, bandwidth)  # [batch, d_sae]
+        residual = x - (f @ sae.W_dec + sae.b_dec)
+        mse = residual.pow(2).sum(-1).mean()
+        l0 = Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+        if cfg.jumprelu_penalty == "l0":
+            sparsity = l0
+        else:
+            sparsity = torch.tanh(cfg.tanh_scale * f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+        coefficient = state.setdefault("l0_coefficient", torch.tensor(cfg.l0_coefficient, device=x.device))
+        loss = mse + coefficient.clone() * sparsity  # the controller updates `coefficient` in place
+        if sae.cfg.k is not None:
+            with torch.no_grad():  # bounded, so that a long spell on one side cannot stall the other
+                coefficient.mul_(torch.exp(cfg.l0_controller_rate * (l0 - sae.cfg.k) / sae.cfg.k))
+                coefficient.clamp_(
+                    cfg.l0_coefficient * CONTROLLER_RANGE**-1, cfg.l0_coefficient * CONTROLLER_RANGE
+                )
+        fvu = residual.pow(2).sum().detach() / (x - x.mean(0)).pow(2).sum()
+        terms = {"fvu": fvu, "mse": mse, "sparsity": sparsity, "l0_coefficient": coefficient.clone()}
+        return loss, terms, (f > 0).sum(0)
+
+    def codebook(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
         cfg = sae.cfg
         x_c, keys = x - sae.b_dec, sae.W_enc
         if cfg.similarity == "cosine":
@@ -87,7 +188,7 @@ class Objective:
         fires = torch.bincount(code.indices.flatten(), minlength=cfg.d_sae)
         return fvu, {"fvu": fvu}, fires
 
-    def relu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor):
+    def relu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
         cd = self.compute_dtype
         f = (
             F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
@@ -135,9 +236,14 @@ def kmeans(x: Tensor, n: int, iters: int, generator: torch.Generator) -> Tensor:
 def init_from_data(
     sae: SparseAutoencoder, x: Tensor, train_cfg: TrainConfig, generator: torch.Generator
 ) -> None:
-    """b_dec = mean of the (scaled) data; a codebook SAE also gets its codes from the data."""
+    """b_dec = mean of the (scaled) data; a codebook SAE also gets its codes from the data, a JumpReLU SAE
+    its thresholds, and BatchTopK / Matryoshka mark theirs as not yet learnt."""
     cfg = sae.cfg
     sae.b_dec.copy_(x.mean(0))
+    if cfg.architecture in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(-1.0)
+    if cfg.architecture == "jumprelu":
+        sae.threshold.copy_(jumprelu_thresholds(sae, x))
     if cfg.architecture != "codebook":
         return
     centered = x - sae.b_dec
@@ -152,6 +258,18 @@ def init_from_data(
         sae.b_enc.copy_(-centroids.pow(2).sum(-1) / 2)  # inner-product ranking = nearest centroid
     else:
         sae.b_enc.zero_()
+
+
+def jumprelu_thresholds(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    """[d_sae] starting thresholds: with a target L0 k, each latent's (1 - k/d_sae) quantile on x, so the
+    run starts near its target instead of waiting for the penalty to lower L0 from ~d_sae/2 (the slow
+    fall SAELens users report); without k, Rajamanoharan et al.'s 0.001."""
+    start = 1e-3
+    if sae.cfg.k is None:
+        return torch.full((sae.cfg.d_sae,), start, device=x.device)
+    pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).relu()  # [rows, d_sae]
+    rank = min(len(x), max(1, math.ceil(len(x) * (1 - sae.cfg.k / sae.cfg.d_sae))))
+    return pre.kthvalue(rank, dim=0).values.clamp(min=start)
 
 
 @torch.no_grad()
@@ -170,4 +288,6 @@ def fold_input_scale(model: SparseAutoencoder, scale: float) -> SparseAutoencode
         folded.b_enc.div_(scale)
     if cfg.architecture == "codebook":
         folded.W_dec.div_(scale)
+    if "threshold" in dict(folded.named_parameters()):
+        folded.threshold.div_(scale)
     return folded.to(model.W_enc.device)

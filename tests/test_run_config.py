@@ -36,8 +36,8 @@ def test_a_section_given_in_part_keeps_the_other_defaults(tmp_path):
     ("overrides", "message"),
     [
         (["sae.kk=3"], r"config\.sae: unknown key 'kk'; valid keys: architecture, d_sae, k"),
-        (["sae.architecture=jumprelu"], r"config\.sae\.architecture: 'jumprelu' is not one of"),
-        (["sae.k=0"], r"needs 0 < k <= d_sae"),
+        (["sae.architecture=gated"], r"config\.sae\.architecture: 'gated' is not one of"),
+        (["sae.k=0"], r"sae.k must satisfy 0 < k <= d_sae"),
         (["sae.hookpoint=blocks.2.hook_resid_post"], r"not cached; cache.hookpoints"),
         (['sae.hookpoints=["a", "a"]'], r"distinct"),
         (['sae.hookpoints="all"', "sae.hookpoint=blocks.6.hook_resid_post"], r"leave out sae.hookpoint"),

@@ -169,6 +169,11 @@ def test_resume_after_a_signal_is_exact(data, tmp_path, sig, raised):
     cfgs = [
         sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4),
         sae.SAEConfig(architecture="relu", d_in=64, d_sae=256),
+        # what these carry from step to step besides weights: a moving-average threshold, the L0 controller
+        sae.SAEConfig(architecture="batchtopk", d_in=64, d_sae=256, k=4),
+        sae.SAEConfig(architecture="jumprelu", d_in=64, d_sae=256, k=4),
+        sae.SAEConfig(architecture="matryoshka", d_in=64, d_sae=256, k=4),
+        sae.SAEConfig(architecture="topafa", d_in=64, d_sae=256, k=16),
     ]
     kw = {"batch_size": 512, "total_tokens": 30 * 512, "dead_after_tokens": 2048, "checkpoint_every": 7}
     uninterrupted = fit(x, tmp_path / "a", *cfgs, **kw)
@@ -201,7 +206,7 @@ def test_width_mismatch_and_untrainable_architectures(tmp_path):
     with pytest.raises(TrainingError, match=r"batch 1 .*expected activations \[batch, 64\], got \(512, 63\)"):
         fit([torch.randn(512, 64), torch.randn(512, 63)], tmp_path, cfg, total_tokens=2048)
     with pytest.raises(ValueError, match="can be loaded but not trained"):
-        sae.Trainer([sae.SAEConfig(architecture="jumprelu", d_in=4, d_sae=8)], sae.TrainConfig())
+        sae.Trainer([sae.SAEConfig(architecture="gated", d_in=4, d_sae=8)], sae.TrainConfig())
     with pytest.raises(ValueError, match="total_tokens is needed"):
         fit(iter([torch.randn(8, 64)]), tmp_path, cfg)
 
@@ -239,4 +244,5 @@ def test_lr_schedule_and_default_lr():
     assert lr_factor(0, 1000, cfg) == pytest.approx(0.01)
     assert lr_factor(500, 1000, cfg) == 1.0
     assert lr_factor(900, 1000, cfg) == pytest.approx(0.5)
-    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**14) == pytest.approx(1.6e-3)
+    assert default_lr(2**16) == pytest.approx(0.8e-3)

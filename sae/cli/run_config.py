@@ -25,8 +25,12 @@ class SAESection:
     architecture: TrainableArchitecture = "topk"
     d_sae: int = 8192
     k: int | None = 32
+    """Per architecture, as `SAEConfig.k`: active latents (topk), their batch mean (batchtopk, matryoshka),
+    the target L0 (jumprelu), a cap (topafa)."""
     similarity: Similarity | None = None
     """Codebook SAEs: how tokens choose codes (None: SAEConfig's default)."""
+    prefixes: list[int] | None = None
+    """Matryoshka SAEs: nested prefix sizes ending at d_sae (None: SAEConfig's default)."""
     hookpoint: str | None = None
     """The cached hookpoint to train on; None: the first of cache.hookpoints."""
     hookpoints: list[str] | Literal["all"] | None = None
@@ -92,7 +96,11 @@ class RunConfig(CachingConfig):
 
     def sae_config(self, d_in: int, hook_layout: str = "flat", hookpoint: str | None = None) -> SAEConfig:
         """The [sae] section completed by the model and the cache (for `hookpoint` when there are several)."""
-        given = {"similarity": self.sae.similarity, "hook_head_index": self.sae.hook_head_index}
+        given = {
+            "similarity": self.sae.similarity,
+            "hook_head_index": self.sae.hook_head_index,
+            "prefixes": self.sae.prefixes,
+        }
         return SAEConfig(
             architecture=self.sae.architecture,
             d_in=d_in,

@@ -215,9 +215,15 @@ def load_saelens(path: str | Path, norm_scaling_factor: float | None = None) -> 
 def export_saelens(model: SparseAutoencoder, path: str | Path) -> Path:
     """Write a SAELens v6 folder (`SAE.load_from_disk(path)`; Neuronpedia's upload format)."""
     cfg = model.cfg
-    architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}.get(
-        cfg.architecture
-    )
+    # BatchTopK and Matryoshka SAEs encode with their learnt threshold at inference: SAELens's jumprelu
+    architecture = {
+        "relu": "standard",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "batchtopk": "jumprelu",
+        "matryoshka": "jumprelu",
+        "gated": "gated",
+    }.get(cfg.architecture)
     problems = []
     if architecture is None:
         problems.append(f"architecture {cfg.architecture!r} (SAELens has standard, topk, jumprelu, gated)")
