@@ -46,13 +46,13 @@ class Objective:
     # --- k-sparse codes: topk, batchtopk, matryoshka, topafa ---------------------------------------
 
     def _candidates(
-        self, sae: SparseAutoencoder, x: Tensor, k: int, dead: Tensor, b_enc: Tensor | None = None
+        self, sae: SparseAutoencoder, x: Tensor, k: int, dead: Tensor
     ) -> tuple[SparseCode, SparseCode | None]:
         """The k largest ReLU-ed pre-activations per token [batch, k], and AuxK's over the dead latents."""
         return self.encode(
             x,
             sae.W_enc,
-            sae.b_enc if b_enc is None else b_enc,
+            sae.b_enc,
             min(k, sae.cfg.d_sae),
             pre_bias=sae.b_dec,
             relu=True,
@@ -64,9 +64,11 @@ class Objective:
     def _reconstruction(
         self, sae: SparseAutoencoder, x: Tensor, code: SparseCode, aux: SparseCode | None
     ) -> tuple[Tensor, StepTerms, Tensor]:
-        """FVU of the code's reconstruction, plus AuxK's term -> (loss, terms, residual [batch, d_in])."""
+        """FVU of the code's reconstruction, plus AuxK's term -> (loss, terms, variance: the FVU's
+        denominator Σ ‖x - mean(x)‖², for the terms an architecture adds)."""
+        variance = (x - x.mean(0)).pow(2).sum()
         residual = x - (self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec)
-        fvu = residual.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        fvu = residual.pow(2).sum() / variance
         terms, loss = {"fvu": fvu}, fvu
         if aux is not None:
             # AuxK (Gao et al.): dead latents learn to explain what the live ones miss. The residual
@@ -75,7 +77,7 @@ class Objective:
             aux_hat = self.decode(aux.values, aux.indices, sae.W_dec)
             terms["auxk"] = (aux_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
             loss = loss + self.cfg.auxk_coefficient * terms["auxk"]
-        return loss, terms, residual
+        return loss, terms, variance
 
     def topk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
         k = sae.cfg.k
@@ -84,11 +86,11 @@ class Objective:
         if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
             values, pos = wide.values.topk(k, dim=-1, sorted=False)
             code = SparseCode(values, wide.indices.gather(-1, pos))
-        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        loss, terms, variance = self._reconstruction(sae, x, code, aux)
         if self.cfg.multi_topk:
             # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
             wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + sae.b_dec
-            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / variance
             loss = loss + terms["multi_topk_fvu"] / 8
         return loss, terms, self._fires(code, sae.cfg.d_sae)
 
@@ -117,8 +119,7 @@ class Objective:
         """Mean over the nested prefixes m_j of the FVU of f[:m_j] W_dec[:m_j] + b_dec (Bussmann et al.
         2025); the last prefix is the whole dictionary, whose FVU is logged as `fvu`."""
         code, aux, extra = self._batch_topk(sae, x, dead)
-        loss, terms, _ = self._reconstruction(sae, x, code, aux)
-        variance = (x - x.mean(0)).pow(2).sum()
+        loss, terms, variance = self._reconstruction(sae, x, code, aux)
         prefix_fvus = []
         for size in sae.cfg.prefixes[:-1]:
             values = code.values * (code.indices < size)
@@ -134,14 +135,12 @@ class Objective:
         latents whose norm comes closest to ‖x - b_dec‖ (`activations.top_afa`), among its k largest
         when the SAE has a cap k. Loss: FVU + AuxK + c · d_in · mean((‖f‖ - ‖x‖)²) / Var(x), their
         mean squared error plus c · mean((‖f‖ - ‖x‖)²) rescaled as our FVU is."""
-        cfg = sae.cfg
-        no_bias = torch.zeros_like(sae.b_enc)
-        candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead, b_enc=no_bias)
+        cfg = sae.cfg  # b_enc stays zero: the trainer never trains it (trainer.LEARNT_BY_RULE)
+        candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead)
         code = top_afa(candidates, sae.W_dec.norm(dim=-1), (x - sae.b_dec).norm(dim=-1).detach())
-        loss, terms, _ = self._reconstruction(sae, x, code, aux)
-        variance_per_token = (x - x.mean(0)).pow(2).sum(-1).mean()
+        loss, terms, variance = self._reconstruction(sae, x, code, aux)
         norm_gap = (code.values.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
-        terms["afa"] = norm_gap * cfg.d_in / variance_per_token
+        terms["afa"] = norm_gap * cfg.d_in * len(x) / variance
         loss = loss + self.cfg.afa_coefficient * terms["afa"]
         if cfg.k is not None:
             terms["capped_fraction"] = (code.values[:, -1] > 0).float().mean()

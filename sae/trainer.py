@@ -90,8 +90,8 @@ def lr_factor(tokens: int, total: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: SparseAutoencoder, cfg: TrainConfig) -> list[dict]:
-    """The trained parameters, JumpReLU's thresholds in a group of their own with a larger lr: Adam moves
-    a parameter by about lr per step, too slow for thresholds of order 1 in runs of thousands of steps."""
+    """The trained parameters, JumpReLU's thresholds in a group of their own whose lr is scaled by
+    `threshold_lr_scale` (Adam moves a parameter by about lr per step, whatever its scale)."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     thresholds = [p for n, p in trained if n == "threshold"]
     groups = [{"params": [p for n, p in trained if n != "threshold"], "lr_scale": 1.0}]
