@@ -2,7 +2,7 @@
 
 from cache.config import CacheConfig, CachingConfig
 from cache.manifest import CacheError, read_manifest, verify_cache
-from cache.reader import ActivationReader, MultiHookpointReader, load_activations
+from cache.reader import ActivationReader, MultiHookpointReader, PairedReader, load_activations
 from cache.writer import build_cache
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "CacheError",
     "CachingConfig",
     "MultiHookpointReader",
+    "PairedReader",
     "build_cache",
     "load_activations",
     "read_manifest",

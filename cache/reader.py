@@ -212,6 +212,33 @@ class MultiHookpointReader(ActivationReader):
             }
 
 
+class PairedReader(MultiHookpointReader):
+    """A transcoder's batches: `batches(start)` yields (inputs [batch_size, d_in], targets
+    [batch_size, d_out]), the same tokens at `input_hookpoint` and `output_hookpoint` (e.g.
+    `blocks.6.mlp.hook_in` and `blocks.6.mlp.hook_out`), shuffled, sharded and resumed as
+    `ActivationReader` does."""
+
+    def __init__(self, cache_dir: str | Path, input_hookpoint: str, output_hookpoint: str, **kwargs: Any):
+        if input_hookpoint == output_hookpoint:
+            raise ValueError(
+                f"a transcoder's input and output hookpoints must differ, got {input_hookpoint!r}"
+            )
+        super().__init__(cache_dir, [input_hookpoint, output_hookpoint], **kwargs)
+        self.input_hookpoint, self.output_hookpoint = input_hookpoint, output_hookpoint
+
+    @property
+    def d_in(self) -> int:
+        return self.widths[self.input_hookpoint]
+
+    @property
+    def d_out(self) -> int:
+        return self.widths[self.output_hookpoint]
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        for batch in super().batches(start):
+            yield batch[self.input_hookpoint], batch[self.output_hookpoint]
+
+
 def _mix(*parts: Any) -> int:
     """A 63-bit seed from several parts (stable across runs, unlike hash())."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1

@@ -62,21 +62,29 @@ class SAEConfig:
     prefixes: list[int] | None = None
     """Matryoshka: the nested prefix sizes m_1 < ... < d_sae whose reconstructions the loss sums
     (None: `default_prefixes(d_sae)`)."""
+    transcoder: bool = False
+    """Predict another site from this one (Dunefsky et al. 2024): read `hookpoint`, write `output_hookpoint`
+    (e.g. an MLP's input and output), trained on pairs of activations; else reconstruct the input."""
+    d_out: int | None = None
+    """Width of what the decoder writes: the output site of a transcoder (None: d_in)."""
     similarity: Similarity = "cosine"
     """How the codebook SAE chooses codes: cosine similarity with its keys (rebuilt synthetic data with
     FVU 0.42 where the inner product reached 0.60), or the inner product."""
-    apply_b_dec_to_input: bool = True
-    """Subtract b_dec from the input before encoding (false for Gemma Scope's JumpReLU SAEs)."""
+    apply_b_dec_to_input: bool | None = None
+    """Subtract b_dec from the input before encoding (None: true for SAEs, false for transcoders, whose
+    b_dec lives at the output site; false for Gemma Scope's JumpReLU SAEs)."""
     input_norm: Literal["none", "layernorm"] = "none"
     """Per-token LayerNorm of the input, undone after decoding (OpenAI's TopK SAEs)."""
     skip_connection: bool = False
-    """A linear skip path x @ W_skip^T added to the output (sparsify's transcoders and skip SAEs)."""
+    """A linear skip path x @ W_skip^T added to the output (skip transcoders, Paulo et al. 2025)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Storage dtype of the weights."""
     # Where the activations come from; optional so that SAEs on synthetic data need none of it.
     model_name: str | None = None
     hookpoint: str | None = None
-    """transformer-lens hook name, e.g. `blocks.6.hook_resid_post`."""
+    """transformer-lens hook name, e.g. `blocks.6.hook_resid_post`; a transcoder's input site."""
+    output_hookpoint: str | None = None
+    """A transcoder's output site, e.g. `blocks.6.mlp.hook_out` for `blocks.6.mlp.hook_in`."""
     hook_layout: Literal["flat", "heads"] = "flat"
     """`heads`: the hook yields [..., n_heads, d_head] (hook_z), flattened to d_in = n_heads * d_head."""
     hook_head_index: int | None = None
@@ -93,12 +101,38 @@ class SAEConfig:
         if self.d_in <= 0:
             raise ConfigError(f"SAEConfig.d_in must be positive, got {self.d_in}")
         check_d_sae_and_k(self.architecture, self.d_sae, self.k, "SAEConfig")
+        self._resolve_transcoder()
         if self.architecture == "matryoshka":
             if self.prefixes is None:
                 self.prefixes = default_prefixes(self.d_sae)
             check_prefixes(self.prefixes, self.d_sae, "SAEConfig")
         elif self.prefixes is not None:
             raise ConfigError(f"SAEConfig.prefixes is for matryoshka SAEs, not {self.architecture!r}")
+
+    def _resolve_transcoder(self) -> None:
+        """Fill d_out and apply_b_dec_to_input; refuse what only a transcoder can have."""
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = not self.transcoder
+        if self.transcoder:
+            if self.architecture == "topafa":
+                raise ConfigError(
+                    "a topafa transcoder is undefined: top-AFA matches ||f|| to its input's norm"
+                )
+            if self.input_norm != "none":
+                raise ConfigError(
+                    "input_norm undoes the input's normalisation at the output: not for transcoders"
+                )
+            if self.apply_b_dec_to_input and self.d_out != self.d_in:
+                raise ConfigError("a transcoder with d_out != d_in cannot subtract b_dec from its input")
+            return
+        if self.d_out != self.d_in:
+            raise ConfigError(
+                f"SAEConfig.d_out ({self.d_out}) differs from d_in ({self.d_in}): set transcoder"
+            )
+        if self.output_hookpoint is not None:
+            raise ConfigError("SAEConfig.output_hookpoint is for transcoders: set transcoder = true")
 
     @property
     def trainable(self) -> bool:

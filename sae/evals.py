@@ -6,6 +6,9 @@ the hookpoint zero-ablated. From them: CE loss of each, CE loss recovered
 of the next-token distributions; from the clean activations: FVU, L0 and the latent densities
 (dead: never fired on these tokens; dense: fired on more than `dense_threshold` of them).
 
+A transcoder reads its input site and its prediction replaces its output site (the MLP's output, say):
+FVU is of the output site, and the zero-ablation zeroes that site (the MLP removed).
+
 With `exclude_bos` (default, as in training) the BOS position is neither spliced nor ablated nor
 counted: the SAE never saw it (its residual norm in Gemma is ~5e4).
 """
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 from sae.io import atomic_write_bytes, atomic_write_json
 from sae.lm import hookpoints_ready
-from sae.sites import read_site, write_site
+from sae.sites import output_hookpoint, read_site, write_output
 
 
 @dataclass
@@ -79,14 +82,15 @@ def evaluate(
     progress: bool = True,
     total_batches: int | None = None,
 ) -> EvalResult:
-    """Evaluate `sae` (at `sae.cfg.hookpoint`) in `model` on `token_batches` [batch, seq] of held-out tokens.
+    """Evaluate `sae` (at `sae.cfg.hookpoint`; a transcoder from there to `sae.cfg.output_hookpoint`) in
+    `model` on `token_batches` [batch, seq] of held-out tokens.
 
     With `out_dir`, writes eval.json and feature_density.png there.
     """
-    hookpoint = sae.cfg.hookpoint
+    hookpoint, written = sae.cfg.hookpoint, output_hookpoint(sae)
     first = 1 if exclude_bos else 0
     device = next(sae.parameters()).device
-    totals = _Totals(sae.cfg.d_in, sae.cfg.d_sae, device)
+    totals = _Totals(sae.cfg.d_out, sae.cfg.d_sae, device)
     batches = tqdm(
         token_batches,
         desc="eval (clean, spliced, ablated)",
@@ -94,7 +98,7 @@ def evaluate(
         total=total_batches,
         disable=not progress,
     )
-    with hookpoints_ready(model, [hookpoint]), torch.inference_mode():
+    with hookpoints_ready(model, list(dict.fromkeys([hookpoint, written]))), torch.inference_mode():
         for tokens in batches:
             _add_batch(totals, model, sae, tokens, first)
 
@@ -118,9 +122,8 @@ def evaluate(
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        atomic_write_json(
-            out_dir / "eval.json", {**result.to_dict(), "hookpoint": hookpoint, "exclude_bos": exclude_bos}
-        )
+        where = {"hookpoint": hookpoint} | ({"output_hookpoint": written} if sae.cfg.transcoder else {})
+        atomic_write_json(out_dir / "eval.json", {**result.to_dict(), **where, "exclude_bos": exclude_bos})
         save_density_histogram(
             density, out_dir / "feature_density.png", title=f"{hookpoint}, {totals.tokens} tokens"
         )
@@ -130,27 +133,31 @@ def evaluate(
 def _add_batch(totals: _Totals, model, sae, tokens: torch.Tensor, first: int) -> None:
     """Add one batch [b, t] to `totals`: clean, spliced and zero-ablated forwards, and the SAE's
     reconstruction of its activations (positions before `first` are left unspliced)."""
-    hookpoint = sae.cfg.hookpoint
+    hookpoint, written = sae.cfg.hookpoint, output_hookpoint(sae)
     device = next(sae.parameters()).device
-    captured: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        return lambda acts, hook: captured.__setitem__(name, acts)
+
     clean_logits = model.run_with_hooks(
-        tokens, fwd_hooks=[(hookpoint, lambda acts, hook, into=captured: into.append(acts))]
+        tokens, fwd_hooks=[(h, keep(h)) for h in dict.fromkeys([hookpoint, written])]
     )
-    acts = captured[0]
-    x = read_site(sae, acts)[:, first:].float().to(device)  # [b, t', d_in]
+    x = read_site(sae, captured[hookpoint])[:, first:].float().to(device)  # [b, t', d_in]
+    # [b, t, d_out]: what the SAE's output replaces (its input itself, for an SAE)
+    target = (
+        captured[written].float().to(device) if sae.cfg.transcoder else read_site(sae, captured[hookpoint])
+    )
     f = sae.encode(x)  # [b, t', d_sae]
-    x_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
-    # [b, t, d_in]: the reconstruction after the (unspliced) first positions
-    padded = torch.cat([read_site(sae, acts)[:, :first].float().to(device), x_hat], dim=1)
+    y_hat = sae(x)  # forward, not decode(f): it also undoes input norms and adds skip paths
+    # [b, t, d_out]: the reconstruction after the (unspliced) first positions
+    padded = torch.cat([target[:, :first].float().to(device), y_hat], dim=1)
 
     def splice(new: torch.Tensor):
-        return lambda a, hook: write_site(sae, a, new.to(a.device), first)
+        return lambda a, hook: write_output(sae, a, new.to(a.device), first)
 
-    spliced_logits = model.run_with_hooks(tokens, fwd_hooks=[(hookpoint, splice(padded))])
-    zero_logits = model.run_with_hooks(
-        tokens,
-        fwd_hooks=[(hookpoint, splice(torch.zeros_like(padded)))],
-    )
+    spliced_logits = model.run_with_hooks(tokens, fwd_hooks=[(written, splice(padded))])
+    zero_logits = model.run_with_hooks(tokens, fwd_hooks=[(written, splice(torch.zeros_like(padded)))])
 
     targets = tokens[:, first + 1 :].flatten().to(clean_logits.device)  # [b * (t - first - 1)]
     clean_lp = _next_token_log_probs(clean_logits, first)
@@ -161,11 +168,12 @@ def _add_batch(totals: _Totals, model, sae, tokens: torch.Tensor, first: int) ->
     totals.kl += F.kl_div(spliced_lp, clean_lp, log_target=True, reduction="sum").item()
     totals.predictions += len(targets)
 
-    x, f, x_hat = x.flatten(0, 1).double(), f.flatten(0, 1), x_hat.flatten(0, 1).double()
-    totals.tokens += len(x)
-    totals.squared_error += ((x - x_hat) ** 2).sum().item()
-    totals.sum_x += x.sum(0)
-    totals.sum_x2 += (x**2).sum().item()
+    y = target[:, first:].to(device).flatten(0, 1).double()
+    f, y_hat = f.flatten(0, 1), y_hat.flatten(0, 1).double()
+    totals.tokens += len(y)
+    totals.squared_error += ((y - y_hat) ** 2).sum().item()
+    totals.sum_x += y.sum(0)
+    totals.sum_x2 += (y**2).sum().item()
     fired = f != 0
     totals.l0 += fired.sum().item()
     totals.fires += fired.sum(0)

@@ -2,11 +2,12 @@
 
 Weights use one layout whatever their origin (converters in `sae.formats` map foreign files onto it):
 
-    W_enc [d_sae, d_in]   b_enc [d_sae]   W_dec [d_sae, d_in]   b_dec [d_in]
+    W_enc [d_sae, d_in]   b_enc [d_sae]   W_dec [d_sae, d_out]   b_dec [d_out]   (d_out = d_in
+                                                                                but for transcoders)
     threshold [d_sae]     jumprelu, batchtopk, matryoshka (the last two learn one threshold for all
                           latents in training and encode with it at inference)
     b_mag, r_mag [d_sae]  gated (b_enc is the gate bias)
-    W_skip [d_in, d_in]   with `skip_connection`
+    W_skip [d_out, d_in]  with `skip_connection`
 
 dtype policy: the weights live in `cfg.dtype`; inputs are cast to it and outputs cast back to the
 input's dtype. Training keeps float32 weights and chooses its matmul dtype itself (`sae.trainer`).
@@ -44,19 +45,22 @@ class InputStats(NamedTuple):
 
 def param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an SAE of this config holds, with its shape."""
-    d_in, d_sae = cfg.d_in, cfg.d_sae
-    shapes = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    d_in, d_out, d_sae = cfg.d_in, cfg.d_out, cfg.d_sae
+    shapes = {"W_enc": (d_sae, d_in), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
     if cfg.architecture in THRESHOLD_ARCHITECTURES:
         shapes["threshold"] = (d_sae,)
     if cfg.architecture == "gated":
         shapes |= {"b_mag": (d_sae,), "r_mag": (d_sae,)}
     if cfg.skip_connection:
-        shapes["W_skip"] = (d_in, d_in)
+        shapes["W_skip"] = (d_out, d_in)
     return shapes
 
 
 class SparseAutoencoder(nn.Module):
-    """encode: [..., d_in] -> [..., d_sae]; decode: [..., d_sae] -> [..., d_in]; forward = both."""
+    """encode: [..., d_in] -> [..., d_sae]; decode: [..., d_sae] -> [..., d_out]; forward = both.
+
+    An SAE reconstructs its input (d_out = d_in); a transcoder predicts another site from it, optionally
+    with a linear skip path: forward(x) = decode(encode(x)) + x @ W_skip^T."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -70,15 +74,21 @@ class SparseAutoencoder(nn.Module):
         """A freshly initialised SAE: random decoder directions, encoder tied to the decoder.
 
         TopK and codebook decoder rows have unit norm (Gao et al.); ReLU rows have norm 0.1 and are
-        left free during training (Anthropic, April 2024). The trainer then sets b_dec from the data.
+        left free during training (Anthropic, April 2024). A transcoder's input and output sites differ,
+        so its decoder is drawn apart from its encoder, and its skip path starts at zero. The trainer then
+        sets b_dec from the data.
         """
         model = cls(cfg)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        W = torch.randn(cfg.d_sae, cfg.d_in, generator=generator)
-        W = W / W.norm(dim=1, keepdim=True) * (0.1 if cfg.architecture == "relu" else 1.0)
+        scale = 0.1 if cfg.architecture == "relu" else 1.0
+
+        def unit_rows(d: int) -> Tensor:
+            W = torch.randn(cfg.d_sae, d, generator=generator)
+            return W / W.norm(dim=1, keepdim=True) * scale
+
         with torch.no_grad():
-            model.W_dec.copy_(W)
-            model.W_enc.copy_(W)
+            model.W_enc.copy_(unit_rows(cfg.d_in))
+            model.W_dec.copy_(unit_rows(cfg.d_out) if cfg.transcoder else model.W_enc)
         return model
 
     # --- encoding -------------------------------------------------------------------------------
@@ -187,13 +197,13 @@ class SparseAutoencoder(nn.Module):
     # --- decoding -------------------------------------------------------------------------------
 
     def decode(self, f: Tensor, stats: InputStats | None = None) -> Tensor:
-        """[..., d_sae] -> [..., d_in]. For LayerNorm-input SAEs pass `stats=input_stats(x)` to get
+        """[..., d_sae] -> [..., d_out]. For LayerNorm-input SAEs pass `stats=input_stats(x)` to get
         raw units back; the skip connection, which needs x itself, is added by `forward`."""
         x_hat = f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
         return self._restore(x_hat, stats).to(f.dtype)
 
     def decode_sparse(self, code: SparseCode, stats: InputStats | None = None) -> Tensor:
-        """values, indices [..., k] -> [..., d_in], touching only the k active decoder rows."""
+        """values, indices [..., k] -> [..., d_out], touching only the k active decoder rows."""
         values, indices = code
         lead = values.shape[:-1]
         x_hat = (
@@ -201,7 +211,7 @@ class SparseAutoencoder(nn.Module):
                 values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype),
                 indices.reshape(-1, indices.shape[-1]),
                 self.W_dec,
-            ).view(*lead, self.cfg.d_in)
+            ).view(*lead, self.cfg.d_out)
             + self.b_dec
         )
         return self._restore(x_hat, stats).to(values.dtype)
@@ -212,7 +222,8 @@ class SparseAutoencoder(nn.Module):
         return x_hat if stats is None else x_hat * stats.std + stats.mean
 
     def forward(self, x: Tensor) -> Tensor:
-        """[..., d_in] -> [..., d_in]: the reconstruction in the units of x."""
+        """[..., d_in] -> [..., d_out]: the reconstruction of x (a transcoder's prediction of its output
+        site), in raw units."""
         stats = self.input_stats(x.to(self.W_enc.dtype))
         if self.k_sparse:
             x_hat = self.decode_sparse(self.encode_sparse(x), stats)
@@ -289,4 +300,6 @@ class SparseAutoencoder(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         k = f", k={c.k}" if c.k is not None else ""
-        return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hookpoint={c.hookpoint}"
+        where = f"{c.hookpoint} -> {c.output_hookpoint}" if c.transcoder else c.hookpoint
+        kind = "transcoder, " if c.transcoder else ""
+        return f"{kind}{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hookpoint={where}"

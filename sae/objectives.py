@@ -1,7 +1,8 @@
 """What each architecture minimises, and how it starts from the data.
 
-An `Objective` maps (SAE, batch of scaled inputs, training state) to a loss, its logged terms and
-per-latent firing counts; the trainer owns everything else (optimiser, schedule, bookkeeping).
+An `Objective` maps (SAE, batch of scaled inputs and targets, training state) to a loss, its logged terms
+and per-latent firing counts; the targets are the inputs themselves for an SAE, the output site for a
+transcoder; the trainer owns everything else (optimiser, schedule, bookkeeping).
 `state` holds what an objective carries from step to step besides the SAE's weights (JumpReLU's
 penalty coefficient); the trainer checkpoints it with them.
 """
@@ -26,7 +27,8 @@ CANDIDATES_PER_K = 4  # batch top-k chooses among each token's 4k largest activa
 
 
 class Objective:
-    """Forward pass and loss of one architecture on a batch x: [batch, d_in] (scaled inputs)."""
+    """Forward pass and loss of one architecture on inputs x: [batch, d_in] and targets y: [batch, d_out]
+    (both scaled; y is x for an SAE)."""
 
     def __init__(self, train_cfg: TrainConfig):
         self.cfg = train_cfg
@@ -36,12 +38,29 @@ class Objective:
         self.decode = sparse_decode if sparse else dense_decode
 
     def __call__(
-        self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state: dict[str, Tensor]
+        self,
+        sae: SparseAutoencoder,
+        x: Tensor,
+        y: Tensor,
+        progress: float,
+        dead: Tensor,
+        state: dict[str, Tensor],
     ) -> tuple[Tensor, StepTerms, Tensor]:
         """-> (loss, terms, fires: [d_sae] how often each latent fired in this batch).
 
         `progress` is the fraction of training done; `dead` [n_dead] the latents AuxK may revive."""
-        return getattr(self, sae.cfg.architecture)(sae, x, progress, dead, state)
+        return getattr(self, sae.cfg.architecture)(sae, x, y, progress, dead, state)
+
+    @staticmethod
+    def _encoder_input(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+        """[batch, d_in]: x less b_dec for an SAE, x itself for a transcoder (its b_dec is at the output)."""
+        return x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+
+    @staticmethod
+    def _output_base(sae: SparseAutoencoder, x: Tensor) -> Tensor:
+        """What the output holds besides the latents' sum: b_dec [d_out], plus a skip transcoder's linear
+        path x @ W_skip^T [batch, d_out]."""
+        return sae.b_dec + x @ sae.W_skip.T if sae.cfg.skip_connection else sae.b_dec
 
     # --- k-sparse codes: topk, batchtopk, matryoshka, topafa ---------------------------------------
 
@@ -54,7 +73,7 @@ class Objective:
             sae.W_enc,
             sae.b_enc,
             min(k, sae.cfg.d_sae),
-            pre_bias=sae.b_dec,
+            pre_bias=sae.b_dec if sae.cfg.apply_b_dec_to_input else None,
             relu=True,
             compute_dtype=self.compute_dtype,
             aux_latents=dead,
@@ -62,35 +81,36 @@ class Objective:
         )
 
     def _reconstruction(
-        self, sae: SparseAutoencoder, x: Tensor, code: SparseCode, aux: SparseCode | None
+        self, sae: SparseAutoencoder, y: Tensor, base: Tensor, code: SparseCode, aux: SparseCode | None
     ) -> tuple[Tensor, StepTerms, Tensor]:
-        """FVU of the code's reconstruction, plus AuxK's term -> (loss, terms, variance: the FVU's
-        denominator Σ ‖x - mean(x)‖², for the terms an architecture adds)."""
-        variance = (x - x.mean(0)).pow(2).sum()
-        residual = x - (self.decode(code.values, code.indices, sae.W_dec) + sae.b_dec)
+        """FVU of the target y by the code's output (latents plus `base`, `_output_base`), plus AuxK's term
+        -> (loss, terms, variance: the FVU's denominator Σ ‖y - mean(y)‖², for the terms an architecture
+        adds)."""
+        variance = (y - y.mean(0)).pow(2).sum()
+        residual = y - (self.decode(code.values, code.indices, sae.W_dec) + base)
         fvu = residual.pow(2).sum() / variance
         terms, loss = {"fvu": fvu}, fvu
         if aux is not None:
             # AuxK (Gao et al.): dead latents learn to explain what the live ones miss. The residual
-            # already contains b_dec, so the auxiliary reconstruction must not add it again.
+            # already contains b_dec (and the skip path), so the auxiliary reconstruction must not add it.
             target = residual.detach()
             aux_hat = self.decode(aux.values, aux.indices, sae.W_dec)
             terms["auxk"] = (aux_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum()
             loss = loss + self.cfg.auxk_coefficient * terms["auxk"]
         return loss, terms, variance
 
-    def topk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
-        k = sae.cfg.k
+    def topk(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
+        k, base = sae.cfg.k, self._output_base(sae, x)
         wide, aux = self._candidates(sae, x, 4 * k if self.cfg.multi_topk else k, dead)
         code = wide
         if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
             values, pos = wide.values.topk(k, dim=-1, sorted=False)
             code = SparseCode(values, wide.indices.gather(-1, pos))
-        loss, terms, variance = self._reconstruction(sae, x, code, aux)
+        loss, terms, variance = self._reconstruction(sae, y, base, code, aux)
         if self.cfg.multi_topk:
             # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
-            wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + sae.b_dec
-            terms["multi_topk_fvu"] = (x - wide_hat).pow(2).sum() / variance
+            wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + base
+            terms["multi_topk_fvu"] = (y - wide_hat).pow(2).sum() / variance
             loss = loss + terms["multi_topk_fvu"] / 8
         return loss, terms, self._fires(code, sae.cfg.d_sae)
 
@@ -110,35 +130,36 @@ class Objective:
         capped = kept.all(dim=-1).float().mean() if kept.shape[-1] < sae.cfg.d_sae else torch.zeros(())
         return code, aux, {"capped_fraction": capped, "threshold": sae.threshold[0].clone()}
 
-    def batchtopk(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+    def batchtopk(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         code, aux, extra = self._batch_topk(sae, x, dead)
-        loss, terms, _ = self._reconstruction(sae, x, code, aux)
+        loss, terms, _ = self._reconstruction(sae, y, self._output_base(sae, x), code, aux)
         return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
 
-    def matryoshka(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+    def matryoshka(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """Mean over the nested prefixes m_j of the FVU of f[:m_j] W_dec[:m_j] + b_dec (Bussmann et al.
         2025); the last prefix is the whole dictionary, whose FVU is logged as `fvu`."""
         code, aux, extra = self._batch_topk(sae, x, dead)
-        loss, terms, variance = self._reconstruction(sae, x, code, aux)
+        base = self._output_base(sae, x)
+        loss, terms, variance = self._reconstruction(sae, y, base, code, aux)
         prefix_fvus = []
         for size in sae.cfg.prefixes[:-1]:
             values = code.values * (code.indices < size)
-            x_hat = self.decode(values, code.indices, sae.W_dec) + sae.b_dec
-            prefix_fvus.append((x - x_hat).pow(2).sum() / variance)
+            y_hat = self.decode(values, code.indices, sae.W_dec) + base
+            prefix_fvus.append((y - y_hat).pow(2).sum() / variance)
         prefix_loss = torch.stack([*prefix_fvus, terms["fvu"]]).mean()
         terms["prefix_fvu"] = prefix_loss
         loss = loss - terms["fvu"] + prefix_loss
         return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
 
-    def topafa(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+    def topafa(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """Lee et al. 2025: f = ReLU((x - b_dec) W_enc), no encoder bias; each token keeps the fewest
         latents whose norm comes closest to ‖x - b_dec‖ (`activations.top_afa`), among its k largest
         when the SAE has a cap k. Loss: FVU + AuxK + c · d_in · mean((‖f‖ - ‖x‖)²) / Var(x), their
-        mean squared error plus c · mean((‖f‖ - ‖x‖)²) rescaled as our FVU is."""
+        mean squared error plus c · mean((‖f‖ - ‖x‖)²) rescaled as our FVU is. No transcoders (y is x)."""
         cfg = sae.cfg  # b_enc stays zero: the trainer never trains it (trainer.LEARNT_BY_RULE)
         candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead)
         code = top_afa(candidates, sae.W_dec.norm(dim=-1), (x - sae.b_dec).norm(dim=-1).detach())
-        loss, terms, variance = self._reconstruction(sae, x, code, aux)
+        loss, terms, variance = self._reconstruction(sae, y, self._output_base(sae, x), code, aux)
         norm_gap = (code.values.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
         terms["afa"] = norm_gap * cfg.d_in * len(x) / variance
         loss = loss + self.cfg.afa_coefficient * terms["afa"]
@@ -148,14 +169,14 @@ class Objective:
 
     # --- dense codes: relu, jumprelu, and codebook's binary ones -----------------------------------
 
-    def jumprelu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
-        """‖x - x̂‖² + λ S(f), S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖), θ learnt through
+    def jumprelu(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
+        """‖y - ŷ‖² + λ S(f), S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖), θ learnt through
         straight-through gradients (Rajamanoharan et al. 2024). With the SAE's k set, λ follows a
         controller, log λ += rate (L0 - k) / k, and is kept in `state`."""
         cd, cfg, bandwidth = self.compute_dtype, self.cfg, self.cfg.jumprelu_bandwidth
-        pre = F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
+        pre = F.linear(self._encoder_input(sae, x).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
         f = JumpReLU.apply(pre, sae.threshold, bandwidth)  # [batch, d_sae]
-        residual = x - (f @ sae.W_dec + sae.b_dec)
+        residual = y - (f @ sae.W_dec + self._output_base(sae, x))
         mse = residual.pow(2).sum(-1).mean()
         l0 = Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
         if cfg.jumprelu_penalty == "l0":
@@ -170,12 +191,12 @@ class Objective:
                 coefficient.clamp_(
                     cfg.l0_coefficient * CONTROLLER_RANGE**-1, cfg.l0_coefficient * CONTROLLER_RANGE
                 )
-        fvu = residual.pow(2).sum().detach() / (x - x.mean(0)).pow(2).sum()
+        fvu = residual.pow(2).sum().detach() / (y - y.mean(0)).pow(2).sum()
         terms = {"fvu": fvu, "mse": mse, "sparsity": sparsity, "l0_coefficient": coefficient.clone()}
         return loss, terms, (f > 0).sum(0)
 
-    def codebook(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
-        cfg = sae.cfg
+    def codebook(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
+        cfg = sae.cfg  # no transcoders (the trainer refuses them): its codes start from input clusters
         x_c, keys = x - sae.b_dec, sae.W_enc
         if cfg.similarity == "cosine":
             x_c, keys = F.normalize(x_c, dim=-1), F.normalize(keys, dim=-1)
@@ -187,14 +208,13 @@ class Objective:
         fires = torch.bincount(code.indices.flatten(), minlength=cfg.d_sae)
         return fvu, {"fvu": fvu}, fires
 
-    def relu(self, sae: SparseAutoencoder, x: Tensor, progress: float, dead: Tensor, state):
+    def relu(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         cd = self.compute_dtype
         f = (
-            F.linear((x - sae.b_dec).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
+            F.linear(self._encoder_input(sae, x).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
         )  # [batch, d_sae]
         # The decoder stays in float32 (bf16 here cut feature recovery on synthetic data from 0.96 to 0.62).
-        x_hat = f @ sae.W_dec + sae.b_dec
-        residual = x - x_hat
+        residual = y - (f @ sae.W_dec + self._output_base(sae, x))
         mse = residual.pow(2).sum(-1).mean()
         # Anthropic's April 2024 penalty: activations weighted by decoder norms, so that shrinking
         # the decoder cannot buy sparsity; its coefficient warms up linearly.
@@ -202,7 +222,7 @@ class Objective:
         l1_coefficient = self.cfg.l1_coefficient * min(
             1.0, progress / max(self.cfg.l1_warmup_fraction, 1e-12)
         )
-        fvu = residual.pow(2).sum().detach() / (x - x.mean(0)).pow(2).sum()
+        fvu = residual.pow(2).sum().detach() / (y - y.mean(0)).pow(2).sum()
         return mse + l1_coefficient * l1, {"fvu": fvu, "mse": mse, "l1": l1}, (f > 0).sum(0)
 
     @staticmethod
@@ -233,12 +253,16 @@ def kmeans(x: Tensor, n: int, iters: int, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def init_from_data(
-    sae: SparseAutoencoder, x: Tensor, train_cfg: TrainConfig, generator: torch.Generator
+    sae: SparseAutoencoder, x: Tensor, y: Tensor, train_cfg: TrainConfig, generator: torch.Generator
 ) -> None:
-    """b_dec = mean of the (scaled) data; a codebook SAE also gets its codes from the data, a JumpReLU SAE
-    its thresholds, and BatchTopK / Matryoshka mark theirs as not yet learnt."""
+    """b_dec = mean of the (scaled) targets y (the inputs x for an SAE); a transcoder, which does not
+    subtract b_dec from its input, centres its pre-activations instead (b_enc = -W_enc mean(x)); a codebook
+    SAE also gets its codes from the data, a JumpReLU SAE its thresholds, and BatchTopK / Matryoshka mark
+    theirs as not yet learnt."""
     cfg = sae.cfg
-    sae.b_dec.copy_(x.mean(0))
+    sae.b_dec.copy_(y.mean(0))
+    if cfg.transcoder and not cfg.apply_b_dec_to_input:
+        sae.b_enc.copy_(-sae.W_enc @ x.mean(0))
     if cfg.architecture in ("batchtopk", "matryoshka"):
         sae.threshold.fill_(-1.0)
     if cfg.architecture == "jumprelu":
@@ -266,27 +290,31 @@ def jumprelu_thresholds(sae: SparseAutoencoder, x: Tensor) -> Tensor:
     start = 1e-3
     if sae.cfg.k is None:
         return torch.full((sae.cfg.d_sae,), start, device=x.device)
-    pre = F.linear(x - sae.b_dec, sae.W_enc, sae.b_enc).relu()  # [rows, d_sae]
+    pre = F.linear(Objective._encoder_input(sae, x), sae.W_enc, sae.b_enc).relu()  # [rows, d_sae]
     rank = min(len(x), max(1, math.ceil(len(x) * (1 - sae.cfg.k / sae.cfg.d_sae))))
     return pre.kthvalue(rank, dim=0).values.clamp(min=start)
 
 
 @torch.no_grad()
-def fold_input_scale(model: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    """A copy of `model`, trained on x * scale, that works on raw x with activations in raw units.
+def fold_scales(model: SparseAutoencoder, input_scale: float, target_scale: float) -> SparseAutoencoder:
+    """A copy of `model`, trained on a x -> c y (a = input_scale, c = target_scale; a = c for an SAE), that
+    maps raw x to raw y, with activations f' / c and decoder directions unchanged.
 
-    pre(scale * x) = scale * pre'(x) with b_enc' = b_enc / scale and b_dec' = b_dec / scale, so the
-    activations of raw x are f / scale and decoder directions are unchanged. A codebook SAE's
-    activations are binary, so its decoder vectors take the factor instead; with cosine similarity
-    the similarities do not scale at all, so its b_enc must not either.
+    For pre' = W_enc (a x - [b_dec]) + b_enc, activations f = f' / c need W_enc * a / c, b_enc / c and the
+    thresholds / c; then y = y' / c needs b_dec / c and W_skip * a / c. (An SAE subtracting b_dec has a = c,
+    so its encoder weights are untouched.) A codebook SAE's activations are binary, so its decoder vectors
+    take the factor instead; with cosine similarity its similarities do not scale at all, nor may its b_enc.
     """
-    cfg = model.cfg
+    cfg, a, c = model.cfg, input_scale, target_scale
     folded = SparseAutoencoder.from_tensors(cfg, {n: p.detach().clone() for n, p in model.named_parameters()})
-    folded.b_dec.div_(scale)
+    folded.W_enc.mul_(a / c)
+    folded.b_dec.div_(c)
     if not (cfg.architecture == "codebook" and cfg.similarity == "cosine"):
-        folded.b_enc.div_(scale)
+        folded.b_enc.div_(c)
     if cfg.architecture == "codebook":
-        folded.W_dec.div_(scale)
+        folded.W_dec.div_(c)
     if "threshold" in dict(folded.named_parameters()):
-        folded.threshold.div_(scale)
+        folded.threshold.div_(c)
+    if cfg.skip_connection:
+        folded.W_skip.mul_(a / c)
     return folded.to(model.W_enc.device)

@@ -149,7 +149,7 @@ class ModuleTrainer:
                 for h, t in self.trainers.items():
                     x = checked[h] * t.input_scale
                     for m in t.members:
-                        t._train_step(m, x, total)
+                        t._train_step(m, x, x, total)
                     t.step += 1
                     t.tokens += len(x)
                     if t.step % self.cfg.log_every == 0:
@@ -241,7 +241,7 @@ class ModuleTrainer:
         checked = {}
         for h, t in self.trainers.items():
             try:
-                checked[h] = t._check_batch(batch[h], self.step, t.tokens)
+                checked[h], _ = t._check_batch(batch[h], self.step, t.tokens)
             except TrainingError as e:
                 return {}, TrainingError(f"{h}: {e}")
         return checked, None

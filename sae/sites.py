@@ -3,7 +3,8 @@ value back, and loading the model an SAE names.
 
 A hook yields [batch, seq, d] (residual stream, MLP out) or, for per-head hooks such as `hook_z`,
 [batch, seq, heads, d_head]. An SAE with `hook_layout="heads"` reads all heads concatenated
-(d_in = heads * d_head) or, with `hook_head_index`, one head.
+(d_in = heads * d_head) or, with `hook_head_index`, one head. A transcoder reads its input there and
+writes its output to another, flat site (`output_hookpoint`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ def write_site(sae: SparseAutoencoder, acts: Tensor, new: Tensor, first: int) ->
         out[:, first:, sae.cfg.hook_head_index] = new[:, first:].to(acts.dtype)
     else:
         out[:, first:] = new[:, first:].reshape(out[:, first:].shape).to(acts.dtype)
+    return out
+
+
+def output_hookpoint(sae: SparseAutoencoder) -> str:
+    """Where the SAE's output belongs: its own hookpoint, or a transcoder's output hookpoint."""
+    if not sae.cfg.transcoder:
+        return sae.cfg.hookpoint
+    if sae.cfg.output_hookpoint is None:
+        raise ValueError(
+            f"a transcoder reading {sae.cfg.hookpoint} names no output_hookpoint: nowhere to write its output"
+        )
+    return sae.cfg.output_hookpoint
+
+
+def write_output(sae: SparseAutoencoder, acts: Tensor, new: Tensor, first: int) -> Tensor:
+    """`acts` at `output_hookpoint(sae)` with the SAE's output site replaced by `new` [b, t, d_out] from
+    position `first` on (a transcoder's output site is flat)."""
+    if not sae.cfg.transcoder:
+        return write_site(sae, acts, new, first)
+    out = acts.clone()
+    out[:, first:] = new[:, first:].to(acts.dtype)
     return out
 
 

@@ -2,11 +2,13 @@
 
     trainer = Trainer([SAEConfig(...), SAEConfig(...)], TrainConfig(...))
     models = trainer.fit(batches)   # Tensor [N, d_in], a BatchSource, or any iterable of [B, d_in]
+    # transcoders: pairs (inputs [N, d_in], targets [N, d_out]), or batches of such pairs
 
 Every SAE in the list sees every batch, so a sweep over k, width or architecture costs one read of
-the data. Inputs are scaled so that E||x|| = sqrt(d_in); the factor is folded into the saved weights,
-which therefore work on raw activations. Checkpoints (every N steps, and on SIGINT/SIGTERM) hold
-everything the loop needs to continue exactly where it stopped.
+the data. Inputs are scaled so that E||x|| = sqrt(d_in) (a transcoder's targets so that E||y|| =
+sqrt(d_out)); the factors are folded into the saved weights, which therefore work on raw activations.
+Checkpoints (every N steps, and on SIGINT/SIGTERM) hold everything the loop needs to continue exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batches import BatchSource, TensorBatches, as_batch_source
+from .batches import Batch, BatchSource, TensorBatches, as_batch_source
 from .config import TRAINABLE_ARCHITECTURES, SAEConfig, TrainConfig
 from .device import resolve_device
 from .distributed import Distributed
 from .io import atomic_save_file, atomic_write_json
 from .model import SparseAutoencoder
-from .objectives import Objective, fold_input_scale, init_from_data
+from .objectives import Objective, fold_scales, init_from_data
 from .typed_config import to_dict
 
 CHECKPOINT_DIR = "checkpoint"
@@ -99,7 +101,9 @@ def param_groups(model: SparseAutoencoder, cfg: TrainConfig) -> list[dict]:
 
 
 def sae_name(cfg: SAEConfig) -> str:
-    parts = [cfg.hookpoint, cfg.architecture, f"k{cfg.k}" if cfg.k else None, str(cfg.d_sae)]
+    """e.g. `blocks.6.hook_resid_post_topk_k32_8192`, `blocks.6.mlp.hook_in_skip_transcoder_topk_k32_8192`."""
+    kind = ("skip_transcoder" if cfg.skip_connection else "transcoder") if cfg.transcoder else None
+    parts = [cfg.hookpoint, kind, cfg.architecture, f"k{cfg.k}" if cfg.k else None, str(cfg.d_sae)]
     return "_".join(p for p in parts if p)
 
 
@@ -132,17 +136,22 @@ class Trainer:
             # what released SAEs carry but the objectives do not train (they would be ignored in training)
             unsupported = {
                 "input_norm": c.input_norm != "none",
-                "skip_connection": c.skip_connection,
-                "apply_b_dec_to_input": not c.apply_b_dec_to_input,
+                "skip_connection (an SAE's; skip transcoders train)": c.skip_connection and not c.transcoder,
+                "apply_b_dec_to_input (the default for SAEs, not for transcoders)": c.apply_b_dec_to_input
+                == c.transcoder,
+                "a codebook transcoder": c.transcoder and c.architecture == "codebook",
             }
             if any(unsupported.values()):
                 names = ", ".join(name for name, set_ in unsupported.items() if set_)
-                raise ValueError(f"the trainer cannot train SAEs with {names} set (load-only options)")
-        widths = {c.d_in for c in sae_cfgs}
+                raise ValueError(f"the trainer cannot train {names}")
+        widths = {(c.d_in, c.d_out, c.transcoder) for c in sae_cfgs}
         if len(widths) > 1:
-            raise ValueError(f"SAEs trained from one read must share d_in; got {sorted(widths)}")
+            raise ValueError(
+                "the SAEs trained from one read must share d_in, and d_out if they are transcoders "
+                f"(they read the same batches); got (d_in, d_out, transcoder) = {sorted(widths)}"
+            )
         self.cfg = cfg
-        self.d_in = widths.pop()
+        self.d_in, self.d_out, self.transcoders = widths.pop()
         device = resolve_device(cfg.device)
         self.dist = dist or Distributed.from_env(device.type)
         self.device = self.dist.device(device)
@@ -171,15 +180,16 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.input_scale: float | None = None
+        self.target_scale: float | None = None  # the input scale for SAEs
         self.wandb_id: str | None = None
         self._stop_signal: int | None = None
 
     # -- the loop --
 
-    def fit(self, data: Tensor | BatchSource | Iterable[Tensor]) -> list[SparseAutoencoder]:
+    def fit(self, data: Batch | BatchSource | Iterable[Batch]) -> list[SparseAutoencoder]:
         """Train every SAE on `data`: a tensor [N, d_in], a `BatchSource` (such as `cache.ActivationReader`)
-        or any iterable of [batch, d_in] tensors. Returns the SAEs folded to raw units (also saved under
-        out_dir)."""
+        or any iterable of [batch, d_in] tensors; for transcoders the same of (inputs, targets) pairs
+        (`cache.PairedReader`). Returns the SAEs folded to raw units (also saved under out_dir)."""
         source = as_batch_source(data, self.cfg, self.dist)
         total = self._total_tokens(source)
         resumed = self.load_checkpoint()
@@ -204,16 +214,16 @@ class Trainer:
                 if self.tokens >= total:
                     break
                 try:
-                    x, error = self._check_batch(batch, self.step, self.tokens), None
+                    (x, y), error = self._check_batch(batch, self.step, self.tokens), None
                 except TrainingError as e:
-                    x, error = None, e
+                    x, y, error = None, None, e
                 if self._ranks_agree_to_stop(error):
                     self.save_checkpoint()
                     bar.close()
                     self._raise_stop()
-                x = x * self.input_scale
+                x, y = x * self.input_scale, (y * self.target_scale if self.transcoders else None)
                 for m in self.members:
-                    self._train_step(m, x, total)
+                    self._train_step(m, x, x if y is None else y, total)
                 self.step += 1
                 self.tokens += len(x) * self.dist.world_size
                 bar.update(len(x) * self.dist.world_size)
@@ -245,12 +255,13 @@ class Trainer:
         )
         return self._stop_signal is not None
 
-    def _train_step(self, m: Member, x: Tensor, total: int) -> None:
+    def _train_step(self, m: Member, x: Tensor, y: Tensor, total: int) -> None:
+        """One optimiser step of `m` on scaled inputs x [batch, d_in] and targets y [batch, d_out]."""
         progress = self.tokens / total
         for group in m.optimizer.param_groups:
             group["lr"] = m.lr * group["lr_scale"] * lr_factor(self.tokens, total, self.cfg)
         dead = (m.tokens_since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
-        loss, terms, fires = self.objective(m.model, x, progress, dead, m.state)
+        loss, terms, fires = self.objective(m.model, x, y, progress, dead, m.state)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"step {self.step}: loss of {m.name} is {loss.item()}; no weights were "
@@ -279,12 +290,27 @@ class Trainer:
             m.window_steps += 1
             m.window_tokens += len(x) * self.dist.world_size  # fires above are summed over ranks too
 
-    def _check_batch(self, batch: Tensor, index: int, tokens_before: int) -> Tensor:
-        """The batch as float32 on the device, or an error naming it if its shape or values are bad."""
+    def _check_batch(self, batch: Batch, index: int, tokens_before: int) -> tuple[Tensor, Tensor | None]:
+        """-> (inputs, targets or None for SAEs) as float32 on the device, or an error naming the batch if
+        its shapes or values are bad."""
         where = f"batch {index} (tokens {tokens_before:,} onward)"
-        if not isinstance(batch, Tensor) or batch.ndim != 2 or batch.shape[1] != self.d_in:
+        if not self.transcoders:
+            return self._check_part(batch, self.d_in, where, "activations"), None
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            got = f"a {type(batch).__name__}" + (
+                f" {tuple(batch.shape)}" if isinstance(batch, Tensor) else ""
+            )
+            raise TrainingError(f"{where}: transcoders train on (inputs, targets) pairs, got {got}")
+        x = self._check_part(batch[0], self.d_in, where, "inputs")
+        y = self._check_part(batch[1], self.d_out, where, "targets")
+        if len(x) != len(y):
+            raise TrainingError(f"{where}: {len(x)} inputs but {len(y)} targets")
+        return x, y
+
+    def _check_part(self, batch: Tensor, width: int, where: str, what: str) -> Tensor:
+        if not isinstance(batch, Tensor) or batch.ndim != 2 or batch.shape[1] != width:
             shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
-            raise TrainingError(f"{where}: expected activations [batch, {self.d_in}], got {shape}")
+            raise TrainingError(f"{where}: expected {what} [batch, {width}], got {shape}")
         x = batch.to(self.device, torch.float32, non_blocking=True)
         if torch.isfinite(x.sum()):  # one pass; only a batch that fails it gets the full check
             return x
@@ -293,7 +319,7 @@ class Trainer:
             rows = bad.any(dim=1).nonzero().flatten()
             raise TrainingError(
                 f"{where}: {int(bad.sum())} NaN/inf values in rows {rows[:5].tolist()}"
-                f"{'...' if len(rows) > 5 else ''}; no weights were updated and the last "
+                f"{'...' if len(rows) > 5 else ''} of the {what}; no weights were updated and the last "
                 f"checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
             )
         return x
@@ -302,7 +328,7 @@ class Trainer:
         if self.cfg.total_tokens is not None:
             return self.cfg.total_tokens
         if isinstance(source, TensorBatches):
-            return len(source.data)
+            return source.rows
         try:
             return len(source) * self.cfg.batch_size * self.dist.world_size  # type: ignore[arg-type]
         except TypeError:
@@ -311,29 +337,35 @@ class Trainer:
                 "(it sets the learning-rate schedule)"
             ) from None
 
-    def _init_from_first_batches(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
-        """Scale, b_dec and codebooks from the first batches, which are then trained on as usual."""
+    def _init_from_first_batches(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """Scales, b_dec and codebooks from the first batches, which are then trained on as usual."""
         rows_needed = max(
             [self.cfg.batch_size]
             + [4 * m.cfg.d_sae for m in self.members if m.cfg.architecture == "codebook"]
         )
-        first, rows = [], 0
+        first, checked, rows = [], [], 0
         for index, batch in enumerate(batches):
             first.append(batch)
-            self._check_batch(batch, index, rows)
-            rows += len(batch)
+            checked.append(self._check_batch(batch, index, rows))
+            rows += len(checked[-1][0])
             if rows >= rows_needed:
                 break
         if not first:
             raise ValueError("no activations: the data yielded no batch")
-        x = torch.cat([b.to(self.device, torch.float32) for b in first])
-        mean_norm = x.norm(dim=1).mean()
-        self.dist.average_([mean_norm])  # dist: statistics over every rank's first batches
-        self.input_scale = math.sqrt(self.d_in) / mean_norm.item() if self.cfg.normalize_inputs else 1.0
+        x = torch.cat([inputs for inputs, _ in checked])
+        y = torch.cat([targets for _, targets in checked]) if self.transcoders else x
+        mean_norms = torch.stack([x.norm(dim=1).mean(), y.norm(dim=1).mean()])
+        self.dist.average_([mean_norms])  # dist: statistics over every rank's first batches
+        if self.cfg.normalize_inputs:
+            self.input_scale = math.sqrt(self.d_in) / mean_norms[0].item()
+            self.target_scale = math.sqrt(self.d_out) / mean_norms[1].item()
+        else:
+            self.input_scale = self.target_scale = 1.0
         generator = torch.Generator().manual_seed(self.cfg.seed)
         for m in self.members:
-            init_from_data(m.model, x * self.input_scale, self.cfg, generator)
-            self.dist.average_([m.model.b_dec.data])
+            init_from_data(m.model, x * self.input_scale, y * self.target_scale, self.cfg, generator)
+            # b_enc too where it centres a transcoder's pre-activations (codebooks: rank 0's codes)
+            self.dist.average_([m.model.b_dec.data] + ([m.model.b_enc.data] if m.cfg.transcoder else []))
             self.dist.broadcast_([p.data for p in m.model.parameters()])  # and rank 0's codebooks
         return itertools.chain(first, batches)
 
@@ -393,7 +425,7 @@ class Trainer:
     def _save_final(self, seconds: float, tokens_this_run: int) -> list[SparseAutoencoder]:
         models = []
         for m in self.members:
-            model = fold_input_scale(m.model, self.input_scale)
+            model = fold_scales(m.model, self.input_scale, self.target_scale)
             models.append(model)
             if not self.dist.is_main:
                 continue
@@ -403,6 +435,7 @@ class Trainer:
                 "tokens": self.tokens,
                 "steps": self.step,
                 "input_scale": self.input_scale,
+                **({"target_scale": self.target_scale} if self.transcoders else {}),
                 "train_seconds_this_run": seconds,
                 "tokens_per_second_this_run": tokens_this_run / seconds if seconds else None,
             }
@@ -439,6 +472,7 @@ class Trainer:
                 "step": self.step,
                 "tokens": self.tokens,
                 "input_scale": self.input_scale,
+                "target_scale": self.target_scale,
                 "wandb_id": self.wandb_id,
                 "saes": {m.name: to_dict(m.cfg) for m in self.members},
                 "train": to_dict(self.cfg),
@@ -480,6 +514,7 @@ class Trainer:
             }
         self.step, self.tokens = state["step"], state["tokens"]
         self.input_scale, self.wandb_id = state["input_scale"], state["wandb_id"]
+        self.target_scale = state.get("target_scale", self.input_scale)  # checkpoints before transcoders
         print(f"resuming from {path} at step {self.step:,} ({self.tokens:,} tokens)")
         return True
 

@@ -88,6 +88,37 @@ def test_attention_heads_sae_from_hook_z(tmp_path, tiny_lm_dir):
     assert report["sae"]["cfg"]["hook_layout"] == "heads" and report["sae"]["cfg"]["d_in"] == 4 * 8
 
 
+def test_skip_transcoder_of_an_mlp(tmp_path, tiny_lm_dir):
+    """Both MLP sites cached in one forward, a skip transcoder trained on the pairs, evaluated in place of
+    the MLP, and loaded back with both sites."""
+    config = _tiny_config(tmp_path, tiny_lm_dir)
+    result = _train(
+        str(config),
+        "--set",
+        'cache.hookpoints=["blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out"]',
+        "--set",
+        "sae.hookpoint=blocks.1.mlp.hook_in",
+        "--set",
+        "sae.output_hookpoint=blocks.1.mlp.hook_out",
+        "--set",
+        "sae.skip_connection=true",
+        "--set",
+        "eval.tokens=200",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    model = sae.load(report["sae"]["dir"])
+    assert model.cfg.transcoder and model.cfg.skip_connection
+    assert (model.cfg.hookpoint, model.cfg.output_hookpoint) == (
+        "blocks.1.mlp.hook_in",
+        "blocks.1.mlp.hook_out",
+    )
+    assert "skip_transcoder" in Path(report["sae"]["dir"]).name
+    assert report["eval"]["fvu"] < 1.0
+    saved = json.loads((Path(report["sae"]["dir"]) / "eval.json").read_text())
+    assert saved["output_hookpoint"] == "blocks.1.mlp.hook_out"
+
+
 def test_config_errors_name_the_key(tmp_path, tiny_lm_dir):
     result = _train(str(_tiny_config(tmp_path, tiny_lm_dir)), "--set", "cache.tokenz=5")
     assert result.returncode == 1 and "tokenz" in result.stderr and "valid keys" in result.stderr

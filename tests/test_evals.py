@@ -93,3 +93,29 @@ def test_per_head_sae_splices_concatenated_heads(tiny_lm, batches):
 def test_unknown_hookpoint(tiny_lm, batches):
     with pytest.raises(ValueError, match=r"blocks\.9\.hook_resid_post"):
         evaluate(tiny_lm, _sae("blocks.9.hook_resid_post", D_MODEL, "exact"), batches, progress=False)
+
+
+def test_transcoder_is_spliced_at_its_output_site(tiny_lm, batches):
+    """blocks.0.hook_resid_post equals blocks.1.hook_resid_pre, so an identity transcoder from the
+    second to the first changes nothing: the eval reads the input site and writes the output site."""
+    exact = _sae(
+        "blocks.1.hook_resid_pre",
+        D_MODEL,
+        "exact",
+        transcoder=True,
+        output_hookpoint="blocks.0.hook_resid_post",
+    )
+    result = evaluate(tiny_lm, exact, batches, progress=False)
+    assert result.kl_clean_spliced == pytest.approx(0.0, abs=1e-6) and result.fvu == pytest.approx(
+        0, abs=1e-6
+    )
+    # a zero transcoder of the MLP is the MLP zero-ablated
+    zero = _sae(
+        "blocks.0.mlp.hook_in", D_MODEL, "zero", transcoder=True, output_hookpoint="blocks.0.mlp.hook_out"
+    )
+    mlp = evaluate(tiny_lm, zero, batches, progress=False)
+    assert mlp.ce_loss_spliced == pytest.approx(mlp.ce_loss_zero_ablation, abs=1e-6)
+    assert mlp.kl_clean_spliced > 0 and mlp.fvu >= 1.0  # a random model: CE barely moves
+    no_output = _sae("blocks.0.mlp.hook_in", D_MODEL, "zero", transcoder=True)
+    with pytest.raises(ValueError, match="names no output_hookpoint"):
+        evaluate(tiny_lm, no_output, batches, progress=False)

@@ -61,7 +61,7 @@ def test_saes_that_do_not_fit_the_model_are_named(tiny_lm_dir, sae_paths, tmp_pa
     other.cfg = dataclasses.replace(other.cfg, model_name="gpt2")
     wrong_model = str(other.save(tmp_path / "other"))
     narrow = make_sae(RESID, "relu")
-    narrow.cfg = dataclasses.replace(narrow.cfg, d_in=16, model_name=str(tiny_lm_dir))
+    narrow.cfg = dataclasses.replace(narrow.cfg, d_in=16, d_out=16, model_name=str(tiny_lm_dir))
     import torch
 
     narrow.W_enc, narrow.W_dec = (

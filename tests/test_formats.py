@@ -102,18 +102,30 @@ def test_sparsify_dtype_comes_from_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module,transcode,hook",
+    "module,hook",
     [
-        ("layers.10", False, "blocks.10.hook_resid_post"),
-        ("layers.3.mlp", False, "blocks.3.hook_mlp_out"),
-        ("gpt_neox.layers.3.attention", False, "blocks.3.hook_attn_out"),
-        ("layers.3.mlp", True, "blocks.3.ln2.hook_normalized"),
+        ("layers.10", "blocks.10.hook_resid_post"),
+        ("layers.3.mlp", "blocks.3.hook_mlp_out"),
+        ("gpt_neox.layers.3.attention", "blocks.3.hook_attn_out"),
     ],
 )
-def test_sparsify_hookpoints_map_to_transformer_lens(module, transcode, hook):
+def test_sparsify_hookpoints_map_to_transformer_lens(module, hook):
     from sae.formats.sparsify import map_hookpoint
 
-    assert map_hookpoint(module, transcode) == hook
+    assert map_hookpoint(module) == hook
+
+
+@pytest.mark.parametrize(
+    "module,hooks",
+    [
+        ("layers.3.mlp", ("blocks.3.mlp.hook_in", "blocks.3.mlp.hook_out")),
+        ("layers.10", ("blocks.10.hook_resid_pre", "blocks.10.hook_resid_post")),
+    ],
+)
+def test_sparsify_transcoder_modules_map_to_input_and_output_hooks(module, hooks):
+    from sae.formats.sparsify import map_transcoder_hookpoints
+
+    assert map_transcoder_hookpoints(module) == hooks
 
 
 def test_sparsify_export_loads_in_sparsify(tmp_path):
@@ -140,6 +152,36 @@ def test_sparsify_export_loads_in_sparsify(tmp_path):
         "gpt2",
         cfg.hookpoint,
         "sparsify",
+    )
+
+
+def test_skip_transcoder_exports_to_sparsify_and_back(tmp_path):
+    cfg = sae.SAEConfig(
+        architecture="topk",
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=K,
+        transcoder=True,
+        skip_connection=True,
+        model_name="gpt2",
+        hookpoint="blocks.4.mlp.hook_in",
+        output_hookpoint="blocks.4.mlp.hook_out",
+    )
+    model = randomized(sae.SparseAutoencoder(cfg), seed=6)
+    sae.export(model, tmp_path / "layers.4.mlp", "sparsify")
+    coder = SparseCoder.load_from_disk(tmp_path / "layers.4.mlp")
+    assert coder.cfg.transcode and coder.cfg.skip_connection
+    x = random_inputs(6)
+    with torch.no_grad():
+        dense, recon = sparsify_dense(coder, x)
+        assert rel_err(model.encode(x), dense) < TOLERANCE and rel_err(model(x), recon) < TOLERANCE
+    again = sae.load(str(tmp_path / "layers.4.mlp"))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, getattr(again, name)), name
+    assert (again.cfg.transcoder, again.cfg.hookpoint, again.cfg.output_hookpoint) == (
+        True,
+        cfg.hookpoint,
+        cfg.output_hookpoint,
     )
 
 
@@ -489,9 +531,12 @@ def test_hub_reference_downloads_only_the_subpath(tmp_path, monkeypatch):
 def test_sparsify_transcoder_reads_without_b_dec_and_says_what_it_predicts(tmp_path):
     coder = randomized(SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K, transcode=True)), seed=16)
     coder.save_to_disk(tmp_path / "layers.2.mlp")
-    with pytest.warns(UserWarning, match="a transcoder; .* output of module 'layers.2.mlp'"):
-        model = sae.load(str(tmp_path / "layers.2.mlp"))
-    assert not model.cfg.apply_b_dec_to_input and model.cfg.hookpoint == "blocks.2.ln2.hook_normalized"
+    model = sae.load(str(tmp_path / "layers.2.mlp"))
+    assert model.cfg.transcoder and not model.cfg.apply_b_dec_to_input
+    assert (model.cfg.hookpoint, model.cfg.output_hookpoint) == (
+        "blocks.2.mlp.hook_in",
+        "blocks.2.mlp.hook_out",
+    )
     x = random_inputs(17)
     with torch.no_grad():
         dense, recon = sparsify_dense(coder, x)

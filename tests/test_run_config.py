@@ -54,8 +54,9 @@ def test_bad_values_name_their_key(overrides, message):
 def test_every_trainable_sae_config_field_is_a_run_config_key_or_comes_from_the_model():
     """A field added to SAEConfig must be reachable from a run config, or be listed here as given by the
     model and the cache, or as only meaningful for loaded dictionaries."""
-    from_model_and_cache = {"d_in", "model_name", "hook_layout"}
-    load_only = {"apply_b_dec_to_input", "input_norm", "skip_connection", "dtype", "source_format"}
+    # transcoder and d_out follow from sae.output_hookpoint and the width cached there
+    from_model_and_cache = {"d_in", "d_out", "transcoder", "model_name", "hook_layout"}
+    load_only = {"apply_b_dec_to_input", "input_norm", "dtype", "source_format"}
     section = set(SAESection.__dataclass_fields__)
     assert set(SAEConfig.__dataclass_fields__) - section == from_model_and_cache | load_only
     assert section - set(SAEConfig.__dataclass_fields__) == {"hookpoints"}

@@ -38,9 +38,21 @@ class SAESection:
     SAEs are spread over the ranks). Excludes `hookpoint` and `hook_head_index`."""
     hook_head_index: int | None = None
     """Per-head hooks (hook_z): the one head to read; None: all heads concatenated."""
+    output_hookpoint: str | None = None
+    """Train a transcoder instead: from `hookpoint` (the input site) to this cached hookpoint, e.g.
+    `blocks.6.mlp.hook_in` -> `blocks.6.mlp.hook_out` (cache both: cache.hookpoints)."""
+    skip_connection: bool = False
+    """Transcoders: add a linear skip path x @ W_skip^T (a skip transcoder, Paulo et al. 2025)."""
 
     def __post_init__(self) -> None:
         check_d_sae_and_k(self.architecture, self.d_sae, self.k, "sae")
+        if self.skip_connection and self.output_hookpoint is None:
+            raise ConfigError("sae.skip_connection is for transcoders: set sae.output_hookpoint too")
+        if self.output_hookpoint is not None and (self.hookpoints, self.hook_head_index) != (None, None):
+            raise ConfigError(
+                "sae.output_hookpoint trains one transcoder on all of its input site: leave out "
+                "sae.hookpoints and sae.hook_head_index"
+            )
         if self.hookpoints is not None:
             if self.hookpoint is not None or self.hook_head_index is not None:
                 raise ConfigError(
@@ -74,7 +86,8 @@ class RunConfig(CachingConfig):
 
     def __post_init__(self) -> None:
         cached = self.cache.hookpoints
-        unknown = [h for h in self.sae_hookpoints if h not in cached]
+        output = [self.sae.output_hookpoint] if self.sae.output_hookpoint else []
+        unknown = [h for h in self.sae_hookpoints + output if h not in cached]
         if unknown:
             raise ConfigError(f"sae.hookpoint(s) {unknown} are not cached; cache.hookpoints = {cached}")
 
@@ -94,8 +107,11 @@ class RunConfig(CachingConfig):
         """Where the (single) SAE reads: sae.hookpoint, by default the first cached hookpoint."""
         return self.sae.hookpoint or self.cache.hookpoints[0]
 
-    def sae_config(self, d_in: int, hook_layout: str = "flat", hookpoint: str | None = None) -> SAEConfig:
-        """The [sae] section completed by the model and the cache (for `hookpoint` when there are several)."""
+    def sae_config(
+        self, d_in: int, hook_layout: str = "flat", hookpoint: str | None = None, d_out: int | None = None
+    ) -> SAEConfig:
+        """The [sae] section completed by the model and the cache (for `hookpoint` when there are several;
+        a transcoder's output width `d_out`)."""
         given = {
             "similarity": self.sae.similarity,
             "hook_head_index": self.sae.hook_head_index,
@@ -109,6 +125,10 @@ class RunConfig(CachingConfig):
             model_name=self.model.name,
             hookpoint=hookpoint or self.sae_hookpoints[0],
             hook_layout=hook_layout,
+            transcoder=self.sae.output_hookpoint is not None,
+            d_out=d_out,
+            output_hookpoint=self.sae.output_hookpoint,
+            skip_connection=self.sae.skip_connection,
             **{key: value for key, value in given.items() if value is not None},
         )
 

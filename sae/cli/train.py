@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 import sae
-from cache import ActivationReader, CacheError, MultiHookpointReader, build_cache, read_manifest
+from cache import ActivationReader, CacheError, MultiHookpointReader, PairedReader, build_cache, read_manifest
 from sae.cli.run_config import RunConfig, load_run_config, run_config_toml
 from sae.data import token_batches
 from sae.device import resolve_device
@@ -45,19 +45,18 @@ def stage(seconds: dict[str, float], name: str, message: str, dist: Distributed)
 
 
 def train_on_cache(config: RunConfig, cache_dir: Path, manifest: dict[str, Any], dist: Distributed) -> Path:
-    """Train the [sae] SAE on the cache (data parallel under torchrun: rank r reads its share of the
-    shards); returns the folder it is saved in."""
-    hookpoint = config.sae_hookpoint
-    reader = ActivationReader(
-        cache_dir,
-        hookpoint,
-        batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        head_index=config.sae.hook_head_index,
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
-    sae_cfg = config.sae_config(reader.d_in, manifest["hookpoints"][hookpoint]["layout"])
+    """Train the [sae] SAE (or transcoder) on the cache (data parallel under torchrun: rank r reads its share
+    of the shards); returns the folder it is saved in."""
+    hookpoint, output_hookpoint = config.sae_hookpoint, config.sae.output_hookpoint
+    shared = {"batch_size": config.train.batch_size, "seed": config.train.seed}
+    shared |= {"rank": dist.rank, "world_size": dist.world_size}
+    if output_hookpoint is None:
+        reader = ActivationReader(cache_dir, hookpoint, head_index=config.sae.hook_head_index, **shared)
+        d_out = None
+    else:
+        reader = PairedReader(cache_dir, hookpoint, output_hookpoint, **shared)
+        d_out = reader.d_out
+    sae_cfg = config.sae_config(reader.d_in, manifest["hookpoints"][hookpoint]["layout"], d_out=d_out)
     trainer = sae.Trainer([sae_cfg], config.train, dist=dist)
     trainer.fit(reader)
     return Path(config.train.out_dir) / trainer.members[0].name

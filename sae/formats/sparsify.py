@@ -5,8 +5,10 @@
 
 sparsify encodes with top_k(ReLU(W (x - b_dec) + b)) or GroupMax (the max of ReLU(pre) within each of k
 contiguous groups), and decodes with latents @ W_dec + b_dec. Transcoders (`transcode`) skip the b_dec
-subtraction. Our layout is the same up to names: no transposes (SAELens's sparsify loader transposed
-W_dec and dropped the b_dec subtraction). The dtype is the file's (sparsify #116).
+subtraction; they read a module's input and predict its output, of the same width (sparsify has no
+d_out): for `layers.N.mlp`, transformer-lens's `blocks.N.mlp.hook_in` -> `blocks.N.mlp.hook_out`.
+Our layout is the same up to names: no transposes (SAELens's sparsify loader transposed W_dec and
+dropped the b_dec subtraction). The dtype is the file's (sparsify #116).
 """
 
 from __future__ import annotations
@@ -34,30 +36,45 @@ WEIGHTS_FILE = "sae.safetensors"
 RUN_CONFIG_FILE = "config.json"  # one level up: the training run, with the model's name
 
 # HF module names (relative to the model, optionally under its base-model prefix) -> transformer-lens hooks.
-# A module's *output* is what sparsify hooks for SAEs; a transcoder reads the module's *input*.
+# A module's *output* is what sparsify hooks for SAEs; a transcoder reads the module's *input* and predicts
+# its output. (TransformerBridge's hook_mlp_out comes after Gemma's post-MLP norm: not the module's output.)
 _LAYER = r"(?:[\w.]+\.)?(?:layers|h)\.(\d+)"
 SAE_HOOKS = [
     (re.compile(rf"^{_LAYER}$"), "blocks.{}.hook_resid_post"),
     (re.compile(rf"^{_LAYER}\.mlp$"), "blocks.{}.hook_mlp_out"),
     (re.compile(rf"^{_LAYER}\.(?:self_attn|attn|attention)$"), "blocks.{}.hook_attn_out"),
 ]
-TRANSCODER_HOOKS = [
-    (re.compile(rf"^{_LAYER}$"), "blocks.{}.hook_resid_pre"),
-    (re.compile(rf"^{_LAYER}\.mlp$"), "blocks.{}.ln2.hook_normalized"),
+TRANSCODER_HOOKS = [  # (input, output)
+    (re.compile(rf"^{_LAYER}$"), ("blocks.{}.hook_resid_pre", "blocks.{}.hook_resid_post")),
+    (re.compile(rf"^{_LAYER}\.mlp$"), ("blocks.{}.mlp.hook_in", "blocks.{}.mlp.hook_out")),
 ]
 
 
-def map_hookpoint(module_name: str, transcode: bool) -> str | None:
-    """`layers.10` -> `blocks.10.hook_resid_post`; None (with a warning) for modules we cannot name."""
-    for pattern, hook in TRANSCODER_HOOKS if transcode else SAE_HOOKS:
+def map_hookpoint(module_name: str) -> str | None:
+    """An SAE's hook: `layers.10` -> `blocks.10.hook_resid_post`; None (with a warning) for modules we
+    cannot name."""
+    for pattern, hook in SAE_HOOKS:
         if match := pattern.match(module_name):
             return hook.format(match.group(1))
+    _unnamed(module_name)
+    return None
+
+
+def map_transcoder_hookpoints(module_name: str) -> tuple[str | None, str | None]:
+    """A transcoder's (input, output) hooks: `layers.10.mlp` -> `blocks.10.mlp.hook_in`, `...hook_out`."""
+    for pattern, hooks in TRANSCODER_HOOKS:
+        if match := pattern.match(module_name):
+            return hooks[0].format(match.group(1)), hooks[1].format(match.group(1))
+    _unnamed(module_name)
+    return None, None
+
+
+def _unnamed(module_name: str) -> None:
     warnings.warn(
         f"sparsify hookpoint {module_name!r} has no transformer-lens equivalent we know; "
         "hookpoint left unset",
-        stacklevel=2,
+        stacklevel=3,
     )
-    return None
 
 
 def load_sparsify(path: str | Path) -> SparseAutoencoder:
@@ -90,12 +107,6 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
             f"{cfg_path}: skip_connection is {skip} but {weights_path} {'lacks' if skip else 'has'} W_skip"
         )
     transcode = bool(cfg.get("transcode", False))
-    if transcode:  # our config names one hook; a transcoder reads one module's input and predicts its output
-        warnings.warn(
-            f"{cfg_path}: a transcoder; its hookpoint is where it reads, but it reconstructs the "
-            f"output of module {path.name!r}, so splicing its output at the hookpoint is not meaningful",
-            stacklevel=2,
-        )
 
     # Metadata: sparsify keeps the model in the run's config.json and the hookpoint as the folder name;
     # our own exports (a lone folder) carry both in the safetensors header instead.
@@ -104,14 +115,19 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
     header = safetensors_metadata(weights_path)
     if header.get("hookpoint"):
         model_name, hookpoint = header.get("model_name") or None, header["hookpoint"]
+        output_hookpoint = header.get("output_hookpoint") or None
+    elif transcode:
+        model_name, (hookpoint, output_hookpoint) = run.get("model"), map_transcoder_hookpoints(path.name)
     else:
-        model_name, hookpoint = run.get("model"), map_hookpoint(path.name, transcode)
+        model_name, hookpoint, output_hookpoint = run.get("model"), map_hookpoint(path.name), None
     sae_cfg = sae_config(
         cfg_path,
         architecture=activation,
         d_in=d_in,
         d_sae=d_sae,
         k=require_key(cfg, "k", cfg_path),
+        transcoder=transcode,
+        output_hookpoint=output_hookpoint if transcode else None,
         apply_b_dec_to_input=not transcode,
         skip_connection=skip,
         dtype=dtype_name(tensors["encoder.weight"], "encoder.weight", weights_path),
@@ -133,16 +149,22 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
 def export_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
     """Write the folder `SparseCoder.load_from_disk(path)` reads: cfg.json + sae.safetensors.
 
-    Only what sparsify computes can be exported: TopK or GroupMax on raw inputs with b_dec subtracted.
-    Our model name and hookpoint travel in the safetensors header metadata (sparsify ignores it; sparsify
+    Only what sparsify computes can be exported: TopK or GroupMax on raw inputs, with b_dec subtracted (an
+    SAE) or not (a transcoder, optionally with its skip path, of equal input and output widths).
+    Our model name and hookpoints travel in the safetensors header metadata (sparsify ignores it; sparsify
     itself names the hookpoint by the folder and the model in the run's config.json).
     """
     cfg = model.cfg
     problems = []
     if cfg.architecture not in ("topk", "groupmax"):
         problems.append(f"architecture {cfg.architecture!r} (sparsify has topk and groupmax)")
-    if not cfg.apply_b_dec_to_input:
-        problems.append("apply_b_dec_to_input=False (sparsify always subtracts b_dec from an SAE's input)")
+    if cfg.apply_b_dec_to_input == cfg.transcoder:
+        problems.append(
+            f"apply_b_dec_to_input={cfg.apply_b_dec_to_input} (sparsify subtracts b_dec from the input of an "
+            "SAE, never of a transcoder)"
+        )
+    if cfg.d_out != cfg.d_in:
+        problems.append(f"d_out {cfg.d_out} != d_in {cfg.d_in} (sparsify's transcoders keep the width)")
     if cfg.input_norm != "none":
         problems.append(f"input_norm={cfg.input_norm!r} (sparsify does not normalise inputs)")
     if problems:
@@ -161,6 +183,8 @@ def export_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
     metadata = {"format": "pt"}
     if cfg.hookpoint:
         metadata |= {"hookpoint": cfg.hookpoint, "model_name": cfg.model_name or ""}
+    if cfg.output_hookpoint:
+        metadata["output_hookpoint"] = cfg.output_hookpoint
     atomic_save_file(tensors, path / WEIGHTS_FILE, metadata=metadata)
     atomic_write_json(
         path / CFG_FILE,
@@ -172,7 +196,7 @@ def export_sparsify(model: SparseAutoencoder, path: str | Path) -> Path:
             "k": cfg.k,
             "multi_topk": False,
             "skip_connection": cfg.skip_connection,
-            "transcode": False,
+            "transcode": cfg.transcoder,
             "d_in": cfg.d_in,
         },
     )

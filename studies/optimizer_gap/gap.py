@@ -74,8 +74,8 @@ def our_run(x, held, features, seed, total, bs, d_sae, k, v):
                 m.W_enc.copy_(enc_init * m.W_dec)
         return m
 
-    def init(model, xs, cfg, gen):
-        orig_init(model, xs, cfg, gen)
+    def init(model, xs, ys, cfg, gen):
+        orig_init(model, xs, ys, cfg, gen)
         if b_dec == "zero":
             model.b_dec.data.zero_()
 
