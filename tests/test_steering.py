@@ -422,3 +422,64 @@ def test_analyze_cli_steers_and_feeds_the_dashboard(tiny_lm, tiny_lm_dir, tmp_pa
     assert "latent 999 is out of range" in capsys.readouterr().err
     assert main(["steer", str(tmp_path / "sae"), "--latent", "1", "--mode", "force"]) == 1
     assert "codebook" in capsys.readouterr().err
+
+
+def make_transcoder(input_hook="blocks.0.mlp.hook_in", output_hook="blocks.0.mlp.hook_out"):
+    cfg = SAEConfig(
+        architecture="relu",
+        d_in=32,
+        d_sae=64,
+        transcoder=True,
+        hookpoint=input_hook,
+        output_hookpoint=output_hook,
+    )
+    return SparseAutoencoder.from_config(cfg, seed=0)
+
+
+def test_a_transcoder_reads_its_input_site_and_steers_its_output_site(tiny_lm):
+    transcoder = make_transcoder()
+    out_hook = "blocks.0.mlp.hook_out"
+    tokens = tiny_lm.to_tokens("def f(x):\n    return x")
+    recorded = []
+    with (
+        steering(tiny_lm, transcoder, Intervention(3, "add", 4.0)),
+        tiny_lm.hooks(fwd_hooks=[(out_hook, lambda a, hook: recorded.append(a.detach().clone()))]),
+    ):
+        tiny_lm(tokens)
+    _, clean = tiny_lm.run_with_cache(tokens, names_filter=[out_hook, "blocks.0.mlp.hook_in"])
+    difference = recorded[0][0] - clean[out_hook][0]
+    assert torch.allclose(difference[0], torch.zeros(32), atol=1e-6), "BOS is left alone"
+    assert torch.allclose(difference[1:], 4.0 * transcoder.W_dec[3].expand_as(difference[1:]), atol=1e-4)
+
+    # clamping a latent (computed at the input site) to its own value changes nothing
+    f = transcoder.encode(clean["blocks.0.mlp.hook_in"][0, 1:])
+    latent = int(f.gt(0).sum(0).argmax())
+    short = tokens[:, :2]
+    with torch.no_grad():
+        before = tiny_lm(short)
+        with steering(tiny_lm, transcoder, Intervention(latent, "clamp", f[0, latent].item())):
+            assert torch.equal(tiny_lm(short), before)
+        with pytest.raises(ValueError, match="use steering_change"):
+            steered_site(transcoder, clean["blocks.0.mlp.hook_in"], Intervention(latent, "add", 1.0))
+
+    cached = generate(
+        tiny_lm, transcoder, "import os\n", Intervention(latent, "clamp", 8.0), max_new_tokens=8
+    )
+    uncached = generate(
+        tiny_lm,
+        transcoder,
+        "import os\n",
+        Intervention(latent, "clamp", 8.0),
+        max_new_tokens=8,
+        use_kv_cache=False,
+    )
+    assert torch.equal(cached, uncached)
+
+
+def test_a_transcoder_whose_output_site_runs_first_is_refused(tiny_lm):
+    backwards = make_transcoder("blocks.1.hook_resid_pre", "blocks.0.hook_resid_post")
+    with (
+        pytest.raises(RuntimeError, match=r"ran before blocks\.1\.hook_resid_pre"),
+        steering(tiny_lm, backwards, Intervention(0, "add", 1.0)),
+    ):
+        tiny_lm(tiny_lm.to_tokens("x = 1"))

@@ -13,6 +13,10 @@ With the KV cache on, the hook sees the prompt once and then one new position pe
 position it is given and skips only absolute position 0 (BOS, which the SAE never saw). SAELens's
 tutorial hook skipped seq_len-1 calls and so steered the prompt alone.
 
+A transcoder's latents are read at its input site and its decoder writes at its output site: the change
+above (computed from the input) is added to the output site's activation, the transcoder's error term
+kept there likewise.
+
 Several interventions at once (a list): each one's change is computed from the same unsteered input
 and the changes are added (codebook force/suppress of several codes choose the codes once, together).
 
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from sae.analysis.features import Unembedding
 from sae.lm import capture, hookpoints_ready, stop_layer
-from sae.sites import read_site, write_site
+from sae.sites import output_hookpoint, read_site, write_output, write_site
 
 Mode = Literal["add", "clamp", "ablate", "force", "suppress"]
 MODES: tuple[str, ...] = ("add", "clamp", "ablate", "force", "suppress")
@@ -108,12 +112,20 @@ def strength_in_units(alpha: float, max_activation: float) -> float:
 
 
 def steered_site(sae, x: Tensor, interventions: Interventions) -> Tensor:
-    """x [..., d_in] at the hookpoint -> the steered x [..., d_in] (error term kept in every mode).
+    """x [..., d_in] at the hookpoint -> the steered x [..., d_in] (error term kept in every mode)."""
+    if sae.cfg.transcoder:
+        raise ValueError("a transcoder's change belongs at its output site: use steering_change")
+    return x + steering_change(sae, x, interventions)
+
+
+def steering_change(sae, x: Tensor, interventions: Interventions) -> Tensor:
+    """x [..., d_in] at the hookpoint -> the change [..., d_out] to the SAE's output site (its own site;
+    a transcoder's output site).
 
     Every intervention's change is computed from the unsteered x and the changes are summed.
     """
     listed = as_list(interventions)
-    change = torch.zeros_like(x)
+    change = torch.zeros(*x.shape[:-1], sae.cfg.d_out, dtype=x.dtype, device=x.device)
     stats = sae.input_stats(x.to(sae.W_enc.dtype))
     scale = 1.0 if stats is None else stats.std.to(x.dtype)  # decoder output is in normalised units
     codebook = sae.cfg.architecture == "codebook"
@@ -121,7 +133,7 @@ def steered_site(sae, x: Tensor, interventions: Interventions) -> Tensor:
     if any(map(is_clamp, listed)):
         f = sae.encode(x)  # [..., d_sae]
     for intervention in listed:
-        direction = sae.W_dec[intervention.latent].to(x.dtype)  # [d_in]
+        direction = sae.W_dec[intervention.latent].to(x.dtype)  # [d_out]
         if intervention.mode == "add":
             change = change + intervention.strength * direction
         elif is_clamp(intervention):
@@ -131,7 +143,7 @@ def steered_site(sae, x: Tensor, interventions: Interventions) -> Tensor:
     coded = [i for i in listed if i.mode in CODEBOOK_MODES or (i.mode == "ablate" and codebook)]
     if coded:
         change = change + _code_change(sae, x, coded) * scale
-    return x + change
+    return change
 
 
 def _code_change(sae, x: Tensor, interventions: list[Intervention]) -> Tensor:
@@ -150,28 +162,50 @@ def _code_change(sae, x: Tensor, interventions: list[Intervention]) -> Tensor:
     return (sae.W_dec[new].sum(-2) - sae.W_dec[old].sum(-2)).to(x.dtype)
 
 
-def steering_hook(sae, intervention: Interventions, skip_positions: int = 1) -> Callable:
-    """A forward hook for `sae.cfg.hookpoint`, stateful across the calls of one generation.
+def steering_hooks(sae, intervention: Interventions, skip_positions: int = 1) -> list[tuple[str, Callable]]:
+    """Forward hooks (hookpoint, hook) that steer, stateful across the calls of one generation: one at
+    the SAE's hookpoint; for a transcoder, one at its input site that computes the change and one at
+    its output site that adds it.
 
-    It counts the positions it has seen, so with the KV cache (one new position per call) it still
-    knows which absolute positions it is given and steers all but the first `skip_positions` (BOS).
+    They count the positions seen, so with the KV cache (one new position per call) they still know
+    which absolute positions they are given and steer all but the first `skip_positions` (BOS).
     A call with several positions starts a new sequence (a plain forward, or a cached generation's prompt).
     """
     intervention = check_interventions(sae, intervention)
     seen = 0
+    pending: list[tuple[int, Tensor]] = []  # a transcoder's (first, change) from input to output site
 
-    def hook(acts: Tensor, hook) -> Tensor:
+    def steer(acts: Tensor, hook) -> Tensor | None:
         nonlocal seen
         if acts.shape[1] > 1:
             seen = 0
         first = max(0, skip_positions - seen)  # positions of this call still before the skipped prefix
         seen += acts.shape[1]
-        if first >= acts.shape[1]:
-            return acts
-        x = read_site(sae, acts).to(sae.W_dec.device)
-        return write_site(sae, acts, steered_site(sae, x, intervention).to(acts.device), first)
+        x, change = None, None
+        if first < acts.shape[1]:
+            x = read_site(sae, acts).to(sae.W_dec.device)
+            change = steering_change(sae, x, intervention)
+        if sae.cfg.transcoder:
+            pending.append((first, change))
+            return None
+        return acts if change is None else write_site(sae, acts, (x + change).to(acts.device), first)
 
-    return hook
+    if not sae.cfg.transcoder:
+        return [(sae.cfg.hookpoint, steer)]
+
+    def add_at_output(acts: Tensor, hook) -> Tensor:
+        if not pending:
+            raise RuntimeError(
+                f"{sae.cfg.output_hookpoint} ran before {sae.cfg.hookpoint}: the transcoder's output site "
+                "must come after its input site"
+            )
+        first, change = pending.pop()
+        if change is None:
+            return acts
+        new = acts.to(change.device, change.dtype) + change
+        return write_output(sae, acts, new.to(acts.device), first)
+
+    return [(sae.cfg.hookpoint, steer), (output_hookpoint(sae), add_at_output)]
 
 
 @contextmanager
@@ -180,8 +214,8 @@ def steering(model, sae, intervention: Interventions | None):
     if intervention is None:
         yield
         return
-    hooks = [(sae.cfg.hookpoint, steering_hook(sae, intervention))]
-    with hookpoints_ready(model, [sae.cfg.hookpoint]), model.hooks(fwd_hooks=hooks):
+    hooks = steering_hooks(sae, intervention)
+    with hookpoints_ready(model, [name for name, _ in hooks]), model.hooks(fwd_hooks=hooks):
         yield
 
 
