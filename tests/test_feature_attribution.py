@@ -80,3 +80,19 @@ def test_attribution_patching_is_the_derivative_along_each_nodes_change(spliced,
 def test_integrated_gradients_need_a_step(spliced, task):
     with pytest.raises(ValueError, match="steps >= 1"):
         integrated_gradients_nodes(spliced, task, steps=0)
+
+
+def test_a_transcoders_nodes_add_up_to_patching_its_site(tiny_lm, task):
+    """A skip transcoder of block 0's MLP beside an SAE above it: integrated gradients over its latents
+    and its error (at the MLP's output) add up to patching it whole."""
+    from test_splice import make_transcoder
+
+    spliced = SplicedModel(tiny_lm, [make_transcoder(skip_connection=True), make_sae(RESID)])
+    effects = integrated_gradients_nodes(spliced, task, steps=32)
+    corrupt = site_values(spliced, task.corrupted_tokens)
+    clean_metric = mean_metric(spliced, task)
+    for h in spliced.hookpoints:
+        patched = mean_metric(spliced, task, {h: lambda _, h=h: corrupt[h]})
+        total = float(effects.latents[h].sum() + effects.errors[h].sum())
+        assert abs(clean_metric - patched) > 1e-3, h
+        assert total == pytest.approx(clean_metric - patched, rel=1e-2, abs=1e-4), h

@@ -137,3 +137,76 @@ def test_the_last_position_alone_gives_the_same_last_logits(tiny_lm, saes, token
     assert last.shape == (len(tokens), 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
     assert nodes[Z].latents.shape[1] == tokens.shape[1]  # every position is still spliced
+
+
+MLP_IN, MLP_OUT = "blocks.0.mlp.hook_in", "blocks.0.mlp.hook_out"
+
+
+def make_transcoder(seed: int = 3, **overrides) -> SparseAutoencoder:
+    return make_sae(MLP_IN, seed=seed, transcoder=True, output_hookpoint=MLP_OUT, **overrides)
+
+
+def test_a_transcoder_replaces_its_output_site_with_prediction_plus_error(tiny_lm, saes, tokens):
+    """Latents from the MLP's input, error and gradient at its output, beside SAEs above and below it."""
+    transcoder = make_transcoder(skip_connection=True)
+    spliced = SplicedModel(tiny_lm, [transcoder, saes[0], saes[1]])
+    captured = {}
+
+    def keep(name: str):
+        def hook(acts, hook):
+            acts = acts if acts.requires_grad else acts.detach().requires_grad_()
+            acts.retain_grad()
+            captured[name] = acts
+            return acts
+
+        return hook
+
+    with tiny_lm.hooks(fwd_hooks=[(MLP_OUT, keep(MLP_OUT)), ("blocks.0.hook_resid_pre", keep("embedded"))]):
+        clean = tiny_lm(tokens)
+        clean[:, -1, 7].sum().backward()
+    logits, nodes = spliced.run(tokens)
+    torch.testing.assert_close(logits, clean, atol=1e-5, rtol=1e-5)
+    site = nodes[MLP_IN]
+    assert site.latents.shape == (*tokens.shape, 64) and site.error.shape == (*tokens.shape, 32)
+    with tiny_lm.hooks(fwd_hooks=[(MLP_IN, keep(MLP_IN))]), torch.no_grad():
+        tiny_lm(tokens)
+    torch.testing.assert_close(site.latents, transcoder.encode(captured[MLP_IN]))
+
+    logits[:, -1, 7].sum().backward()
+    torch.testing.assert_close(site.error.grad[:, 1:], captured[MLP_OUT].grad[:, 1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(site.latents.grad, site.error.grad @ transcoder.W_dec.T, atol=1e-6, rtol=1e-5)
+    embedding_grad = captured["embedded"].grad
+    with tiny_lm.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", keep("embedded"))]):
+        again, _ = spliced.run(tokens)
+        again[:, -1, 7].sum().backward()
+    torch.testing.assert_close(captured["embedded"].grad, embedding_grad, atol=1e-5, rtol=1e-4)
+
+    with torch.no_grad():  # the prediction alone, without its error, moves the logits
+        moved, _ = spliced.run(tokens, {MLP_IN: lambda s: SiteNodes(s.latents, torch.zeros_like(s.error))})
+    assert not torch.allclose(moved, clean, atol=1e-3)
+
+    logits, leaves, computed = spliced.run_connected(tokens)
+    torch.testing.assert_close(logits, clean, atol=1e-5, rtol=1e-5)
+    assert list(leaves) == [MLP_IN, RESID, Z]  # in the order the forward completes them
+    downstream = computed[RESID].latents[:, 1:].sum()  # depends on the transcoder's leaves, not on RESID's
+    downstream.backward()
+    assert leaves[MLP_IN].latents.grad.abs().sum() > 0 and leaves[RESID].latents.grad is None
+
+
+def test_transcoder_sites_that_clash_or_do_not_fit_are_named(tiny_lm):
+    with pytest.raises(ValueError, match="one SAE per hookpoint"):
+        SplicedModel(tiny_lm, [make_transcoder(), make_sae(MLP_OUT)])
+    wide = SparseAutoencoder.from_config(
+        SAEConfig(
+            "topk",
+            d_in=32,
+            d_sae=64,
+            k=4,
+            d_out=48,
+            transcoder=True,
+            hookpoint=MLP_IN,
+            output_hookpoint=MLP_OUT,
+        )
+    )
+    with pytest.raises(ValueError, match=r"writes d_out=48 but blocks\.0\.mlp\.hook_out has width 32"):
+        SplicedModel(tiny_lm, [wide])

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from sae.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from sae.model import SparseAutoencoder
+from sae.sites import output_hookpoint
 
 from .feature_attribution import NodeEffects, node_effects, patching_check, site_values
 from .feature_circuit import ERROR, Node, curves, ranked_nodes, raw_basis
@@ -81,7 +83,7 @@ def write_feature_circuit(options) -> dict:
             f"curves ({ablation})", curves, spliced, task, effects, sizes, ablation, options.random_draws
         ).as_dict()
     if options.raw_basis:
-        raw = SplicedModel(model, [raw_basis(s.cfg.hookpoint, s.cfg.d_in, s.cfg.hook_layout) for s in saes])
+        raw = SplicedModel(model, [raw_basis_of(s) for s in saes])
         raw_effects = timed("raw-basis nodes", node_effects, raw, task, options.method, options.steps)
         for ablation in options.ablations:
             report["raw_basis_curves"][ablation] = timed(
@@ -228,3 +230,10 @@ def curves_png(report: dict, title: str) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def raw_basis_of(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """The raw-basis control for `sae`: the dimensions of the site it writes (a transcoder's output site)."""
+    if sae.cfg.transcoder:
+        return raw_basis(output_hookpoint(sae), sae.cfg.d_out)
+    return raw_basis(sae.cfg.hookpoint, sae.cfg.d_in, sae.cfg.hook_layout)
