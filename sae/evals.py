@@ -6,6 +6,12 @@ the hookpoint zero-ablated. From them: CE loss of each, CE loss recovered
 of the next-token distributions; from the clean activations: FVU, L0 and the latent densities
 (dead: never fired on these tokens; dense: fired on more than `dense_threshold` of them).
 
+AFA (Lee et al. 2025): with quasi-orthogonal decoder rows, the approximate feature activation
+√Σ_i (f_i ‖d_i‖)² matches the norm of what the latents write, ‖t‖ with t the target less b_dec (and
+less the skip path; in normalised units for input-norm SAEs). `afa_ratio` is the mean of AFA / ‖t‖ over
+tokens (1: the active rows behave as orthogonal; above 1: they cancel; below: they add up),
+`afa_error` the mean of |AFA − ‖t‖| / ‖t‖. Tokens with t = 0 are left out of both.
+
 A transcoder reads its input site and its prediction replaces its output site (the MLP's output, say):
 FVU is of the output site, and the zero-ablation zeroes that site (the MLP removed).
 
@@ -41,6 +47,8 @@ class EvalResult:
     l0: float
     dead_fraction: float
     dense_fraction: float
+    afa_ratio: float
+    afa_error: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -56,6 +64,8 @@ class _Totals:
         self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.sum_x2 = 0.0
         self.fires = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.afa_ratio = self.afa_error = 0.0
+        self.afa_tokens = 0
 
     def fvu(self) -> float:
         """Squared error over total variance (variance around the mean activation of these tokens)."""
@@ -119,6 +129,8 @@ def evaluate(
         l0=totals.l0 / totals.tokens,
         dead_fraction=(density == 0).double().mean().item(),
         dense_fraction=(density > dense_threshold).double().mean().item(),
+        afa_ratio=totals.afa_ratio / totals.afa_tokens if totals.afa_tokens else float("nan"),
+        afa_error=totals.afa_error / totals.afa_tokens if totals.afa_tokens else float("nan"),
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -177,6 +189,33 @@ def _add_batch(totals: _Totals, model, sae, tokens: torch.Tensor, first: int) ->
     fired = f != 0
     totals.l0 += fired.sum().item()
     totals.fires += fired.sum(0)
+    afa, written = (
+        approximate_feature_activation(sae, f),
+        decoder_target(sae, x, target[:, first:]).norm(dim=-1),
+    )
+    afa, written = afa.flatten().double(), written.flatten().double()
+    some = written > 0
+    ratio = afa[some] / written[some]
+    totals.afa_ratio += ratio.sum().item()
+    totals.afa_error += (ratio - 1).abs().sum().item()
+    totals.afa_tokens += int(some.sum())
+
+
+def approximate_feature_activation(sae, f: torch.Tensor) -> torch.Tensor:
+    """f [..., d_sae] -> AFA [...]: √Σ_i (f_i ‖d_i‖)², what ‖Σ_i f_i d_i‖ would be with orthogonal rows."""
+    return (f.float() * sae.W_dec.float().norm(dim=-1)).pow(2).sum(-1).sqrt()
+
+
+def decoder_target(sae, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """What the latents have to write, in decoder units: target [..., d_out] (x itself for SAEs) less the
+    skip path and b_dec, normalised as the input is for input-norm SAEs. x [..., d_in]."""
+    t = target.float()
+    if sae.cfg.skip_connection:
+        t = t - x.float() @ sae.W_skip.float().T
+    stats = sae.input_stats(x.float())
+    if stats is not None:
+        t = (t - stats.mean) / stats.std
+    return t - sae.b_dec.float()
 
 
 def save_density_histogram(density: torch.Tensor, path: str | Path, title: str = "") -> None:
@@ -222,6 +261,8 @@ def format_report(result: EvalResult) -> str:
         ("L0", f"{result.l0:.1f}"),
         ("dead latents", f"{result.dead_fraction:.2%}"),
         ("dense latents", f"{result.dense_fraction:.2%}"),
+        ("AFA / norm written (1 = orthogonal)", f"{result.afa_ratio:.3f}"),
+        ("AFA relative error", f"{result.afa_error:.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

@@ -47,6 +47,8 @@ def test_exact_reconstruction_changes_nothing(tiny_lm, batches, tmp_path):
         and result.dead_fraction == 0
         and result.dense_fraction > 0.9
     )
+    # orthogonal decoder rows: AFA is the norm written, exactly
+    assert result.afa_ratio == pytest.approx(1.0, abs=1e-5) and result.afa_error == pytest.approx(0, abs=1e-5)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["ce_loss_clean"] == result.ce_loss_clean
     assert (tmp_path / "feature_density.png").read_bytes()[:4] == b"\x89PNG"
@@ -119,3 +121,27 @@ def test_transcoder_is_spliced_at_its_output_site(tiny_lm, batches):
     no_output = _sae("blocks.0.mlp.hook_in", D_MODEL, "zero", transcoder=True)
     with pytest.raises(ValueError, match="names no output_hookpoint"):
         evaluate(tiny_lm, no_output, batches, progress=False)
+
+
+def test_afa_departs_from_the_norm_written_when_rows_are_not_orthogonal():
+    """Two latents of 1 on the same unit row write a norm of 2; AFA says √2. A skip transcoder's target
+    is what remains after its skip path and b_dec."""
+    from sae.evals import approximate_feature_activation, decoder_target
+
+    cfg = SAEConfig(architecture="topk", d_in=2, d_sae=2, k=2, transcoder=True, skip_connection=True)
+    e1 = torch.tensor([1.0, 0.0])
+    model = SparseAutoencoder.from_tensors(
+        cfg,
+        {
+            "W_enc": torch.eye(2),
+            "b_enc": torch.zeros(2),
+            "W_dec": torch.stack([e1, e1]),
+            "b_dec": torch.tensor([0.5, 0.0]),
+            "W_skip": torch.eye(2),
+        },
+    )
+    f = torch.tensor([[1.0, 1.0]])
+    x = torch.tensor([[3.0, 4.0]])
+    y = model.decode(f) + x  # written 2 e1, plus b_dec, plus the skip path
+    assert approximate_feature_activation(model, f).item() == pytest.approx(2**0.5)
+    assert decoder_target(model, x, y).norm(dim=-1).item() == pytest.approx(2.0)
