@@ -186,6 +186,8 @@ def test_gemma_skip_transcoder_of_an_mlp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ev = json.loads((tmp_path / "out" / "report.json").read_text())["eval"]
     # removing this MLP costs little (0.08 nats on 8k tokens), so the splice is judged by FVU and KL
-    # (measured after these 16k tokens: 0.42, 0.11)
-    assert ev["fvu"] < 0.6 and ev["kl_clean_spliced"] < 0.3 and ev["l0"] == pytest.approx(32, abs=0.5)
+    # (measured after these 16k tokens: 0.42, 0.11). The L0 is not k here: while the skip takes over the
+    # linear part in the first steps, most of the top 32 pre-activations fall below zero (L0 2.0 after
+    # 15 steps; 31.6 after 1M tokens in studies/transcoders).
+    assert ev["fvu"] < 0.6 and ev["kl_clean_spliced"] < 0.3 and 0 < ev["l0"] <= 32
     assert ev["ce_loss_zero_ablation"] > ev["ce_loss_clean"]
