@@ -154,13 +154,17 @@ class Objective:
     def topafa(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """Lee et al. 2025: f = ReLU((x - b_dec) W_enc), no encoder bias; each token keeps the fewest
         latents whose norm comes closest to ‖x - b_dec‖ (`activations.top_afa`), among its k largest
-        when the SAE has a cap k. Loss: FVU + AuxK + c · d_in · mean((‖f‖ - ‖x‖)²) / Var(x), their
-        mean squared error plus c · mean((‖f‖ - ‖x‖)²) rescaled as our FVU is. No transcoders (y is x)."""
+        when the SAE has a cap k. Loss: FVU + AuxK + c · d_in · mean((‖f‖ - ‖x - b_dec‖)²) / Var(x),
+        their mean squared error plus c · mean((‖f‖ - ‖x - b_dec‖)²) rescaled as our FVU is. No
+        transcoders (y is x). Their code matches ‖f‖ to ‖x‖ on inputs normalised per token; on a residual
+        stream with a large mean (Gemma 3's) that target drove L0 to 1 and FVU to 6, so ‖f‖ is matched to
+        the same centred norm the selection uses."""
         cfg = sae.cfg  # b_enc stays zero: the trainer never trains it (trainer.LEARNT_BY_RULE)
         candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead)
-        code = top_afa(candidates, sae.W_dec.norm(dim=-1), (x - sae.b_dec).norm(dim=-1).detach())
+        target = (x - sae.b_dec).norm(dim=-1).detach()  # [tokens]
+        code = top_afa(candidates, sae.W_dec.norm(dim=-1), target)
         loss, terms, variance = self._reconstruction(sae, y, self._output_base(sae, x), code, aux)
-        norm_gap = (code.values.norm(dim=-1) - x.norm(dim=-1)).pow(2).mean()
+        norm_gap = (code.values.norm(dim=-1) - target).pow(2).mean()
         terms["afa"] = norm_gap * cfg.d_in * len(x) / variance
         loss = loss + self.cfg.afa_coefficient * terms["afa"]
         if cfg.k is not None:

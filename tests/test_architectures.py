@@ -177,3 +177,17 @@ def test_threshold_architectures_export_to_saelens_jumprelu(trained, planted, ar
 def test_top_afa_refuses_an_export_that_would_change_it(trained, tmp_path):
     with pytest.raises(ValueError, match="architecture 'topafa'"):
         export_saelens(trained["topafa"], tmp_path / "afa")
+
+
+def test_top_afa_matches_norms_after_removing_the_mean(trained, planted, tmp_path):
+    """A residual stream's large mean (Gemma 3's) is b_dec's to carry: top-AFA matches ‖f‖ to ‖x - b_dec‖,
+    so shifting every input by a vector 10x their typical norm leaves its L0 and FVU near those of the
+    unshifted data (matching ‖f‖ to ‖x‖ instead gave L0 1.0 and FVU 3.5 here)."""
+    x, held_out, _ = planted
+    gen = torch.Generator().manual_seed(0)
+    offset = 10 * x.norm(dim=-1).mean() * torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    cfg = sae.SAEConfig(architecture="topafa", d_in=D, d_sae=D_SAE, k=32)
+    shifted = sae.Trainer([cfg], sae.TrainConfig(batch_size=1024, out_dir=str(tmp_path))).fit(x + offset)[0]
+    plain = trained["topafa"]
+    assert fvu(shifted, held_out + offset) < fvu(plain, held_out) + 0.3
+    assert l0(shifted, held_out + offset) > l0(plain, held_out) / 2
