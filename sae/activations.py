@@ -54,8 +54,10 @@ def compact(code: SparseCode, mask: Tensor) -> SparseCode:
 
 
 class JumpReLU(torch.autograd.Function):
-    """f = pre * H(pre - θ): [tokens, d_sae], θ [d_sae]. Backward: exact for pre; for θ the
-    straight-through estimate -θ/ε K((pre - θ)/ε) with the rectangle kernel K = 1 on (-1/2, 1/2)."""
+    """f = pre * H(pre - θ) for pre-activations and thresholds of one shape ([nnz], an entry's latent's θ)
+    or θ [d_sae] broadcast over pre [tokens, d_sae]. Backward: exact for pre; for θ the straight-through
+    estimate -θ/ε K((pre - θ)/ε) with the rectangle kernel K = 1 on (-1/2, 1/2), so only entries within
+    ε/2 of their threshold reach it (what lets training keep only those and the active ones)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -67,12 +69,12 @@ class JumpReLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        grad_threshold = -(threshold / ctx.bandwidth) * (near * grad).sum(0)
+        grad_threshold = (-(threshold / ctx.bandwidth) * near * grad).sum_to_size(threshold.shape)
         return grad * (pre > threshold), grad_threshold, None
 
 
 class Step(torch.autograd.Function):
-    """H(pre - θ): [tokens, d_sae] (the L0 count). Backward reaches θ only: -1/ε K((pre - θ)/ε)."""
+    """H(pre - θ), shapes as `JumpReLU` (the L0 count). Backward reaches θ only: -1/ε K((pre - θ)/ε)."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -84,4 +86,4 @@ class Step(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         pre, threshold = ctx.saved_tensors
         near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        return None, -(near * grad).sum(0) / ctx.bandwidth, None
+        return None, (-near * grad / ctx.bandwidth).sum_to_size(threshold.shape), None

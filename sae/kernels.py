@@ -11,6 +11,11 @@ A k-sparse code is a pair `values, indices: [tokens, k]` over `d_sae` latents. O
 | dL/dW_enc = (dL/dpre)^T @ x      | d_sae * d_in | CSR (latent-major) @ dense: k * d_in              |
 | dL/db_dec (through the encoder)  | d_sae * d_in | -(dL/db_enc) @ W_enc, once per batch              |
 
+A ragged code (`RaggedCode`: the entries of every token back to back, CSR order) serves the rules
+that keep a varying number of latents per token (JumpReLU's threshold, batch top-k): `encode_above`
+keeps the pre-activations above a per-latent cutoff and `ragged_decode` decodes them, with the same
+sparse backward as above at nnz = Σ_tokens (entries of that token) instead of tokens * k.
+
 The sparse ops used here exist on CPU and CUDA alike, so the same code runs on both.
 `dense_topk_encode` and `dense_decode` are the plain-PyTorch references the tests compare against.
 """
@@ -33,37 +38,75 @@ class SparseCode(NamedTuple):
     indices: Tensor  # [tokens, k] latent ids, int64
 
 
+class RaggedCode(NamedTuple):
+    """A code with a varying number of entries per token: token n's are [offsets[n], offsets[n + 1])."""
+
+    values: Tensor  # [nnz] activations
+    indices: Tensor  # [nnz] latent ids, int64
+    offsets: Tensor  # [tokens + 1] int64, offsets[0] = 0 and offsets[-1] = nnz
+
+    @property
+    def tokens(self) -> int:
+        return len(self.offsets) - 1
+
+    def token_ids(self) -> Tensor:
+        """[nnz] the token of each entry."""
+        counts = self.offsets.diff()
+        return torch.repeat_interleave(torch.arange(self.tokens, device=counts.device), counts)
+
+    @classmethod
+    def from_mask(cls, code: SparseCode, mask: Tensor) -> RaggedCode:
+        """The entries of a [tokens, c] code where mask [tokens, c] holds (gradients reach only those)."""
+        offsets = torch.zeros(len(mask) + 1, dtype=torch.int64, device=mask.device)
+        offsets[1:] = mask.sum(-1).cumsum(0)
+        return cls(code.values[mask], code.indices[mask], offsets)
+
+
 def latent_major(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
-    """The code as a CSR matrix [d_sae, tokens] (one row per latent), ready for `csr @ dense`.
+    """A [tokens, k] code as a CSR matrix [d_sae, tokens] (one row per latent), ready for `csr @ dense`.
 
     Transposing a token-major code needs one sort of its tokens * k latent ids; a stable sort keeps
     the result, and so every gradient, deterministic. Sorting them as int32 is ~3x faster on CPU.
     """
     tokens, k = indices.shape
-    flat = indices.flatten()
-    narrow = max(d_sae, flat.numel()) < 2**31
-    index_dtype = torch.int32 if narrow else torch.int64
-    order = flat.to(index_dtype).sort(stable=True).indices
-    token_ids = order.div(k, rounding_mode="floor").to(index_dtype)
-    crow = torch.zeros(d_sae + 1, dtype=index_dtype, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
-    return torch.sparse_csr_tensor(
-        crow, token_ids, values.flatten()[order], (d_sae, tokens), check_invariants=False
+    return _by_latent(
+        indices.flatten(), values.flatten(), d_sae, tokens, lambda order: order.div(k, rounding_mode="floor")
     )
 
 
-def sampled_row_dots(left: Tensor, right: Tensor, indices: Tensor) -> Tensor:
-    """out[n, j] = left[n] . right[indices[n, j]]: [tokens, d] x [d_sae, d] x [tokens, k] -> [tokens, k]."""
-    tokens, k = indices.shape
-    crow = torch.arange(0, tokens * k + 1, k, device=indices.device)
+def ragged_latent_major(code: RaggedCode, d_sae: int) -> Tensor:
+    """A ragged code as a CSR matrix [d_sae, tokens], as `latent_major`."""
+    token_ids = code.token_ids()
+    return _by_latent(code.indices, code.values, d_sae, code.tokens, lambda order: token_ids[order])
+
+
+def _by_latent(flat: Tensor, values: Tensor, d_sae: int, tokens: int, token_of) -> Tensor:
+    """flat [nnz] latent ids, values [nnz], token_of(order) -> the tokens of the entries in that order."""
+    narrow = max(d_sae, flat.numel(), tokens) < 2**31
+    index_dtype = torch.int32 if narrow else torch.int64
+    order = flat.to(index_dtype).sort(stable=True).indices
+    crow = torch.zeros(d_sae + 1, dtype=index_dtype, device=flat.device)
+    crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+    return torch.sparse_csr_tensor(
+        crow, token_of(order).to(index_dtype), values[order], (d_sae, tokens), check_invariants=False
+    )
+
+
+def sampled_row_dots(left: Tensor, right: Tensor, indices: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """out[e] = left[token of e] . right[indices[e]] for every entry e of a code: [tokens, d] x [d_sae, d]
+    x indices [tokens, k] -> [tokens, k]; with a ragged code's offsets, indices [nnz] -> [nnz]."""
+    tokens = len(left)
+    if offsets is None:
+        k = indices.shape[1]
+        offsets = torch.arange(0, tokens * k + 1, k, device=indices.device)
     pattern = torch.sparse_csr_tensor(
-        crow,
+        offsets,
         indices.flatten(),
-        torch.zeros(tokens * k, dtype=left.dtype, device=left.device),
+        torch.zeros(indices.numel(), dtype=left.dtype, device=left.device),
         (tokens, right.shape[0]),
         check_invariants=False,
     )
-    return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values().view(tokens, k)
+    return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values().view(indices.shape)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -89,6 +132,33 @@ class SparseDecode(torch.autograd.Function):
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """[tokens, k], [tokens, k], [d_sae, d_in] -> [tokens, d_in], with a sparse backward."""
     return SparseDecode.apply(values, indices, W_dec)
+
+
+class RaggedDecode(torch.autograd.Function):
+    """x_hat[n] = sum over token n's entries e of values[e] * W_dec[indices[e]], as `SparseDecode`."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, offsets, W_dec)
+        return F.embedding_bag(
+            indices, W_dec, offsets, per_sample_weights=values, mode="sum", include_last_offset=True
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, indices, offsets, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_values = grad_W_dec = None
+        if ctx.needs_input_grad[0]:
+            grad_values = sampled_row_dots(grad_out, W_dec, indices, offsets)
+        if ctx.needs_input_grad[3]:
+            grad_W_dec = ragged_latent_major(RaggedCode(values, indices, offsets), W_dec.shape[0]) @ grad_out
+        return grad_values, None, None, grad_W_dec
+
+
+def ragged_decode(code: RaggedCode, W_dec: Tensor) -> Tensor:
+    """A ragged code over W_dec [d_sae, d_out] -> [tokens, d_out], with a sparse backward."""
+    return RaggedDecode.apply(code.values, code.indices, code.offsets, W_dec)
 
 
 def top_k(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -192,14 +262,20 @@ class TopKEncode(torch.autograd.Function):
         grad_x = grad_pre_bias = grad_W = grad_b = None
         if needs_x:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad_pre, mode="sum")
-        if needs_W:
-            grad_W = latent_major(indices, grad_pre, W_enc.shape[0]) @ x_c
+        if needs_W:  # only the entries with a gradient: batch top-k passes none to 3/4 of its candidates
+            with_grad = RaggedCode.from_mask(SparseCode(grad_pre, indices), grad_pre != 0)
+            grad_W = ragged_latent_major(with_grad, W_enc.shape[0]) @ x_c
         if needs_b or needs_pre_bias:
-            grad_b = torch.zeros(W_enc.shape[0], dtype=grad_pre.dtype, device=grad_pre.device)
-            grad_b.index_add_(0, indices.flatten(), grad_pre.flatten())
-            if needs_pre_bias:
-                grad_pre_bias = -(grad_b @ W_enc)
+            grad_b, grad_pre_bias = _bias_grads(indices.flatten(), grad_pre.flatten(), W_enc, needs_pre_bias)
         return grad_x, grad_pre_bias, grad_W, grad_b, None, None, None, None, None
+
+
+def _bias_grads(latents: Tensor, grad_pre: Tensor, W_enc: Tensor, needs_pre_bias: bool):
+    """dL/db_enc [d_sae] from the gradients grad_pre [nnz] at the entries' latents [nnz], and dL/dpre_bias
+    [d_in] = -(dL/db_enc) @ W_enc (pre = (x - pre_bias) W_enc^T + b_enc), or None."""
+    grad_b = torch.zeros(W_enc.shape[0], dtype=grad_pre.dtype, device=grad_pre.device)
+    grad_b.index_add_(0, latents, grad_pre)
+    return grad_b, (-(grad_b @ W_enc) if needs_pre_bias else None)
 
 
 def topk_encode(
@@ -221,6 +297,72 @@ def topk_encode(
     )
     aux = SparseCode(outs[2], outs[3]) if k_aux else None
     return SparseCode(outs[0], outs[1]), aux
+
+
+class EncodeAbove(torch.autograd.Function):
+    """The pre-activations above a per-latent cutoff, as a ragged code (JumpReLU's active and near-threshold
+    entries). pre = (x - pre_bias) @ W_enc^T + b_enc runs densely in `compute_dtype` a chunk of tokens at a
+    time, as in `TopKEncode`; only the nnz kept entries are stored, and the backward is sparse over them:
+    dW_enc = S^T @ (x - pre_bias) with S the latent-major CSR of the gradients, db_enc a scatter-add."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: Tensor,  # [tokens, d_in]
+        pre_bias: Tensor | None,  # [d_in]
+        W_enc: Tensor,  # [d_sae, d_in]
+        b_enc: Tensor,  # [d_sae]
+        cutoff: Tensor,  # [d_sae]: entries with pre > cutoff are kept
+        compute_dtype: torch.dtype,
+    ):
+        x_c = x if pre_bias is None else x - pre_bias
+        tokens, d_sae = len(x), W_enc.shape[0]
+        x_low, W_low_t, b_low = x_c.to(compute_dtype), W_enc.to(compute_dtype).T, b_enc.to(compute_dtype)
+        step = min(tokens, encoder_rows_per_chunk(d_sae, x.device))
+        pre_chunk = torch.empty(step, d_sae, dtype=compute_dtype, device=x.device)
+        values, indices, counts = [], [], []
+        for start in range(0, tokens, step):
+            rows = slice(start, min(start + step, tokens))
+            pre = torch.addmm(b_low, x_low[rows], W_low_t, out=pre_chunk[: rows.stop - start])
+            kept = pre > cutoff
+            values.append(pre[kept].to(x.dtype))
+            indices.append(kept.nonzero()[:, 1])
+            counts.append(kept.sum(-1))
+        offsets = torch.zeros(tokens + 1, dtype=torch.int64, device=x.device)
+        offsets[1:] = torch.cat(counts).cumsum(0)
+        indices = torch.cat(indices)
+        ctx.save_for_backward(x_c, W_enc, indices, offsets)
+        ctx.mark_non_differentiable(indices, offsets)
+        return torch.cat(values), indices, offsets
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, *_):
+        x_c, W_enc, indices, offsets = ctx.saved_tensors
+        needs_x, needs_pre_bias, needs_W, needs_b = ctx.needs_input_grad[:4]
+        grad_x = grad_pre_bias = grad_W = grad_b = None
+        if needs_x:
+            grad_x = F.embedding_bag(
+                indices, W_enc, offsets, per_sample_weights=grad_values, mode="sum", include_last_offset=True
+            )
+        if needs_W:
+            grad_W = ragged_latent_major(RaggedCode(grad_values, indices, offsets), W_enc.shape[0]) @ x_c
+        if needs_b or needs_pre_bias:
+            grad_b, grad_pre_bias = _bias_grads(indices, grad_values, W_enc, needs_pre_bias)
+        return grad_x, grad_pre_bias, grad_W, grad_b, None, None
+
+
+def encode_above(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    cutoff: Tensor,
+    *,
+    pre_bias: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> RaggedCode:
+    """The entries of (x - pre_bias) @ W_enc^T + b_enc above cutoff [d_sae] (not differentiated), sparse
+    backward."""
+    return RaggedCode(*EncodeAbove.apply(x, pre_bias, W_enc, b_enc, cutoff.detach(), compute_dtype))
 
 
 # --- dense references (tests; `TrainConfig.sparse_kernels = False`) --------------------------------
@@ -254,3 +396,26 @@ def dense_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Scatter the code into a dense [tokens, d_sae] matrix and multiply: the O(d_sae) reference."""
     dense = torch.zeros(values.shape[0], W_dec.shape[0], dtype=values.dtype, device=values.device)
     return dense.scatter_add(1, indices, values) @ W_dec
+
+
+def dense_encode_above(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    cutoff: Tensor,
+    *,
+    pre_bias: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> RaggedCode:
+    """Same contract as `encode_above`, through ordinary autograd over the dense pre-activations."""
+    x = x if pre_bias is None else x - pre_bias
+    pre = F.linear(x.to(compute_dtype), W_enc.to(compute_dtype), b_enc.to(compute_dtype))
+    kept = pre > cutoff.detach()
+    latents = torch.arange(W_enc.shape[0], device=x.device).expand_as(pre)
+    return RaggedCode.from_mask(SparseCode(pre.to(x.dtype), latents), kept)
+
+
+def dense_ragged_decode(code: RaggedCode, W_dec: Tensor) -> Tensor:
+    """Scatter the ragged code into a dense [tokens, d_sae] matrix and multiply."""
+    dense = torch.zeros(code.tokens, W_dec.shape[0], dtype=code.values.dtype, device=code.values.device)
+    return dense.index_put((code.token_ids(), code.indices), code.values, accumulate=True) @ W_dec

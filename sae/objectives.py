@@ -15,10 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import JumpReLU, Step, batch_topk_mask, compact, top_afa
+from .activations import JumpReLU, Step, batch_topk_mask, top_afa
 from .config import TrainConfig
 from .device import DTYPES
-from .kernels import SparseCode, dense_decode, dense_topk_encode, sparse_decode, topk_encode
+from .kernels import (
+    RaggedCode,
+    SparseCode,
+    dense_decode,
+    dense_encode_above,
+    dense_ragged_decode,
+    dense_topk_encode,
+    encode_above,
+    ragged_decode,
+    sparse_decode,
+    topk_encode,
+)
 from .model import SparseAutoencoder
 
 StepTerms = dict[str, Tensor]  # scalar loss terms of one step, for logging
@@ -36,6 +47,8 @@ class Objective:
         sparse = train_cfg.sparse_kernels
         self.encode = topk_encode if sparse else dense_topk_encode
         self.decode = sparse_decode if sparse else dense_decode
+        self.encode_above = encode_above if sparse else dense_encode_above
+        self.decode_ragged = ragged_decode if sparse else dense_ragged_decode
 
     def __call__(
         self,
@@ -81,13 +94,12 @@ class Objective:
         )
 
     def _reconstruction(
-        self, sae: SparseAutoencoder, y: Tensor, base: Tensor, code: SparseCode, aux: SparseCode | None
+        self, sae: SparseAutoencoder, y: Tensor, y_hat: Tensor, aux: SparseCode | None
     ) -> tuple[Tensor, StepTerms, Tensor]:
-        """FVU of the target y by the code's output (latents plus `base`, `_output_base`), plus AuxK's term
-        -> (loss, terms, variance: the FVU's denominator Σ ‖y - mean(y)‖², for the terms an architecture
-        adds)."""
+        """FVU of the target y [batch, d_out] by the output y_hat, plus AuxK's term -> (loss, terms,
+        variance: the FVU's denominator Σ ‖y - mean(y)‖², for the terms an architecture adds)."""
         variance = (y - y.mean(0)).pow(2).sum()
-        residual = y - (self.decode(code.values, code.indices, sae.W_dec) + base)
+        residual = y - y_hat
         fvu = residual.pow(2).sum() / variance
         terms, loss = {"fvu": fvu}, fvu
         if aux is not None:
@@ -106,7 +118,8 @@ class Objective:
         if self.cfg.multi_topk:  # the k largest of the 4k, gradients flowing back through the 4k code
             values, pos = wide.values.topk(k, dim=-1, sorted=False)
             code = SparseCode(values, wide.indices.gather(-1, pos))
-        loss, terms, variance = self._reconstruction(sae, y, base, code, aux)
+        y_hat = self.decode(code.values, code.indices, sae.W_dec) + base
+        loss, terms, variance = self._reconstruction(sae, y, y_hat, aux)
         if self.cfg.multi_topk:
             # Multi-TopK (Gao et al.): L(k) + L(4k)/8, so that the SAE also works at larger k.
             wide_hat = self.decode(wide.values, wide.indices, sae.W_dec) + base
@@ -115,15 +128,15 @@ class Objective:
         return loss, terms, self._fires(code, sae.cfg.d_sae)
 
     def _batch_topk(self, sae: SparseAutoencoder, x: Tensor, dead: Tensor):
-        """The k * batch largest activations of the batch, among each token's 4k largest: exact unless
-        a token would keep all 4k (logged as `capped_fraction`). Moves the inference threshold towards
-        the smallest activation kept."""
+        """The k * batch largest activations of the batch, among each token's 4k largest, as a ragged
+        code: exact unless a token would keep all 4k (logged as `capped_fraction`). Moves the inference
+        threshold towards the smallest activation kept."""
         k = sae.cfg.k
         candidates, aux = self._candidates(sae, x, CANDIDATES_PER_K * k, dead)
         kept = batch_topk_mask(candidates.values, k)
-        code = compact(candidates, kept)
+        code = RaggedCode.from_mask(candidates, kept)
         with torch.no_grad():
-            smallest = candidates.values[kept].min()
+            smallest = code.values.min()
             decay = self.cfg.threshold_decay
             unset = sae.threshold < 0  # never learnt yet: start from this batch's value
             sae.threshold.copy_(torch.where(unset, smallest, decay * sae.threshold + (1 - decay) * smallest))
@@ -132,24 +145,34 @@ class Objective:
 
     def batchtopk(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         code, aux, extra = self._batch_topk(sae, x, dead)
-        loss, terms, _ = self._reconstruction(sae, y, self._output_base(sae, x), code, aux)
-        return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
+        y_hat = self.decode_ragged(code, sae.W_dec) + self._output_base(sae, x)
+        loss, terms, _ = self._reconstruction(sae, y, y_hat, aux)
+        return loss, terms | extra, self._ragged_fires(code, sae.cfg.d_sae)
 
     def matryoshka(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """Mean over the nested prefixes m_j of the FVU of f[:m_j] W_dec[:m_j] + b_dec (Bussmann et al.
-        2025); the last prefix is the whole dictionary, whose FVU is logged as `fvu`."""
+        2025); the last prefix is the whole dictionary, whose FVU is logged as `fvu`. Each band of latents
+        [m_{j-1}, m_j) is decoded once and the prefixes' outputs are running sums of the bands, so the
+        decoder costs what one decode of the code costs, not one per prefix."""
         code, aux, extra = self._batch_topk(sae, x, dead)
-        base = self._output_base(sae, x)
-        loss, terms, variance = self._reconstruction(sae, y, base, code, aux)
-        prefix_fvus = []
-        for size in sae.cfg.prefixes[:-1]:
-            values = code.values * (code.indices < size)
-            y_hat = self.decode(values, code.indices, sae.W_dec) + base
-            prefix_fvus.append((y - y_hat).pow(2).sum() / variance)
+        token_ids = code.token_ids()
+        band_of_entry = torch.bucketize(
+            code.indices, torch.tensor(sae.cfg.prefixes, device=x.device), right=True
+        )
+        prefix_hats, y_hat = [], self._output_base(sae, x)
+        for band in range(len(sae.cfg.prefixes)):
+            in_band = band_of_entry == band
+            offsets = torch.zeros_like(code.offsets)
+            offsets[1:] = torch.bincount(token_ids[in_band], minlength=code.tokens).cumsum(0)
+            band_code = RaggedCode(code.values[in_band], code.indices[in_band], offsets)
+            y_hat = y_hat + self.decode_ragged(band_code, sae.W_dec)
+            prefix_hats.append(y_hat)
+        loss, terms, variance = self._reconstruction(sae, y, y_hat, aux)
+        prefix_fvus = [(y - hat).pow(2).sum() / variance for hat in prefix_hats[:-1]]
         prefix_loss = torch.stack([*prefix_fvus, terms["fvu"]]).mean()
         terms["prefix_fvu"] = prefix_loss
         loss = loss - terms["fvu"] + prefix_loss
-        return loss, terms | extra, self._fires(code, sae.cfg.d_sae)
+        return loss, terms | extra, self._ragged_fires(code, sae.cfg.d_sae)
 
     def topafa(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """Lee et al. 2025: f = ReLU((x - b_dec) W_enc), no encoder bias; each token keeps the fewest
@@ -163,7 +186,8 @@ class Objective:
         candidates, aux = self._candidates(sae, x, cfg.k or cfg.d_sae, dead)
         target = (x - sae.b_dec).norm(dim=-1).detach()  # [tokens]
         code = top_afa(candidates, sae.W_dec.norm(dim=-1), target)
-        loss, terms, variance = self._reconstruction(sae, y, self._output_base(sae, x), code, aux)
+        y_hat = self.decode(code.values, code.indices, sae.W_dec) + self._output_base(sae, x)
+        loss, terms, variance = self._reconstruction(sae, y, y_hat, aux)
         norm_gap = (code.values.norm(dim=-1) - target).pow(2).mean()
         terms["afa"] = norm_gap * cfg.d_in * len(x) / variance
         loss = loss + self.cfg.afa_coefficient * terms["afa"]
@@ -176,17 +200,30 @@ class Objective:
     def jumprelu(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         """‖y - ŷ‖² + λ S(f), S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖), θ learnt through
         straight-through gradients (Rajamanoharan et al. 2024). With the SAE's k set, λ follows a
-        controller, log λ += rate (L0 - k) / k, and is kept in `state`."""
-        cd, cfg, bandwidth = self.compute_dtype, self.cfg, self.cfg.jumprelu_bandwidth
-        pre = F.linear(self._encoder_input(sae, x).to(cd), sae.W_enc.to(cd), sae.b_enc.to(cd)).float().relu()
-        f = JumpReLU.apply(pre, sae.threshold, bandwidth)  # [batch, d_sae]
-        residual = y - (f @ sae.W_dec + self._output_base(sae, x))
+        controller, log λ += rate (L0 - k) / k, and is kept in `state`.
+
+        Only the entries with pre > θ - ε/2 carry any gradient (the active ones to the weights, those
+        within ε/2 of θ to θ), so the code keeps only them (`encode_above`): the decoder and every
+        gradient after the encoder matmul cost O(nnz), not O(tokens * d_sae)."""
+        cfg, bandwidth = self.cfg, self.cfg.jumprelu_bandwidth
+        code = self.encode_above(
+            x,
+            sae.W_enc,
+            sae.b_enc,
+            sae.threshold - bandwidth / 2,
+            pre_bias=sae.b_dec if sae.cfg.apply_b_dec_to_input else None,
+            compute_dtype=self.compute_dtype,
+        )
+        threshold = sae.threshold[code.indices]  # [nnz]
+        active = RaggedCode(JumpReLU.apply(code.values, threshold, bandwidth), code.indices, code.offsets)
+        residual = y - (self.decode_ragged(active, sae.W_dec) + self._output_base(sae, x))
         mse = residual.pow(2).sum(-1).mean()
-        l0 = Step.apply(pre, sae.threshold, bandwidth).sum(-1).mean()
+        l0 = Step.apply(code.values, threshold, bandwidth).sum() / len(x)
         if cfg.jumprelu_penalty == "l0":
             sparsity = l0
         else:
-            sparsity = torch.tanh(cfg.tanh_scale * f * sae.W_dec.norm(dim=1)).sum(-1).mean()
+            scaled = cfg.tanh_scale * active.values * sae.W_dec.norm(dim=1)[code.indices]
+            sparsity = torch.tanh(scaled).sum() / len(x)
         coefficient = state.setdefault("l0_coefficient", torch.tensor(cfg.l0_coefficient, device=x.device))
         loss = mse + coefficient.clone() * sparsity  # the controller updates `coefficient` in place
         if sae.cfg.k is not None:
@@ -197,7 +234,7 @@ class Objective:
                 )
         fvu = residual.pow(2).sum().detach() / (y - y.mean(0)).pow(2).sum()
         terms = {"fvu": fvu, "mse": mse, "sparsity": sparsity, "l0_coefficient": coefficient.clone()}
-        return loss, terms, (f > 0).sum(0)
+        return loss, terms, self._ragged_fires(active, sae.cfg.d_sae)
 
     def codebook(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
         cfg = sae.cfg  # no transcoders (the trainer refuses them): its codes start from input clusters
@@ -234,6 +271,10 @@ class Objective:
         return torch.bincount(
             code.indices.flatten(), weights=(code.values > 0).flatten().float(), minlength=d_sae
         )
+
+    @staticmethod
+    def _ragged_fires(code: RaggedCode, d_sae: int) -> Tensor:
+        return torch.bincount(code.indices, weights=(code.values > 0).float(), minlength=d_sae)
 
 
 # --- initialisation from data ---------------------------------------------------------------------

@@ -3,10 +3,16 @@
 import pytest
 import torch
 
+from sae.activations import JumpReLU
 from sae.kernels import (
+    RaggedCode,
     dense_decode,
+    dense_encode_above,
+    dense_ragged_decode,
     dense_topk_encode,
+    encode_above,
     encoder_rows_per_chunk,
+    ragged_decode,
     sparse_decode,
     top_k,
     topk_encode,
@@ -119,3 +125,46 @@ def test_encoder_chunks_agree_with_dense_reference():
         assert torch.allclose(
             got.values.gather(1, order_got.indices), want.values.gather(1, order_want.indices)
         )
+
+
+def run_ragged(encode, decode, tokens: int = TOKENS, d_sae: int = D_SAE):
+    """JumpReLU through a ragged code of the entries above θ - ε/2: outputs and every gradient."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, D_IN, generator=g).requires_grad_()
+    W_enc = torch.randn(d_sae, D_IN, generator=g).requires_grad_()
+    b_enc = torch.randn(d_sae, generator=g).requires_grad_()
+    W_dec = torch.randn(d_sae, D_IN, generator=g).requires_grad_()
+    b_dec = torch.randn(D_IN, generator=g).requires_grad_()
+    threshold = (torch.rand(d_sae, generator=g) * 8).requires_grad_()
+    code = encode(x, W_enc, b_enc, threshold - 0.5, pre_bias=b_dec)
+    active = RaggedCode(JumpReLU.apply(code.values, threshold[code.indices], 1.0), code.indices, code.offsets)
+    x_hat = decode(active, W_dec) + b_dec
+    (x - x_hat).pow(2).sum().backward()
+    grads = [x.grad, W_enc.grad, b_enc.grad, W_dec.grad, b_dec.grad, threshold.grad]
+    return [x_hat.detach(), code.offsets, *grads]
+
+
+def test_ragged_kernels_match_dense_reference():
+    sparse, dense = (
+        run_ragged(encode_above, ragged_decode),
+        run_ragged(dense_encode_above, dense_ragged_decode),
+    )
+    assert torch.equal(sparse[1], dense[1]), "the same entries are kept"
+    assert 0 < sparse[1][-1] < TOKENS * D_SAE / 2, "the test keeps some entries, not all"
+    names = ["x_hat", "offsets", "dx", "dW_enc", "db_enc", "dW_dec", "db_dec", "dthreshold"]
+    for name, s, d in zip(names, sparse, dense):
+        assert rel_err(s.float(), d.float()) < 1e-5, name
+
+
+def test_ragged_encoder_spans_chunks_and_tokens_without_entries():
+    d_sae = 1 << 14
+    tokens = 2 * encoder_rows_per_chunk(d_sae, torch.device("cpu")) + 5
+    x, W, b = torch.randn(tokens, 4), torch.randn(d_sae, 4), torch.zeros(d_sae)
+    x[7] = 0.0  # no pre-activation above the cutoff
+    code = encode_above(x, W, b, torch.full((d_sae,), 3.0))
+    want = dense_encode_above(x, W, b, torch.full((d_sae,), 3.0))
+    assert code.offsets[8] == code.offsets[7] and torch.equal(code.offsets, want.offsets)
+    assert torch.equal(code.indices, want.indices) and torch.allclose(code.values, want.values)
+    # against the dense JumpReLU over [tokens, d_sae]: the ragged decode gives the same output
+    dense_f = JumpReLU.apply(x @ W.T, torch.full((d_sae,), 3.0), 1.0)
+    torch.testing.assert_close(ragged_decode(code, W), dense_f @ W, rtol=1e-5, atol=1e-4)

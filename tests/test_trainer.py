@@ -90,9 +90,10 @@ def test_bf16_matches_fp32_quality(data, tmp_path):
     assert abs(fvus["bfloat16"] - fvus["float32"]) / fvus["float32"] < 0.01, fvus
 
 
-def test_sparse_and_dense_training_paths_agree(data, tmp_path):
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_sparse_and_dense_training_paths_agree(data, tmp_path, architecture):
     x = data[0]
-    cfg = sae.SAEConfig(architecture="topk", d_in=64, d_sae=512, k=5)
+    cfg = sae.SAEConfig(architecture=architecture, d_in=64, d_sae=512, k=5)
     kw = {"compute_dtype": "float32", "total_tokens": 20 * 1024, "dead_after_tokens": 4096}  # AuxK active too
     sparse = fit(x, tmp_path / "s", cfg, sparse_kernels=True, **kw)[0]
     dense = fit(x, tmp_path / "d", cfg, sparse_kernels=False, **kw)[0]
