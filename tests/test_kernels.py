@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sae import kernels
 from sae.activations import JumpReLU
 from sae.kernels import (
     RaggedCode,
@@ -144,7 +145,10 @@ def run_ragged(encode, decode, tokens: int = TOKENS, d_sae: int = D_SAE):
     return [x_hat.detach(), code.offsets, *grads]
 
 
-def test_ragged_kernels_match_dense_reference():
+@pytest.mark.parametrize("dense_above", [2.0, 0.0], ids=["ragged", "dense"])
+def test_ragged_kernels_match_dense_reference(dense_above, monkeypatch):
+    """Both ways `ragged_decode` and `encode_above` compute: over the entries, and through dense matmuls."""
+    monkeypatch.setattr(kernels, "DENSE_ABOVE", dense_above)
     sparse, dense = (
         run_ragged(encode_above, ragged_decode),
         run_ragged(dense_encode_above, dense_ragged_decode),
