@@ -357,6 +357,17 @@ def test_ioi_prompts_on_a_word_tokenizer():
     assert task.good_tokens.tolist() == [[tok.convert_tokens_to_ids("Mary")]]
 
 
+def test_induction_draws_no_special_token():
+    """A toy's word-level tokenizer puts <unk> after the words and the model's embedding may be wider than
+    the tokenizer: neither <bos>, <unk> nor the untokenizable ids may be drawn (all were, from ids 100 on)."""
+    words = [f"t{i}" for i in range(30)]
+    tok = word_tokenizer(words)  # <bos> 0, <unk> 1, t0.. 2..31
+    tok.add_special_tokens({"additional_special_tokens": ["<ret>"]})  # id 32
+    ids = tasks.ordinary_token_ids(tok, d_vocab=40)
+    assert ids == list(range(2, 32))
+    assert tasks.ordinary_token_ids(None, d_vocab=40) == list(range(40))
+
+
 def test_induction_task_shapes():
     task = tasks.induction(list(range(1, 41)), n=5, half=10, query=6, bos=0)
     assert task.clean_tokens.shape == (5, 17)

@@ -462,9 +462,10 @@ def _node_name(node) -> str:
 
 def cli_check(directory: Path, args, seed: int, truth: torch.Tensor) -> dict:
     """`sae-analyze feature-circuit --task induction` itself on the toy and the SAEs of `seed`. Its task is
-    `build_task("induction")`, which draws tokens from ids 100..d_vocab-1: on the toy (130 ids) that is
-    30 tokens, <unk> (id 129, never trained) among them. -> its task check, its hook_z head estimates'
-    AUC against this study's ground truth, and its seconds."""
+    `build_task("induction")`, which drew tokens from ids 100..d_vocab-1 when the README's figures were
+    measured: on the toy (130 ids) 30 tokens, <unk> (id 129, never trained) among them; it now leaves out
+    special tokens. -> its task check, its hook_z head estimates' AUC against this study's ground truth,
+    and its seconds."""
     from sae.analysis.circuits.tasks import build_task
     from sae.cli.analyze import main as sae_analyze
 

@@ -455,6 +455,17 @@ def docstring(tokenizer, n: int, seed: int = 0) -> Task:
     )
 
 
+def ordinary_token_ids(tokenizer, d_vocab: int, limit: int = 20_000) -> list[int]:
+    """The first `limit` ids of the model's vocabulary that are neither special nor added tokens (Gemma's
+    <pad>, <unusedN>, <start_of_turn>, ..., a toy's <unk>) and that the tokenizer knows (a model's
+    embedding may be wider than its tokenizer's vocabulary); every id below d_vocab without a tokenizer."""
+    if tokenizer is None:
+        return list(range(min(d_vocab, limit)))
+    excluded = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    known = min(d_vocab, len(tokenizer))
+    return [i for i in range(known) if i not in excluded][:limit]
+
+
 TASK_NAMES = ("ioi", "greater_than", "greater_than_digits", "docstring", "induction")
 
 
@@ -470,8 +481,7 @@ def build_task(name: str, model, n: int, seed: int = 0) -> Task:
     if name == "docstring":
         return docstring(model.tokenizer, n, seed)
     if name == "induction":
-        # ordinary vocabulary ids (past the special tokens at the start)
-        vocab = list(range(100, min(model.cfg.d_vocab, 20_000)))
+        vocab = ordinary_token_ids(model.tokenizer, model.cfg.d_vocab)
         bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
         return induction(vocab, n, bos=bos, seed=seed)
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
