@@ -178,7 +178,9 @@ class TrainConfig:
     """JumpReLU's λ, on the per-token squared error of inputs scaled to E‖x‖ = √d_in; where the SAE's k is
     set it is only the starting value, which the controller moves until L0 reaches k."""
     l0_controller_rate: float = 0.1
-    """JumpReLU with k: each step log λ += rate * (L0 - k) / k."""
+    """JumpReLU with k: each step log λ += rate * (L0 - k) / k. The penalty can only lower L0 below what
+    the reconstruction alone keeps, so a higher target is not reached (studies/jumprelu_l0: on Gemma 3's
+    residual stream k 32 ends at L0 27.7, k 64 at 32.4, k 16 at 8.0 after 950k tokens)."""
     threshold_lr_scale: float = 1.0
     """JumpReLU: the thresholds' learning rate as a multiple of `lr`."""
     jumprelu_bandwidth: float = 0.3

@@ -14,10 +14,12 @@ A k-sparse code is a pair `values, indices: [tokens, k]` over `d_sae` latents. O
 A ragged code (`RaggedCode`: the entries of every token back to back, CSR order) serves the rules
 that keep a varying number of latents per token (JumpReLU's threshold, batch top-k): `encode_above`
 keeps the pre-activations above a per-latent cutoff and `ragged_decode` decodes them, with the same
-sparse backward as above at nnz = Σ_tokens (entries of that token) instead of tokens * k.
+sparse backward as above at nnz (all tokens' entries) instead of tokens * k; a code with more than
+`DENSE_ABOVE` of the tokens * d_sae entries (JumpReLU early on) goes through dense matmuls instead.
 
 The sparse ops used here exist on CPU and CUDA alike, so the same code runs on both.
-`dense_topk_encode` and `dense_decode` are the plain-PyTorch references the tests compare against.
+`dense_topk_encode`, `dense_decode`, `dense_encode_above` and `dense_ragged_decode` are the plain-PyTorch
+references the tests compare against.
 """
 
 from __future__ import annotations
