@@ -99,15 +99,17 @@ class SplicedModel:
         return logits, nodes
 
     def run_connected(
-        self, tokens: Tensor, last_position: bool = False
+        self, tokens: Tensor, last_position: bool = False, extra_hooks: Sequence[tuple[str, Callable]] = ()
     ) -> tuple[Tensor, dict[str, SiteNodes], dict[str, SiteNodes]]:
         """For edges: tokens [b, t] -> logits, each site's nodes as leaves, and the same nodes as computed
         from the site's input, in the autograd graph of the nodes of earlier sites.
 
         Each site's output is rebuilt from its leaves alone (no pass-through), so a gradient from a node
         or the metric stops at the nearest spliced sites below it: ∂(computed nodes of site s)/∂(leaves of
-        site u) is the direct effect of u on s with every site in between held at its value."""
-        return self._run(tokens, {}, (), True, last_position)
+        site u) is the direct effect of u on s with every site in between held at its value.
+        `extra_hooks` as in `run` (e.g. `lrp.detached` on the norm scales and attention patterns, which
+        circuit-tracer's attribution holds constant)."""
+        return self._run(tokens, {}, extra_hooks, True, last_position)
 
     def _run(
         self,

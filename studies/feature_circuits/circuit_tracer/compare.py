@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import sae
+from sae.analysis.circuits.lrp import detached, quiet_norm_edits
 from sae.analysis.circuits.splice import SplicedModel
 from sae.lm import load_model
 
@@ -35,16 +36,16 @@ def top(values_ct: torch.Tensor, values_ours: torch.Tensor, nodes: torch.Tensor,
     ]
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    graph = torch.load("out/ct/graph.pt")
+def compare(spliced: SplicedModel, graph: dict, extra_hooks: list) -> dict:
+    """Our values for circuit-tracer's graph, the forward run with `extra_hooks`."""
     ids, adjacency = graph["ids"], graph["adjacency"]
     nodes = graph["active_features"][graph["selected_features"]]  # [n, 3]: (layer, position, feature)
     n = len(nodes)
-    model = load_model("gemma-3-270m", dtype="float32")
-    spliced = SplicedModel(model, [sae.load(f"out/ct/tc/L{layer}/final") for layer in range(LAYERS)])
     hooks = [f"blocks.{layer}.mlp.hook_in" for layer in range(LAYERS)]
-    logits, leaves, computed = spliced.run_connected(ids[None], last_position=True)
+    with quiet_norm_edits():
+        logits, leaves, computed = spliced.run_connected(
+            ids[None], last_position=True, extra_hooks=extra_hooks
+        )
     last = logits[0, -1].float()
     target = int(last.argmax())
     metric = last[target] - last.mean()  # circuit-tracer's demeaned logit
@@ -81,9 +82,23 @@ def main() -> None:
     error_grads = torch.autograd.grad(metric, errors, retain_graph=True)
     errors_ours = torch.stack([(e[0].detach() * g[0]).sum(-1) for e, g in zip(errors, error_grads)])
     out["error_to_logit_non_bos"] = agreement(errors_ours[:, 1:].flatten(), errors_ct[:, 1:].flatten())
+    return out
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    graph = torch.load("out/ct/graph.pt")
+    model = load_model("gemma-3-270m", dtype="float32")
+    spliced = SplicedModel(model, [sae.load(f"out/ct/tc/L{layer}/final") for layer in range(LAYERS)])
+    frozen = [(name, detached) for name in model.hook_dict if name.endswith(("hook_scale", "hook_pattern"))]
+    out = {
+        "gradients_through_everything": compare(spliced, graph, []),
+        "norm_scales_and_attention_patterns_frozen": compare(spliced, graph, frozen),
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "compare.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if not k.endswith("top10")}, indent=1))
+    for name, figures in out.items():
+        print(name, json.dumps({k: v for k, v in figures.items() if k.endswith(("logit", "feature", "bos"))}))
 
 
 if __name__ == "__main__":
