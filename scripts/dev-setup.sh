@@ -13,10 +13,14 @@ export PIP_CONSTRAINT="$PWD/constraints.txt"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
 
-flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-if grep -qw avx512f /proc/cpuinfo; then
-  flags="$flags -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON"
-fi
+# Each extension only where the CPU reports it: AMD EPYC (Zen 4) has avx512_vnni but not avx_vnni, and a
+# build with GGML_AVX_VNNI=ON died there with "Illegal instruction" in llama_decode.
+flags="-DGGML_NATIVE=OFF"
+for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512_vnni:AVX512_VNNI \
+  avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+  if grep -qw "${pair%%:*}" /proc/cpuinfo; then state=ON; else state=OFF; fi
+  flags="$flags -DGGML_${pair##*:}=$state"
+done
 flags="$flags -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 flags="$flags -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
 echo "building llama-cpp-python (several minutes) with: $flags"
