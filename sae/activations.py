@@ -45,14 +45,6 @@ def top_afa(candidates: SparseCode, decoder_norms: Tensor, target: Tensor) -> Sp
     return SparseCode(values * kept, indices)
 
 
-def compact(code: SparseCode, mask: Tensor) -> SparseCode:
-    """Keep only the masked entries of a code, narrowed to the most any token keeps: [tokens, c] ->
-    [tokens, max kept], zero values where a token keeps fewer (gradients pass only through kept ones)."""
-    width = max(int(mask.sum(-1).max()), 1)
-    order = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[:, :width]
-    return SparseCode((code.values * mask).gather(-1, order), code.indices.gather(-1, order))
-
-
 class JumpReLU(torch.autograd.Function):
     """f = pre * H(pre - θ) for pre-activations and thresholds of one shape ([nnz], an entry's latent's θ)
     or θ [d_sae] broadcast over pre [tokens, d_sae]. Backward: exact for pre; for θ the straight-through
