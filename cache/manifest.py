@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sae.io import atomic_write_json, sha256_file
+from sae.io import atomic_write_json, json_sha256, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "sae-toolkit activation cache"
@@ -35,6 +35,7 @@ def shard_file_name(index: int) -> str:
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    """The manifest of `cache_dir`, checked against its schema and its own checksum."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(
@@ -42,34 +43,112 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
             "(build one with python -m cache CONFIG)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheError(f"{path}: not valid JSON ({e})") from e
-    _check_manifest(manifest, path)
+    check_manifest(manifest, path)
     return manifest
 
 
 def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(Path(cache_dir) / MANIFEST, manifest)
+    """Replace the manifest atomically, with a checksum of its contents (`read_manifest` checks it)."""
+    manifest.pop(CHECKSUM_KEY, None)
+    atomic_write_json(Path(cache_dir) / MANIFEST, {**manifest, CHECKSUM_KEY: json_sha256(manifest)})
 
 
-def _check_manifest(manifest: Any, path: Path) -> None:
-    """The manifest's own consistency: required keys, and totals that agree with the shard list."""
+# The manifest's schema: key -> type (a dict: a nested table with these keys). `hookpoints` and each
+# shard's `norm_sums` are tables keyed by hookpoint, checked by `check_manifest`.
+Number = (int, float)
+MODEL_SCHEMA = {"name": str, "weights": str, "dtype": str}
+HOOKPOINT_SCHEMA = {"shape": list, "layout": str}
+NORM_SUMS_SCHEMA = {"count": int, "sum": Number, "sum_sq": Number, "max": Number}
+SHARD_SCHEMA = {
+    "file": str,
+    "first_context": int,
+    "contexts": int,
+    "tokens": int,
+    "bytes": int,
+    "sha256": str,
+    "norm_sums": dict,
+}
+MANIFEST_SCHEMA = {
+    "format": str,
+    "format_version": int,
+    "toolkit_version": str,
+    "model": MODEL_SCHEMA,
+    "data": dict,
+    "dtype": str,
+    "exclude_bos": bool,
+    "batch_contexts": int,
+    "shard_contexts": int,
+    "hookpoints": dict,
+    "target_tokens": int,
+    "contexts": int,
+    "tokens": int,
+    "complete": bool,
+    "norm_stats": dict,
+    "shards": list,
+}
+CHECKSUM_KEY = "manifest_sha256"  # optional: manifests written before it existed have none
+
+
+def _table(
+    value: Any, schema: dict[str, Any], path: Path, where: str, optional: tuple[str, ...] = ()
+) -> None:
+    """`value` is a JSON object with exactly `schema`'s keys (those in `optional` may be absent), each of
+    its type; errors name the file and the key."""
+    if not isinstance(value, dict):
+        raise CacheError(f"{path}: {where or 'the manifest'} must be a JSON object, got {value!r:.60}")
+    prefix = f"{where}." if where else ""
+    missing = [key for key in schema if key not in value and key not in optional]
+    unknown = [key for key in value if key not in schema and key not in optional]
+    if missing or unknown:
+        raise CacheError(
+            f"{path}: "
+            + "; ".join(
+                [f"missing key {prefix}{key}" for key in missing]
+                + [f"unknown key {prefix}{key}" for key in unknown]
+            )
+        )
+    for key, kind in schema.items():
+        if key not in value:
+            continue
+        if isinstance(kind, dict):
+            _table(value[key], kind, path, prefix + key)
+        elif not isinstance(value[key], kind) or (isinstance(value[key], bool) and kind is not bool):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CacheError(f"{path}: {prefix}{key} must be {names}, got {value[key]!r:.60}")
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """The one check of a manifest: its schema, its checksum, its format version, and totals that agree
+    with the shard list. Every error is a `CacheError` naming the file and the key."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: not an activation-cache manifest (expected format {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{path}: format_version {manifest.get('format_version')!r}, this toolkit reads {FORMAT_VERSION}"
         )
-    required = ("model", "hookpoints", "dtype", "data", "shards", "tokens", "contexts")
-    missing = [key for key in required if key not in manifest]
-    if missing:
-        raise CacheError(f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-    shard_keys = ("file", "first_context", "contexts", "tokens", "bytes", "sha256")
+    if CHECKSUM_KEY in manifest:
+        contents = {key: value for key, value in manifest.items() if key != CHECKSUM_KEY}
+        if json_sha256(contents) != manifest[CHECKSUM_KEY]:
+            raise CacheError(f"{path}: contents do not match its {CHECKSUM_KEY}; the manifest is corrupt")
+    _table(manifest, MANIFEST_SCHEMA | {CHECKSUM_KEY: str}, path, "", optional=(CHECKSUM_KEY,))
+    hookpoints = manifest["hookpoints"]
+    for name, hookpoint in hookpoints.items():
+        _table(hookpoint, HOOKPOINT_SCHEMA, path, f"hookpoints.{name}")
+        shape, layout = hookpoint["shape"], hookpoint["layout"]
+        if not (shape and all(isinstance(d, int) and d > 0 for d in shape) and len(shape) <= 2):
+            raise CacheError(f"{path}: hookpoints.{name}.shape must be 1 or 2 positive sizes, got {shape}")
+        if layout != ("heads" if len(shape) == 2 else "flat"):
+            raise CacheError(f"{path}: hookpoints.{name}.layout {layout!r} does not fit shape {shape}")
     next_context = 0
     for i, shard in enumerate(manifest["shards"]):
-        if not isinstance(shard, dict) or any(key not in shard for key in shard_keys):
-            raise CacheError(f"{path}: shards[{i}] must have keys {', '.join(shard_keys)}")
+        _table(shard, SHARD_SCHEMA, path, f"shards[{i}]")
+        if set(shard["norm_sums"]) != set(hookpoints):
+            raise CacheError(f"{path}: shards[{i}].norm_sums must have one entry per hookpoint")
+        for name, sums in shard["norm_sums"].items():
+            _table(sums, NORM_SUMS_SCHEMA, path, f"shards[{i}].norm_sums.{name}")
         if shard["file"] != shard_file_name(i) or shard["first_context"] != next_context:
             raise CacheError(
                 f"{path}: shards[{i}] is {shard['file']} from context {shard['first_context']}; "

@@ -22,7 +22,14 @@ from tqdm import tqdm
 
 from cache.config import CachingConfig
 from cache.distributed import cache_shards_of_this_rank
-from cache.manifest import FORMAT, FORMAT_VERSION, CacheError, read_manifest
+from cache.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    CacheError,
+    check_shard_file,
+    read_manifest,
+    summarize_norms,
+)
 from cache.shards import ShardWriter, cache_lock, capture_batch, remove_stale_temporary_files
 from sae.data import OFFLINE_CORPUS, context_batches, token_contexts
 from sae.device import DTYPES
@@ -89,6 +96,26 @@ def open_or_resume(
             f"{cache_dir} holds a cache built with other settings (use another cache.dir):\n  "
             + "\n  ".join(differences)
         )
+    return drop_damaged_shards(cache_dir, manifest)
+
+
+def drop_damaged_shards(cache_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without its first damaged shard (size or sha256 not as listed) and those after it, so
+    the run recomputes them; shards are read back in full, once per resume."""
+    for i, shard in enumerate(manifest["shards"]):
+        try:
+            check_shard_file(cache_dir, shard, checksum=True)
+        except CacheError as e:
+            kept = manifest["shards"][:i]
+            print(f"{e}; caching again from context {shard['first_context']} ({len(kept)} shards kept)")
+            hookpoints = list(manifest["hookpoints"])
+            return manifest | {
+                "shards": kept,
+                "contexts": shard["first_context"],
+                "tokens": sum(s["tokens"] for s in kept),
+                "complete": False,
+                "norm_stats": {h: summarize_norms(kept, h) for h in hookpoints} if kept else {},
+            }
     return manifest
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sae.batches import BatchSource, TensorBatches
     from sae.config import SAEConfig, TrainConfig
     from sae.formats import export, load
+    from sae.io import FormatError
     from sae.kernels import SparseCode
     from sae.model import SparseAutoencoder
     from sae.trainer import Trainer, TrainingError
@@ -36,6 +37,7 @@ _PUBLIC = {
     "TrainConfig": "sae.config",
     "export": "sae.formats",
     "load": "sae.formats",
+    "FormatError": "sae.io",
     "SparseCode": "sae.kernels",
     "SparseAutoencoder": "sae.model",
     "Trainer": "sae.trainer",
@@ -93,6 +95,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BatchSource",
     "ConfigError",
+    "FormatError",
     "SAEConfig",
     "SparseAutoencoder",
     "SparseCode",

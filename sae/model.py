@@ -16,18 +16,26 @@ input's dtype. Training keeps float32 weights and chooses its matmul dtype itsel
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 from torch import Tensor, nn
 
 from .activations import top_afa
 from .config import FIXED_K_ARCHITECTURES, THRESHOLD_ARCHITECTURES, SAEConfig
 from .device import DTYPES
-from .io import atomic_save_file, atomic_write_json
+from .io import (
+    FormatError,
+    atomic_save_file,
+    atomic_write_json,
+    json_sha256,
+    safetensors_metadata,
+    tensor_sha256,
+)
 from .kernels import SparseCode, sparse_decode
 from .typed_config import ConfigError, from_dict, to_dict
 
@@ -237,37 +245,47 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write `cfg.json` and `sae.safetensors` into directory `path`, each atomically (other libraries'
-        layouts: `sae.export`)."""
+        layouts: `sae.export`). The weights file's metadata holds the sha256 of every tensor and of the
+        cfg, which `load` checks."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        for stale in [*path.glob(f".{CFG_FILE}.*.tmp"), *path.glob(f".{WEIGHTS_FILE}.*.tmp")]:
+            stale.unlink()  # half-written by a killed save
+        cfg = to_dict(self.cfg)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
-        atomic_save_file(tensors, path / WEIGHTS_FILE, metadata={"format": FORMAT_NAME})
-        atomic_write_json(path / CFG_FILE, {"format": FORMAT_NAME, **to_dict(self.cfg)})
+        metadata = {"format": FORMAT_NAME, "sha256.cfg": json_sha256(cfg)}
+        metadata |= {f"sha256.{name}": tensor_sha256(t) for name, t in tensors.items()}
+        atomic_write_json(path / CFG_FILE, {"format": FORMAT_NAME, **cfg})
+        atomic_save_file(tensors, path / WEIGHTS_FILE, metadata=metadata)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-        """Read a directory written by `save`; check every tensor's presence, shape and finiteness."""
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+    ) -> SparseAutoencoder:
+        """Read a directory written by `save`; check every tensor's presence, shape, dtype and finiteness,
+        and (with `verify`) the checksums of the tensors and of cfg.json that `save` recorded. Pass
+        verify=False to load a cfg.json edited by hand."""
         path = Path(path)
         cfg_path, weights_path = path / CFG_FILE, path / WEIGHTS_FILE
+        cfg = read_cfg(cfg_path)
         try:
-            cfg_data = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
-        cfg_data.pop("format", None)
-        cfg = from_dict(SAEConfig, cfg_data, where=str(cfg_path))
-        try:
-            tensors = load_file(weights_path, device=str(device))
+            data = weights_path.read_bytes()
+            tensors = load_safetensors(data)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{weights_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
             ) from None
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from e
+            raise FormatError(f"{weights_path}: not a readable safetensors file ({e})") from e
+        checksums = safetensors_metadata(data)
+        if verify:
+            check_checksums(cfg, tensors, checksums, cfg_path, weights_path)
+        for name, tensor in tensors.items():
+            if tensor.dtype != DTYPES[cfg.dtype]:
+                raise FormatError(
+                    f"{weights_path}: tensor {name} is {tensor.dtype}, {cfg_path} says dtype {cfg.dtype}"
+                )
         return cls.from_tensors(cfg, tensors, source=str(weights_path)).to(device)
 
     @classmethod
@@ -278,18 +296,18 @@ class SparseAutoencoder(nn.Module):
         expected = param_shapes(cfg)
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
-            raise ValueError(
+            raise FormatError(
                 f"{source}: tensors do not match a {cfg.architecture} SAE"
                 + (f"; missing {', '.join(missing)}" if missing else "")
                 + (f"; unexpected {', '.join(extra)}" if extra else "")
             )
         for name, shape in expected.items():
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(
+                raise FormatError(
                     f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
                 )
             if not torch.isfinite(tensors[name]).all():
-                raise ValueError(f"{source}: tensor {name} contains NaN or inf")
+                raise FormatError(f"{source}: tensor {name} contains NaN or inf")
         model = cls(cfg)
         dtype = DTYPES[cfg.dtype]
         with torch.no_grad():
@@ -303,3 +321,45 @@ class SparseAutoencoder(nn.Module):
         where = f"{c.hookpoint} -> {c.output_hookpoint}" if c.transcoder else c.hookpoint
         kind = "transcoder, " if c.transcoder else ""
         return f"{kind}{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hookpoint={where}"
+
+
+def read_cfg(cfg_path: Path) -> SAEConfig:
+    """An SAEConfig from our cfg.json, every field checked; errors name the file."""
+    try:
+        cfg_data = json.loads(cfg_path.read_bytes().decode())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{cfg_path}: missing; an SAE directory holds {CFG_FILE} and {WEIGHTS_FILE}"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg_data, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object of SAE settings, got {cfg_data!r:.60}")
+    if cfg_data.pop("format", FORMAT_NAME) != FORMAT_NAME:
+        raise ConfigError(f"{cfg_path}: format is not {FORMAT_NAME!r}")
+    return from_dict(SAEConfig, cfg_data, where=str(cfg_path))
+
+
+def check_checksums(
+    cfg: SAEConfig, tensors: dict[str, Tensor], checksums: dict[str, str], cfg_path: Path, weights_path: Path
+) -> None:
+    """The digests `save` wrote into the weights' metadata against what was read; files saved before
+    checksums existed load with a warning."""
+    if "sha256.cfg" not in checksums:
+        warnings.warn(
+            f"{weights_path}: saved without checksums (by an earlier version); not verified", stacklevel=3
+        )
+        return
+    if json_sha256(to_dict(cfg)) != checksums["sha256.cfg"]:
+        raise FormatError(
+            f"{cfg_path} is not the cfg saved with {weights_path} (its sha256 differs): corrupt, or edited "
+            "by hand (then load with verify=False)"
+        )
+    for (
+        name,
+        tensor,
+    ) in tensors.items():  # a tensor with no digest is an unexpected one: from_tensors names it
+        if f"sha256.{name}" in checksums and checksums[f"sha256.{name}"] != tensor_sha256(tensor):
+            raise FormatError(
+                f"{weights_path}: tensor {name} does not match its saved sha256; the file is corrupt"
+            )

@@ -160,12 +160,15 @@ class ModuleTrainer:
         seconds = time.perf_counter() - started
         if self.step * rows_per_step < total:
             print(f"data ran out after {self.step * rows_per_step:,} of {total:,} tokens")
-        trained = {}
+        tokens_this_run = (self.step - step_at_start) * rows_per_step
         for h, t in self.trainers.items():
             t._log(logs[h], None, None, total)
             logs[h].close()
-            trained[h] = t._save_final(seconds, (self.step - step_at_start) * rows_per_step)
-        self._save_checkpoints()  # its barrier: every SAE is on disk when fit returns, on every rank
+            if tokens_this_run or not t.summaries:  # else a finished run, resumed: its summaries stand
+                t.summaries = {m.name: t._summary(m, seconds, tokens_this_run) for m in t.members}
+        self._save_checkpoints()  # first, so that a kill during the final save resumes to the same files
+        trained = {h: t._save_final() for h, t in self.trainers.items()}
+        self.dist.barrier()  # every SAE is on disk when fit returns, on every rank
         return trained
 
     # -- checkpoints: every hookpoint at the same step, whatever moment a kill comes --

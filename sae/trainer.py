@@ -183,6 +183,7 @@ class Trainer:
         self.target_scale: float | None = None  # the input scale for SAEs
         self.wandb_id: str | None = None
         self._stop_signal: int | None = None
+        self.summaries: dict[str, dict] = {}  # metrics.json of each SAE, once the run has finished
 
     # -- the loop --
 
@@ -195,6 +196,7 @@ class Trainer:
         resumed = self.load_checkpoint()
         batches = source.batches(self.step)
         if not resumed:
+            self._truncate_metrics_log(0)  # steps logged by a run killed before its first checkpoint
             batches = self._init_from_first_batches(batches)
         main = self.dist.is_main
         log = self._open_log() if main else None
@@ -234,12 +236,14 @@ class Trainer:
         bar.close()
         if self.tokens < total:
             print(f"data ran out after {self.tokens:,} of {total:,} tokens")
-        seconds = time.perf_counter() - started
+        seconds, tokens_this_run = time.perf_counter() - started, self.tokens - tokens_at_start
         if main:
             self._log(log, wandb_run, None, total)
             log.close()
-        models = self._save_final(seconds, self.tokens - tokens_at_start)
-        self.save_checkpoint()
+        if tokens_this_run or not self.summaries:  # else a finished run, resumed: its summaries stand
+            self.summaries = {m.name: self._summary(m, seconds, tokens_this_run) for m in self.members}
+        self.save_checkpoint()  # first, so that a kill during the final save resumes to the same files
+        models = self._save_final()
         if wandb_run is not None:
             wandb_run.finish()
         return models
@@ -251,7 +255,7 @@ class Trainer:
             self.step,
             error,
             self._stop_signal,
-            f"; the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact",
+            f"; {self._checkpoint_note()}",
         )
         return self._stop_signal is not None
 
@@ -265,7 +269,7 @@ class Trainer:
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"step {self.step}: loss of {m.name} is {loss.item()}; no weights were "
-                f"updated and the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
+                f"updated and {self._checkpoint_note()}"
             )
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,8 +323,8 @@ class Trainer:
             rows = bad.any(dim=1).nonzero().flatten()
             raise TrainingError(
                 f"{where}: {int(bad.sum())} NaN/inf values in rows {rows[:5].tolist()}"
-                f"{'...' if len(rows) > 5 else ''} of the {what}; no weights were updated and the last "
-                f"checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
+                f"{'...' if len(rows) > 5 else ''} of the {what}; no weights were updated and "
+                f"{self._checkpoint_note()}"
             )
         return x
 
@@ -422,24 +426,29 @@ class Trainer:
             first = self.members[0].last_metrics
             bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first.get('l0', 0):.1f}")
 
-    def _save_final(self, seconds: float, tokens_this_run: int) -> list[SparseAutoencoder]:
+    def _summary(self, m: Member, seconds: float, tokens_this_run: int) -> dict:
+        """metrics.json of one SAE: its last logged metrics, the run's length, scales and speed."""
+        return {
+            **m.last_metrics,
+            "tokens": self.tokens,
+            "steps": self.step,
+            "input_scale": self.input_scale,
+            **({"target_scale": self.target_scale} if self.transcoders else {}),
+            "train_seconds_this_run": seconds,
+            "tokens_per_second_this_run": tokens_this_run / seconds if seconds else None,
+        }
+
+    def _save_final(self) -> list[SparseAutoencoder]:
+        """Each SAE folded to raw units, saved to out_dir/<name> with its metrics.json (main rank)."""
         models = []
         for m in self.members:
             model = fold_scales(m.model, self.input_scale, self.target_scale)
             models.append(model)
-            if not self.dist.is_main:
-                continue
-            model.save(self.out_dir / m.name)
-            summary = {
-                **m.last_metrics,
-                "tokens": self.tokens,
-                "steps": self.step,
-                "input_scale": self.input_scale,
-                **({"target_scale": self.target_scale} if self.transcoders else {}),
-                "train_seconds_this_run": seconds,
-                "tokens_per_second_this_run": tokens_this_run / seconds if seconds else None,
-            }
-            atomic_write_json(self.out_dir / m.name / "metrics.json", summary)
+            if self.dist.is_main:
+                for stale in (self.out_dir / m.name).glob(".metrics.json.*.tmp"):
+                    stale.unlink()  # of a killed final save (model.save clears its own)
+                model.save(self.out_dir / m.name)
+                atomic_write_json(self.out_dir / m.name / "metrics.json", self.summaries[m.name])
         return models
 
     # -- checkpoints --
@@ -466,6 +475,7 @@ class Trainer:
                 for key, value in m.optimizer.state.get(p, {}).items():
                     tensors[f"adam.{n}.{key}"] = value.reshape(-1) if key == "step" else value
             atomic_save_file({k: v.cpu() for k, v in tensors.items()}, tmp / f"{m.name}.safetensors")
+        log = self.out_dir / METRICS_LOG  # flushed at each log: it holds exactly the steps done
         atomic_write_json(
             tmp / "state.json",
             {
@@ -474,6 +484,9 @@ class Trainer:
                 "input_scale": self.input_scale,
                 "target_scale": self.target_scale,
                 "wandb_id": self.wandb_id,
+                "metrics_log_bytes": log.stat().st_size if log.exists() else 0,
+                "last_metrics": {m.name: m.last_metrics for m in self.members},
+                "summaries": self.summaries,
                 "saes": {m.name: to_dict(m.cfg) for m in self.members},
                 "train": to_dict(self.cfg),
             },
@@ -515,8 +528,26 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.input_scale, self.wandb_id = state["input_scale"], state["wandb_id"]
         self.target_scale = state.get("target_scale", self.input_scale)  # checkpoints before transcoders
+        for m in self.members:
+            m.last_metrics = state.get("last_metrics", {}).get(m.name, {})
+        self.summaries = state.get("summaries", {})
+        self._truncate_metrics_log(state.get("metrics_log_bytes"))
         print(f"resuming from {path} at step {self.step:,} ({self.tokens:,} tokens)")
         return True
+
+    def _truncate_metrics_log(self, checkpoint_bytes: int | None) -> None:
+        """Drop what metrics.jsonl gained after the checkpoint, so that the steps the resumed run redoes
+        are logged once."""
+        log = self.out_dir / METRICS_LOG
+        if checkpoint_bytes is not None and self.dist.is_main and log.exists():
+            if log.stat().st_size > checkpoint_bytes:
+                with open(log, "r+b") as f:
+                    f.truncate(checkpoint_bytes)
+
+    def _checkpoint_note(self) -> str:
+        if (self.out_dir / CHECKPOINT_DIR / "state.json").exists():
+            return f"the last checkpoint in {self.out_dir / CHECKPOINT_DIR} is intact"
+        return f"no checkpoint has been written to {self.out_dir} yet"
 
     def _raise_stop(self) -> None:
         where = self.out_dir / CHECKPOINT_DIR

@@ -108,7 +108,12 @@ def from_dict(cls: type[C], data: Any, where: str | None = None) -> C:
         raise ConfigError(
             f"{where}: missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
         )
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # the dataclass's own checks (ranges, combinations): say where
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def _default_value(f: dataclasses.Field) -> Any:

@@ -175,3 +175,72 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="divisible"):
         sae.SAEConfig(architecture="groupmax", d_in=4, d_sae=10, k=3)
     assert set(param_shapes(sae.SAEConfig(architecture="gated", d_in=4, d_sae=8))) >= {"b_mag", "r_mag"}
+
+
+def _edit_cfg(folder, edit) -> None:
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(edit(cfg)))
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"topk"', b"\xff\xfe{".decode("latin-1")])
+def test_a_cfg_json_that_is_no_table_is_named(tmp_path, text):
+    make("topk").save(tmp_path / "m")
+    (tmp_path / "m/cfg.json").write_text(text, encoding="latin-1")
+    with pytest.raises(ConfigError, match=r"m/cfg\.json: (expected a JSON object|not valid JSON)"):
+        sae.load(str(tmp_path / "m"))
+
+
+def test_out_of_range_cfg_values_name_the_file(tmp_path):
+    make("topk").save(tmp_path / "m")
+    _edit_cfg(tmp_path / "m", lambda cfg: cfg | {"k": 65})
+    with pytest.raises(ConfigError, match=r"m/cfg\.json: .*k"):
+        sae.load(str(tmp_path / "m"))
+
+
+def test_cfg_and_tensors_are_checked_against_their_saved_checksums(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = make("topk")
+    model.save(tmp_path / "m")
+    _edit_cfg(tmp_path / "m", lambda cfg: cfg | {"architecture": "relu", "k": None})  # same tensors as TopK
+    with pytest.raises(sae.FormatError, match=r"m/cfg\.json is not the cfg saved with .*verify=False"):
+        sae.load(str(tmp_path / "m"))
+    assert sae.load(str(tmp_path / "m"), verify=False).cfg.architecture == "relu"  # edited on purpose
+
+    model.save(tmp_path / "w")
+    weights = tmp_path / "w/sae.safetensors"
+    tensors = load_file(weights)
+    tensors["b_enc"][5] += 1
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, weights, metadata=metadata)  # a changed weight under the old checksums
+    with pytest.raises(
+        sae.FormatError, match=r"sae\.safetensors: tensor b_enc does not match its saved sha256"
+    ):
+        sae.load(str(tmp_path / "w"))
+
+
+def test_tensors_in_another_dtype_than_the_cfg_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    make("topk").save(tmp_path / "m")
+    weights = tmp_path / "m/sae.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    save_file({k: v.half() for k, v in load_file(weights).items()}, weights, metadata=metadata)
+    with pytest.raises(sae.FormatError, match=r"tensor \w+ is torch.float16, .*cfg\.json says dtype float32"):
+        sae.load(str(tmp_path / "m"), verify=False)
+
+
+def test_files_saved_before_checksums_load_with_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make("topk")
+    model.save(tmp_path / "m")
+    weights = tmp_path / "m/sae.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "sae-toolkit"})
+    with pytest.warns(UserWarning, match="saved without checksums"):
+        loaded = sae.load(str(tmp_path / "m"))
+    assert torch.equal(loaded.W_enc, model.W_enc)

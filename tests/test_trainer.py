@@ -170,7 +170,7 @@ def test_resume_after_a_signal_is_exact(data, tmp_path, sig, raised):
     cfgs = [
         sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4),
         sae.SAEConfig(architecture="relu", d_in=64, d_sae=256),
-        # what these carry from step to step besides weights: a moving-average threshold, the L0 controller
+        # what these carry from step to step besides weights: a moving-average threshold
         sae.SAEConfig(architecture="batchtopk", d_in=64, d_sae=256, k=4),
         sae.SAEConfig(architecture="jumprelu", d_in=64, d_sae=256, k=4),
         sae.SAEConfig(architecture="matryoshka", d_in=64, d_sae=256, k=4),
@@ -195,11 +195,15 @@ def test_nan_batch_stops_with_its_index_and_keeps_the_checkpoint(data, tmp_path)
     cfg = sae.SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4)
     batches = [x[i * 512 : (i + 1) * 512] for i in range(20)]
     with pytest.raises(
-        TrainingError, match=r"batch 15 \(tokens 7,680 onward\): 1 NaN/inf values in rows \[3\]"
+        TrainingError,
+        match=r"batch 15 \(tokens 7,680 onward\): 1 NaN/inf values in rows \[3\].* the last checkpoint in",
     ):
         fit(batches, tmp_path, cfg, batch_size=512, total_tokens=len(x), checkpoint_every=10)
     state = json.loads((tmp_path / CHECKPOINT_DIR / "state.json").read_text())
     assert state["step"] == 10
+    batches[0] = batches[15]  # bad from the first batch: there is no checkpoint to speak of
+    with pytest.raises(TrainingError, match=r"batch 0 .* no checkpoint has been written to .* yet"):
+        fit(batches, tmp_path / "first", cfg, batch_size=512, total_tokens=len(x), checkpoint_every=10)
 
 
 def test_width_mismatch_and_untrainable_architectures(tmp_path):

@@ -115,15 +115,21 @@ def resolve(ref: str | Path) -> Path:
     return local / subpath if subpath else local
 
 
-def load(ref: str | Path, device: str = "cpu", format: str | None = None) -> SparseAutoencoder:
+def load(
+    ref: str | Path, device: str = "cpu", format: str | None = None, verify: bool = True
+) -> SparseAutoencoder:
     """Load an SAE in any recognised format from a local path or `hf://org/repo[/subpath]`.
 
     `format` skips detection (one of RECOGNISED's names); otherwise it is detected from the files.
+    `verify` checks the checksums of our own format (foreign formats have none): False loads a cfg.json
+    edited by hand.
     """
     path = resolve(ref)
     format = format or detect_format(path)
     if format not in LOADERS:
-        raise ValueError(f"unknown format {format!r}; recognised: {', '.join(LOADERS)}")
+        raise FormatError(f"unknown format {format!r}; recognised: {', '.join(LOADERS)}")
+    if format == "sae":
+        return SparseAutoencoder.load(path, device, verify=verify)
     return LOADERS[format](path).to(device)
 
 

@@ -18,11 +18,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..config import SAEConfig
+from ..io import FormatError
 from ..typed_config import ConfigError
-
-
-class FormatError(ValueError):
-    """A released dictionary whose files are missing, corrupt, or not what their format promises."""
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -87,6 +84,8 @@ def zip_member_names(path: Path) -> list[str] | None:
             return archive.namelist()
     except zipfile.BadZipFile:
         return None
+    except (UnicodeDecodeError, ValueError, OSError) as e:  # a zip whose directory is corrupt
+        raise FormatError(f"{path}: a zip archive with a corrupt member directory ({e})") from e
 
 
 def require_tensors(tensors: dict[str, Any], names: list[str], source: Path | str) -> None:
