@@ -10,7 +10,7 @@ shuffled), train every dictionary, all in the same order; the rows after them ar
 
 Trained (d_sae 8192, k 32 where an architecture has one):
 - ours: one `sae.Trainer` with every trainable architecture, one read of the data (jumprelu: k is the L0
-  its controller steers to; topafa: k 64 is a cap; relu: no k, its default l1), default `TrainConfig`
+  its two-sided penalty targets; topafa: k 64 is a cap; relu: no k, its default l1), default `TrainConfig`
   but batch 4096; then TopK alone, for a tokens/s not shared with six other SAEs;
 - dictionary_learning 0.1.0: BatchTopK, JumpReLU, Matryoshka with benchmarks/peer_dictionary_learning.py
   in the peer's virtualenv (`--peer-python`), its demo configuration and its trainers' defaults;

@@ -57,7 +57,7 @@ class SAEConfig:
     """What k means depends on the architecture:
     topk, groupmax: active latents per token; codebook: codes per token;
     batchtopk, matryoshka: active latents per token on average over a training batch (k * batch kept);
-    jumprelu: the L0 the training controller steers to (None: a fixed penalty, `TrainConfig.l0_coefficient`);
+    jumprelu: a target L0, penalised two-sided (None: a fixed penalty; `TrainConfig.l0_coefficient`);
     topafa: a cap on the latents one token may use (None: no cap, exact but dense); relu, gated: unused."""
     prefixes: list[int] | None = None
     """Matryoshka: the nested prefix sizes m_1 < ... < d_sae whose reconstructions the loss sums
@@ -175,19 +175,19 @@ class TrainConfig:
     """JumpReLU's sparsity penalty: λ Σ_i H(pre_i - θ_i) (Rajamanoharan et al.) or λ Σ_i tanh(c f_i ‖d_i‖)
     (Anthropic, January 2025), with c = `tanh_scale`."""
     l0_coefficient: float = 1.0
-    """JumpReLU's λ, on the per-token squared error of inputs scaled to E‖x‖ = √d_in; where the SAE's k is
-    set it is only the starting value, which the controller moves until L0 reaches k."""
-    l0_controller_rate: float = 0.1
-    """JumpReLU with k: each step log λ += rate * (L0 - k) / k. The penalty can only lower L0 below what
-    the reconstruction alone keeps, so a higher target is not reached (studies/jumprelu_l0: on Gemma 3's
-    residual stream k 32 ends at L0 27.7, k 64 at 32.4, k 16 at 8.0 after 950k tokens)."""
+    """JumpReLU without k: λ, the weight of the L0 (or tanh) penalty on the per-token squared error of
+    inputs scaled to E‖x‖ = √d_in."""
+    l0_target_coefficient: float = 10.0
+    """JumpReLU with k: μ in μ (L0 - k)² / k, a penalty that pulls L0 towards k from either side; it
+    settles where that pull meets the reconstruction's (studies/jumprelu_l0)."""
     threshold_lr_scale: float = 1.0
     """JumpReLU: the thresholds' learning rate as a multiple of `lr`."""
     jumprelu_bandwidth: float = 0.3
     """Width ε of the rectangle kernel in the threshold's straight-through gradient. Rajamanoharan et al.
     use 0.001 over runs of ~10^5 steps; in runs of hundreds of steps so narrow a window almost never holds a
     pre-activation, the thresholds do not move and L0 goes where the encoder takes it (planted data, k 5,
-    300k tokens: L0 1.5 at 0.001 with the earlier lr; at the present defaults 2.8 at 0.1, 3.5 at 0.3)."""
+    300k tokens, under the one-sided L0 controller of an earlier version: L0 1.5 at 0.001, 2.8 at 0.1, 3.5 at
+    0.3)."""
     tanh_scale: float = 4.0
     afa_coefficient: float = 1 / 16
     """top-AFA: weight of mean((‖f‖ - ‖x‖)^2), the value Lee et al. report stable across layers."""

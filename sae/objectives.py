@@ -33,7 +33,6 @@ from .kernels import (
 from .model import SparseAutoencoder
 
 StepTerms = dict[str, Tensor]  # scalar loss terms of one step, for logging
-CONTROLLER_RANGE = 1e3  # JumpReLU's λ stays within [λ0 / 1e3, λ0 * 1e3]
 CANDIDATES_PER_K = 4  # batch top-k chooses among each token's 4k largest activations (see `batchtopk`)
 
 
@@ -198,9 +197,12 @@ class Objective:
     # --- dense codes: relu, jumprelu, and codebook's binary ones -----------------------------------
 
     def jumprelu(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):
-        """‖y - ŷ‖² + λ S(f), S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖), θ learnt through
-        straight-through gradients (Rajamanoharan et al. 2024). With the SAE's k set, λ follows a
-        controller, log λ += rate (L0 - k) / k, and is kept in `state`.
+        """‖y - ŷ‖² + λ S, S = Σ_i H(pre_i - θ_i) (L0) or Σ_i tanh(c f_i ‖d_i‖) per token, θ learnt through
+        straight-through gradients (Rajamanoharan et al. 2024); with the SAE's k set instead
+        ‖y - ŷ‖² + μ (S - k)² / k, which raises L0 when below k as well as lowering it above
+        (dictionary_learning's λ (S/k - 1)², scaled by k so that at S = 1.5 k it pulls as hard as λ S
+        with λ = μ). L0 settles where that pull meets the reconstruction's, a little off k
+        (studies/jumprelu_l0).
 
         Only the entries with pre > θ - ε/2 carry any gradient (the active ones to the weights, those
         within ε/2 of θ to θ), so the code keeps only them (`encode_above`): the decoder and every
@@ -224,16 +226,12 @@ class Objective:
         else:
             scaled = cfg.tanh_scale * active.values * sae.W_dec.norm(dim=1)[code.indices]
             sparsity = torch.tanh(scaled).sum() / len(x)
-        coefficient = state.setdefault("l0_coefficient", torch.tensor(cfg.l0_coefficient, device=x.device))
-        loss = mse + coefficient.clone() * sparsity  # the controller updates `coefficient` in place
-        if sae.cfg.k is not None:
-            with torch.no_grad():  # bounded, so that a long spell on one side cannot stall the other
-                coefficient.mul_(torch.exp(cfg.l0_controller_rate * (l0 - sae.cfg.k) / sae.cfg.k))
-                coefficient.clamp_(
-                    cfg.l0_coefficient * CONTROLLER_RANGE**-1, cfg.l0_coefficient * CONTROLLER_RANGE
-                )
+        if sae.cfg.k is None:
+            loss = mse + cfg.l0_coefficient * sparsity
+        else:  # two-sided: below k its gradient raises L0, which λ S alone cannot
+            loss = mse + cfg.l0_target_coefficient * (sparsity - sae.cfg.k).pow(2) / sae.cfg.k
         fvu = residual.pow(2).sum().detach() / (y - y.mean(0)).pow(2).sum()
-        terms = {"fvu": fvu, "mse": mse, "sparsity": sparsity, "l0_coefficient": coefficient.clone()}
+        terms = {"fvu": fvu, "mse": mse, "sparsity": sparsity}
         return loss, terms, self._ragged_fires(active, sae.cfg.d_sae)
 
     def codebook(self, sae: SparseAutoencoder, x: Tensor, y: Tensor, progress: float, dead: Tensor, state):

@@ -107,10 +107,12 @@ def test_config_errors_name_the_key():
 # --- training on a planted dictionary -------------------------------------------------------------
 
 
-# Measured on this data (MMCS): topk 0.997, batchtopk 0.90, matryoshka 0.80, jumprelu 0.6-0.7 (unstable,
-# untested here); random
-# unit decoders score ~0.4. top-AFA fills its cap of 32 latents here and finds no more than chance (0.45).
-@pytest.mark.parametrize("arch, mmcs", [("topk", 0.98), ("batchtopk", 0.85), ("matryoshka", 0.75)])
+# Measured on this data (MMCS): topk 0.997, batchtopk 0.90, matryoshka 0.80, jumprelu 0.74 (0.6-0.7 with
+# the one-sided controller); random unit decoders score ~0.4. top-AFA fills its cap of 32 latents here and
+# finds no more than chance (0.45).
+@pytest.mark.parametrize(
+    "arch, mmcs", [("topk", 0.98), ("batchtopk", 0.85), ("matryoshka", 0.75), ("jumprelu", 0.65)]
+)
 def test_recovers_the_planted_features(trained, planted, arch, mmcs):
     _, held_out, features = planted
     model = trained[arch]
@@ -126,10 +128,11 @@ def test_batchtopk_inference_threshold_gives_about_k(trained, planted):
         assert l0(model, planted[1]) == pytest.approx(K, rel=0.15), arch
 
 
-def test_jumprelu_l0_rises_towards_its_target(trained, planted):
-    """From below: the thresholds start at the k/d_sae quantile, the encoder's first steps push L0 down,
-    and the straight-through gradients bring it back up (not yet to k in 293 steps)."""
-    assert 0.4 * K < l0(trained["jumprelu"], planted[1]) < 1.5 * K
+def test_jumprelu_l0_comes_back_to_its_target(trained, planted):
+    """The thresholds start at the k/d_sae quantile, the encoder's first steps push L0 down to ~0.3, and
+    the two-sided penalty brings it back up to k (measured: 5.5 for k 5; 8.5 with the penalty ten times
+    weaker, 3.5 with the one-sided controller it replaced)."""
+    assert 0.8 * K < l0(trained["jumprelu"], planted[1]) < 1.2 * K
 
 
 def test_matryoshka_prefixes_reconstruct_on_their_own(trained, planted):
