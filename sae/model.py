@@ -82,9 +82,11 @@ class SparseAutoencoder(nn.Module):
         """A freshly initialised SAE: random decoder directions, encoder tied to the decoder.
 
         TopK and codebook decoder rows have unit norm (Gao et al.); ReLU rows have norm 0.1 and are
-        left free during training (Anthropic, April 2024). A transcoder's input and output sites differ,
-        so its decoder is drawn apart from its encoder, and its skip path starts at zero. The trainer then
-        sets b_dec from the data.
+        left free during training (Anthropic, April 2024). A transcoder's input and output sites differ:
+        its decoder starts at zero and its rows stay free (as sparsify's), so each latent's output is
+        learnt from where its random encoder row fires (on Gemma 3's block-6 MLP, 100k tokens: FVU 0.23
+        and 19 % never firing, against 0.44 and 76 % from random unit rows); its skip path starts at
+        zero too. The trainer then sets b_dec from the data.
         """
         model = cls(cfg)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -96,7 +98,8 @@ class SparseAutoencoder(nn.Module):
 
         with torch.no_grad():
             model.W_enc.copy_(unit_rows(cfg.d_in))
-            model.W_dec.copy_(unit_rows(cfg.d_out) if cfg.transcoder else model.W_enc)
+            if not cfg.transcoder:  # (a transcoder's W_dec stays zero)
+                model.W_dec.copy_(model.W_enc)
         return model
 
     # --- encoding -------------------------------------------------------------------------------

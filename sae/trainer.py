@@ -274,7 +274,7 @@ class Trainer:
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.dist.average_([p.grad for p in m.model.parameters() if p.grad is not None])  # dist
-        unit_norm = m.cfg.architecture in UNIT_NORM_DECODER
+        unit_norm = m.cfg.architecture in UNIT_NORM_DECODER and not m.cfg.transcoder  # (from_config)
         if unit_norm:
             _project_out_radial_grad(m.model.W_dec)
         m.optimizer.step()

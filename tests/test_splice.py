@@ -143,7 +143,10 @@ MLP_IN, MLP_OUT = "blocks.0.mlp.hook_in", "blocks.0.mlp.hook_out"
 
 
 def make_transcoder(seed: int = 3, **overrides) -> SparseAutoencoder:
-    return make_sae(MLP_IN, seed=seed, transcoder=True, output_hookpoint=MLP_OUT, **overrides)
+    transcoder = make_sae(MLP_IN, seed=seed, transcoder=True, output_hookpoint=MLP_OUT, **overrides)
+    with torch.no_grad():  # from_config leaves a transcoder's decoder at zero, as training starts it
+        transcoder.W_dec.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed + 1))
+    return transcoder
 
 
 def test_a_transcoder_replaces_its_output_site_with_prediction_plus_error(tiny_lm, saes, tokens):

@@ -60,7 +60,7 @@ def test_transcoder_finds_the_planted_write_directions(planted, trained):
     assert model.W_dec.shape == (D_SAE, D_OUT) and model.W_enc.shape == (D_SAE, D_IN)
     assert feature_recovery(model.W_dec.detach(), write) > 0.95
     # trained on 100 y: the saved weights predict 100 y from raw x. k = 5 loses the tokens with more than
-    # 5 codes (Poisson(5) many): an SAE with k = 5 on x itself reaches FVU 0.166 (measured), this 0.24
+    # 5 codes (Poisson(5) many): an SAE with k = 5 on x itself reaches FVU 0.166 (measured), this 0.23
     assert fvu(model, x[600_000:], 100 * y[600_000:]) < 0.3
     metrics = json.loads((trained["out"] / "plain" / sae_name(model.cfg) / "metrics.json").read_text())
     assert metrics["target_scale"] == pytest.approx(
@@ -71,11 +71,11 @@ def test_transcoder_finds_the_planted_write_directions(planted, trained):
 def test_skip_transcoder_carries_the_dense_linear_part(planted, trained):
     """W_skip itself is not identifiable here (the codes span the input, so rows of W_dec can take on
     part of M); what only the skip path can do is carry M g, and without it FVU doubles (measured:
-    0.158 against 0.305)."""
+    0.140 against 0.262)."""
     _, _, x_noisy, y_skip, write, _ = planted
     held_x, held_y = x_noisy[600_000:], y_skip[600_000:]
     model = trained["skip"]
-    assert model.W_skip.shape == (D_OUT, D_IN) and feature_recovery(model.W_dec.detach(), write) > 0.8  # 0.88
+    assert model.W_skip.shape == (D_OUT, D_IN) and feature_recovery(model.W_dec.detach(), write) > 0.8  # 0.94
     assert fvu(model, held_x, held_y) < 0.2
     assert fvu(trained["no_skip"], held_x, held_y) > 1.5 * fvu(model, held_x, held_y)
 
