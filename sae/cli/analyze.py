@@ -6,6 +6,7 @@
     circuits    the attention heads a task uses: SAE-code methods, patching baselines, evaluation
     feature-circuit  the latents of spliced SAEs a task uses, their edges, faithfulness curves, a graph
     autointerp  explain latents with an LLM and score the explanations (real vs shuffled control)
+    bench       several dictionaries side by side: core metrics, shrinkage, sparse probing
 
 Examples:
 
@@ -295,7 +296,7 @@ def run_dashboard(opts: DashboardOptions) -> int:
 
 
 def subcommands() -> dict[str, Subcommand]:
-    from sae.cli import autointerp, circuits, feature_circuit
+    from sae.cli import autointerp, bench, circuits, feature_circuit
 
     return {
         "eval": Subcommand(
@@ -306,6 +307,7 @@ def subcommands() -> dict[str, Subcommand]:
         "circuits": circuits.SUBCOMMAND,
         "feature-circuit": feature_circuit.SUBCOMMAND,
         "autointerp": autointerp.SUBCOMMAND,
+        "bench": bench.SUBCOMMAND,
     }
 
 

@@ -1,0 +1,187 @@
+"""`sae-analyze bench SAE [SAE ...] --out DIR`: dictionaries of one model and hookpoint judged side by side
+on the same held-out tokens, offline: the core metrics (with the model in the loop), shrinkage, and
+sparse probing on the token classes of Python source against the same activations' raw dimensions.
+
+Writes bench.json, bench.md and pareto.png / probing.png. Each figure states its sample size; a probing
+concept with too few tokens of a class is listed with the reason instead of a number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae.cli.common import Subcommand
+from sae.typed_config import ConfigError, option
+
+
+@dataclass
+class BenchOptions:
+    saes: list[str] = option(
+        metavar="SAE", help="dictionaries to compare (any that sae.load reads)", positional=True
+    )
+    out: str = option(help="directory for bench.json, bench.md and the plots")
+    model: str | None = option(None, help="the model (default: the first SAE's cfg.model_name)")
+    tokens: int = option(16384, help="held-out tokens of the core evaluation")
+    skip_contexts: int = option(
+        0, help="contexts of the corpus to skip first (a cache's manifest 'contexts')"
+    )
+    context_size: int = option(128, help="tokens per context, BOS included")
+    probe_tokens: int = option(32768, help="tokens of labelled Python source for the probes")
+    ks: list[int] = option(default_factory=lambda: [1, 2, 5, 10, 20], metavar="K", help="probe sizes")
+    per_class: int = option(1000, help="tokens per class and concept (train + test)")
+    device: str = option("cpu", help="torch device")
+
+    def __post_init__(self) -> None:
+        if not self.saes:
+            raise ConfigError("give at least one SAE")
+        if min(self.ks, default=0) < 1:
+            raise ConfigError(f"--ks must be positive, got {self.ks}")
+
+
+def run_bench(opts: BenchOptions) -> int:
+    import sae
+    from sae.analysis.probing import python_probing_data, sparse_probing
+    from sae.data import DataConfig, token_batches
+    from sae.evals import evaluate
+    from sae.lm import load_model
+
+    dictionaries = {path: sae.load(path, device=opts.device).eval() for path in opts.saes}
+    first = next(iter(dictionaries.values()))
+    sites = {(d.cfg.hookpoint, d.cfg.output_hookpoint) for d in dictionaries.values()}
+    if len(sites) > 1 or first.cfg.hookpoint is None:
+        raise ConfigError(
+            f"the dictionaries must share one known hookpoint; they read {sorted(map(str, sites))}"
+        )
+    model_name = opts.model or first.cfg.model_name
+    if model_name is None:
+        raise ConfigError(f"{opts.saes[0]}: its cfg names no model; pass --model")
+    model = load_model(model_name, device=opts.device)
+    data = DataConfig(context_size=opts.context_size)
+    held_out = token_batches(data, model.tokenizer, opts.tokens, 4, opts.skip_contexts)
+    acts, labels = python_probing_data(model, first.cfg.hookpoint, opts.probe_tokens, opts.context_size)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    report: dict = {"model": model_name, "hookpoint": first.cfg.hookpoint, "dictionaries": {}}
+    report["samples"] = {"core_tokens": sum(b[:, 1:].numel() for b in held_out), "probe_tokens": len(acts)}
+    report["probe_classes"] = {name: int(mask.sum()) for name, mask in labels.items()}
+    raw = None
+    for path, model_sae in dictionaries.items():
+        core = evaluate(model, model_sae, [b.to(opts.device) for b in held_out], out_dir=None)
+        shrinkage = None  # ‖x̂‖/‖x‖: of an SAE; a transcoder's output is at another site
+        if not model_sae.cfg.transcoder:
+            with torch.no_grad():
+                x_hat = torch.cat([model_sae(chunk) for chunk in acts.split(4096)])
+            shrinkage = (x_hat.norm(dim=-1) / acts.norm(dim=-1).clamp_min(1e-12)).mean().item()
+        results, skipped = sparse_probing(acts, labels, model_sae.encode, tuple(opts.ks), opts.per_class)
+        entry = {"core": core.to_dict() | {"explained_variance": 1 - core.fvu, "shrinkage": shrinkage}}
+        entry["probing"] = [r.to_dict() for r in results if r.basis == "latents"]
+        entry["probing_skipped"] = skipped
+        report["dictionaries"][path] = entry
+        raw = raw or [r.to_dict() for r in results if r.basis == "dimensions"]  # the same for every SAE
+        print(f"{path}: FVU {core.fvu:.3f}, L0 {core.l0:.1f}, CE recovered {core.ce_loss_recovered:.2%}")
+    report["probing_raw_dimensions"] = raw
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(report, opts.ks))
+    plots(report, opts.ks, out)
+    print(f"wrote {out / 'bench.md'}, bench.json, pareto.png and probing.png")
+    return 0
+
+
+def mean_accuracy(rows: list[dict], k: int) -> tuple[float, int] | None:
+    """Mean test accuracy over the concepts probed at this k, and how many there were."""
+    values = [r["accuracy"] for r in rows if r["k"] == k]
+    return (sum(values) / len(values), len(values)) if values else None
+
+
+def markdown(report: dict, ks: list[int]) -> str:
+    core_keys = [
+        ("fvu", "FVU", "{:.3f}"),
+        ("explained_variance", "explained variance", "{:.3f}"),
+        ("ce_loss_recovered", "CE recovered", "{:.2%}"),
+        ("delta_lm_loss", "Δ LM loss", "{:+.4f}"),
+        ("kl_clean_spliced", "KL", "{:.4f}"),
+        ("l0", "L0", "{:.1f}"),
+        ("dead_fraction", "dead", "{:.1%}"),
+        ("dense_fraction", "dense", "{:.1%}"),
+        ("shrinkage", "‖x̂‖/‖x‖", "{:.3f}"),
+        ("afa_ratio", "AFA ratio", "{:.3f}"),
+    ]
+    samples = report["samples"]
+    lines = [
+        f"# Bench: {report['model']}, {report['hookpoint']}",
+        "",
+        f"Core metrics on {samples['core_tokens']:,} held-out tokens; shrinkage and probes on "
+        f"{samples['probe_tokens']:,} tokens of standard-library source.",
+        "",
+        "| dictionary | " + " | ".join(name for _, name, _ in core_keys) + " |",
+        "|---" * (len(core_keys) + 1) + "|",
+    ]
+    for path, entry in report["dictionaries"].items():
+        cells = [
+            "n/a" if entry["core"][key] is None else fmt.format(entry["core"][key])
+            for key, _, fmt in core_keys
+        ]
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Sparse probing: mean test accuracy over the token classes (balanced classes, Wilson 95 % intervals "
+        "per concept in bench.json), top-k latents against the top-k raw dimensions:",
+        "",
+        "| basis | " + " | ".join(f"k = {k}" for k in ks) + " |",
+        "|---" * (len(ks) + 1) + "|",
+    ]
+    rows = {"raw dimensions": report["probing_raw_dimensions"]}
+    rows |= {path: entry["probing"] for path, entry in report["dictionaries"].items()}
+    for name, probes in rows.items():
+        cells = []
+        for k in ks:
+            mean = mean_accuracy(probes, k)
+            cells.append("n/a" if mean is None else f"{mean[0]:.3f} ({mean[1]} concepts)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    skipped = next(iter(report["dictionaries"].values()))["probing_skipped"]
+    if skipped:
+        lines += ["", "Not probed: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, ks: list[int], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = report["dictionaries"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for path, entry in entries.items():
+        name = Path(path).name
+        axes[0].scatter(entry["core"]["l0"], entry["core"]["fvu"], label=name)
+        axes[1].scatter(entry["core"]["l0"], entry["core"]["ce_loss_recovered"], label=name)
+    axes[0].set(xscale="log", xlabel="L0", ylabel="FVU", title="L0 vs FVU")
+    axes[1].set(xscale="log", xlabel="L0", ylabel="CE loss recovered", title="L0 vs CE recovered")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    series = {"raw dimensions": report["probing_raw_dimensions"]}
+    series |= {Path(p).name: e["probing"] for p, e in entries.items()}
+    for name, probes in series.items():
+        points = [(k, mean_accuracy(probes, k)) for k in ks]
+        points = [(k, m[0]) for k, m in points if m is not None]
+        ax.plot([k for k, _ in points], [a for _, a in points], marker="o", label=name)
+    ax.set(xscale="log", xlabel="k", ylabel="mean probe accuracy", title="sparse probing")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "probing.png", dpi=110)
+    plt.close(fig)
+
+
+SUBCOMMAND = Subcommand(
+    BenchOptions, run_bench, "compare dictionaries: core metrics and sparse probing, offline"
+)
