@@ -167,10 +167,12 @@ class TrainConfig:
     """ReLU SAEs: weight of sum_i f_i * ||W_dec,i|| (on inputs scaled to E||x|| = sqrt(d_in))."""
     l1_warmup_fraction: float = 0.05
     codebook_init: Literal["samples", "kmeans"] = "kmeans"
-    threshold_decay: float = 0.99
+    threshold_decay: float = 0.9
     """BatchTopK, Matryoshka: the inference threshold is an exponential moving average, with this decay per
     step, of the smallest activation each training batch keeps (dictionary_learning: 0.999 from step 1000,
-    which a short run never reaches)."""
+    which a short run never reaches). That smallest activation falls during training, so a slow average
+    lags above it: on Gemma 3's residual stream (232 steps, k 32) 0.99 gave an inference L0 of 22.8 and
+    FVU 0.118 on held-out rows, 0.9 gives 31.7 and 0.105."""
     jumprelu_penalty: Literal["l0", "tanh"] = "l0"
     """JumpReLU's sparsity penalty: λ Σ_i H(pre_i - θ_i) (Rajamanoharan et al.) or λ Σ_i tanh(c f_i ‖d_i‖)
     (Anthropic, January 2025), with c = `tanh_scale`."""
