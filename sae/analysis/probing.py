@@ -168,28 +168,41 @@ def top_mean_difference(features: Tensor, labels: Tensor, k: int) -> Tensor:
     return difference.abs().topk(min(k, features.shape[1])).indices
 
 
-def logistic_probe_accuracy(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, l2: float = 1e-3, steps: int = 100
-) -> float:
-    """Test accuracy of an L2-regularised logistic regression fitted by L-BFGS on standardised inputs
-    train_x [n, k] (features scaled by train's mean and std)."""
+def fit_logistic(
+    train_x: Tensor, train_y: Tensor, l2: float = 1e-3, steps: int = 100, balanced: bool = False
+) -> Callable[[Tensor], Tensor]:
+    """An L2-regularised logistic regression fitted by L-BFGS on train_x [n, k] standardised by train's
+    mean and std; -> a predictor x [m, k] -> [m] bool. `balanced` weighs each class by the inverse of its
+    frequency (for a rare positive class)."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x = (train_x - mean) / std
     weight = torch.zeros(train_x.shape[1], requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
     targets = train_y.float()
+    positives = targets.mean().clamp(1e-6, 1 - 1e-6)
+    pos_weight = (1 - positives) / positives if balanced else None
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(train_x @ weight + bias, targets)
+        logits = train_x @ weight + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
         loss = loss + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        return ((test_x @ weight + bias > 0) == test_y).float().mean().item()
+    weight, bias = weight.detach(), bias.detach()
+    return lambda x: ((x - mean) / std) @ weight + bias > 0
+
+
+def logistic_probe_accuracy(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, l2: float = 1e-3, steps: int = 100
+) -> float:
+    """Test accuracy of `fit_logistic` fitted on (train_x [n, k], train_y [n])."""
+    with torch.enable_grad():
+        predict = fit_logistic(train_x, train_y, l2, steps)
+    return (predict(test_x) == test_y).float().mean().item()
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

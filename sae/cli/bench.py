@@ -1,9 +1,12 @@
 """`sae-analyze bench SAE [SAE ...] --out DIR`: dictionaries of one model and hookpoint judged side by side
-on the same held-out tokens, offline: the core metrics (with the model in the loop), shrinkage, and
-sparse probing on the token classes of Python source against the same activations' raw dimensions.
+on the same held-out tokens, offline: the core metrics (with the model in the loop), shrinkage, sparse
+probing on the token classes of Python source against the same activations' raw dimensions, feature
+absorption on the first letters of single-token words, and (given a cache to read examples from) the
+autointerp embedding score of a seeded sample of live latents against its shuffled control.
 
-Writes bench.json, bench.md and pareto.png / probing.png. Each figure states its sample size; a probing
-concept with too few tokens of a class is listed with the reason instead of a number.
+Writes bench.json, bench.md and pareto.png / probing.png. Each figure states its sample size; a metric
+that cannot be computed for a dictionary (a probing concept with too few tokens, absorption of a
+transcoder) is listed with the reason instead of a number.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from sae.cli.common import Subcommand
 from sae.typed_config import ConfigError, option
+
+if TYPE_CHECKING:
+    from sae.analysis.absorption import FirstLetterData
 
 
 @dataclass
@@ -33,6 +40,18 @@ class BenchOptions:
     probe_tokens: int = option(32768, help="tokens of labelled Python source for the probes")
     ks: list[int] = option(default_factory=lambda: [1, 2, 5, 10, 20], metavar="K", help="probe sizes")
     per_class: int = option(1000, help="tokens per class and concept (train + test)")
+    absorption_words: int = option(200, help="single-token words per first letter (0: no absorption)")
+    autointerp_cache: str | None = option(
+        None, help="a cache of this model and hookpoint: score explanations of latents (default: skip)"
+    )
+    autointerp_latents: int = option(50, help="live latents explained per dictionary, drawn with a seed")
+    autointerp_tokens: int = option(131072, help="cache tokens the explainer's examples come from")
+    autointerp_backend: Literal["in-process", "local-server", "http"] = option(
+        "in-process", help="the explainer LLM, as `sae-analyze autointerp --backend`"
+    )
+    autointerp_base_url: str | None = option(
+        None, help="OpenAI-compatible server (--autointerp-backend http)"
+    )
     device: str = option("cpu", help="torch device")
 
     def __post_init__(self) -> None:
@@ -44,6 +63,7 @@ class BenchOptions:
 
 def run_bench(opts: BenchOptions) -> int:
     import sae
+    from sae.analysis.absorption import NotComputable, first_letter_data
     from sae.analysis.probing import python_probing_data, sparse_probing
     from sae.data import DataConfig, token_batches
     from sae.evals import evaluate
@@ -69,6 +89,14 @@ def run_bench(opts: BenchOptions) -> int:
     report: dict = {"model": model_name, "hookpoint": first.cfg.hookpoint, "dictionaries": {}}
     report["samples"] = {"core_tokens": sum(b[:, 1:].numel() for b in held_out), "probe_tokens": len(acts)}
     report["probe_classes"] = {name: int(mask.sum()) for name, mask in labels.items()}
+    letters: FirstLetterData | str = "--absorption-words 0"  # the data, or why there is none
+    if opts.absorption_words:
+        try:
+            letters = first_letter_data(model, first.cfg.hookpoint, opts.absorption_words)
+            report["samples"]["absorption_words"] = len(letters.words)
+            report["absorption_prompt"] = letters.prompt
+        except NotComputable as why:
+            letters = str(why)
     raw = None
     for path, model_sae in dictionaries.items():
         core = evaluate(model, model_sae, [b.to(opts.device) for b in held_out], out_dir=None)
@@ -81,6 +109,8 @@ def run_bench(opts: BenchOptions) -> int:
         entry = {"core": core.to_dict() | {"explained_variance": 1 - core.fvu, "shrinkage": shrinkage}}
         entry["probing"] = [r.to_dict() for r in results if r.basis == "latents"]
         entry["probing_skipped"] = skipped
+        entry["absorption"] = absorption_entry(model_sae, letters)
+        entry["autointerp"] = autointerp_entry(path, model_sae, opts)
         report["dictionaries"][path] = entry
         raw = raw or [r.to_dict() for r in results if r.basis == "dimensions"]  # the same for every SAE
         print(f"{path}: FVU {core.fvu:.3f}, L0 {core.l0:.1f}, CE recovered {core.ce_loss_recovered:.2%}")
@@ -90,6 +120,62 @@ def run_bench(opts: BenchOptions) -> int:
     plots(report, opts.ks, out)
     print(f"wrote {out / 'bench.md'}, bench.json, pareto.png and probing.png")
     return 0
+
+
+def absorption_entry(model_sae, letters: FirstLetterData | str) -> dict:
+    """The absorption result as a dict, or {"skipped": why}."""
+    from sae.analysis.absorption import NotComputable, absorption
+
+    if isinstance(letters, str):
+        return {"skipped": letters}
+    if model_sae.cfg.transcoder:
+        return {"skipped": "a transcoder: its decoder writes to another site than the probe reads"}
+    try:
+        return absorption(letters, model_sae.encode, model_sae.W_dec).to_dict()
+    except NotComputable as why:
+        return {"skipped": str(why)}
+
+
+def autointerp_entry(path: str, model_sae, opts: BenchOptions) -> dict:
+    """The embedding score (real and shuffled control) of `autointerp_latents` latents drawn with seed 0
+    among those firing at least 10 times in the explainer's tokens, or {"skipped": why}."""
+    import asyncio
+
+    from sae.analysis.features import cache_batches
+    from sae.cli.autointerp import AutointerpOptions, autointerp_from_cache
+
+    if opts.autointerp_cache is None:
+        return {"skipped": "no --autointerp-cache"}
+    batches = cache_batches(opts.autointerp_cache, model_sae, max_tokens=opts.autointerp_tokens)
+    with torch.no_grad():
+        firings = sum((model_sae.encode(x[valid].to(opts.device)) > 0).sum(0) for _, x, valid in batches)
+    live = (firings >= 10).nonzero().flatten().cpu()
+    drawn = live[torch.randperm(len(live), generator=torch.Generator().manual_seed(0))]
+    latents = sorted(drawn[: opts.autointerp_latents].tolist())
+    if not latents:
+        return {"skipped": f"no latent fires 10 times in {opts.autointerp_tokens:,} tokens"}
+    autointerp_opts = AutointerpOptions(
+        sae=path,
+        cache=opts.autointerp_cache,
+        out=str(Path(opts.out) / "autointerp" / Path(path).name),
+        latents=",".join(map(str, latents)),
+        tokens=opts.autointerp_tokens,
+        scorers="embedding",
+        backend=opts.autointerp_backend,
+        base_url=opts.autointerp_base_url,
+        device=opts.device,
+    )
+    _, summary = asyncio.run(autointerp_from_cache(autointerp_opts))
+    auroc = summary["scorers"]["embedding"]["auroc"]
+    keep = (
+        "real",
+        "control",
+        "real_minus_control",
+        "real_minus_control_ci95",
+        "real_higher",
+        "latents_paired",
+    )
+    return {"live_latents": len(live), "latents": latents} | {key: auroc[key] for key in keep}
 
 
 def mean_accuracy(rows: list[dict], k: int) -> tuple[float, int] | None:
@@ -146,7 +232,58 @@ def markdown(report: dict, ks: list[int]) -> str:
     skipped = next(iter(report["dictionaries"].values()))["probing_skipped"]
     if skipped:
         lines += ["", "Not probed: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."]
+    lines += ["", *absorption_lines(report), "", *autointerp_lines(report)]
     return "\n".join(lines) + "\n"
+
+
+def absorption_lines(report: dict) -> list[str]:
+    words = report["samples"].get("absorption_words")
+    lines = [
+        f"Feature absorption (Chanin et al.) on {words:,} single-token words: mean over letters of the "
+        "absorption fraction and the full-absorption rate, 95 % bootstrap intervals over the test words "
+        "that the first-letter probe gets right:"
+        if words
+        else "Feature absorption: not run.",
+        "",
+        "| dictionary | absorption fraction | full absorption | probe accuracy | test words | letters |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, entry in report["dictionaries"].items():
+        result = entry["absorption"]
+        if "skipped" in result:
+            lines.append(f"| {path} | not computed: {result['skipped']} | | | | |")
+            continue
+        fraction, full = result["fraction_ci95"], result["full_ci95"]
+        lines.append(
+            f"| {path} | {result['mean_absorption_fraction']:.3f} [{fraction[0]:.3f}, {fraction[1]:.3f}] "
+            f"| {result['full_absorption_rate']:.3f} [{full[0]:.3f}, {full[1]:.3f}] "
+            f"| {result['probe_accuracy']:.3f} | {result['n_test_words']} "
+            f"| {len(result['letters'])} (skipped: {', '.join(result['skipped']) or 'none'}) |"
+        )
+    return lines
+
+
+def autointerp_lines(report: dict) -> list[str]:
+    lines = [
+        "Autointerp embedding score (AUROC of MiniLM similarity between explanation and examples; the "
+        "control scores another latent's explanation), latents drawn with seed 0 among those firing at "
+        "least 10 times:",
+        "",
+        "| dictionary | real | control | real − control [95 %] | real higher | latents (live) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, entry in report["dictionaries"].items():
+        score = entry["autointerp"]
+        if "skipped" in score:
+            lines.append(f"| {path} | not run: {score['skipped']} | | | | |")
+            continue
+        low, high = score["real_minus_control_ci95"]
+        lines.append(
+            f"| {path} | {score['real']:.3f} | {score['control']:.3f} | {score['real_minus_control']:+.3f} "
+            f"[{low:+.3f}, {high:+.3f}] | {score['real_higher']}/{score['latents_paired']} "
+            f"| {len(score['latents'])} ({score['live_latents']:,}) |"
+        )
+    return lines
 
 
 def plots(report: dict, ks: list[int], out: Path) -> None:
@@ -183,5 +320,5 @@ def plots(report: dict, ks: list[int], out: Path) -> None:
 
 
 SUBCOMMAND = Subcommand(
-    BenchOptions, run_bench, "compare dictionaries: core metrics and sparse probing, offline"
+    BenchOptions, run_bench, "compare dictionaries: core metrics, probing, absorption, autointerp; offline"
 )
