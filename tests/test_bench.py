@@ -87,7 +87,7 @@ def test_bench_scores_absorption_and_autointerp_or_says_why_not(tiny_lm, tiny_lm
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     entry = report["dictionaries"][saes[0]]
     # the tiny BPE vocabulary (320 tokens) has 6 single-token words: the metric says so, not a number
-    assert "single-token words" in entry["absorption"]["skipped"]
+    assert "single-token words" in entry["absorption"]["not_computed"]
     score = entry["autointerp"]
     assert len(score["latents"]) == 6 and score["latents_paired"] > 0
     assert 0 <= score["real"] <= 1 and 0 <= score["control"] <= 1
@@ -120,5 +120,5 @@ def test_bench_scores_absorption_and_autointerp_or_says_why_not(tiny_lm, tiny_lm
     entry = json.loads((tmp_path / "tc" / "bench.json").read_text())["dictionaries"][
         str(tmp_path / "transcoder")
     ]
-    assert "transcoder" in entry["absorption"]["skipped"]
-    assert entry["autointerp"] == {"skipped": "no --autointerp-cache"}
+    assert "transcoder" in entry["absorption"]["not_computed"]
+    assert entry["autointerp"] == {"not_computed": "no --autointerp-cache"}

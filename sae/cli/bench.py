@@ -123,29 +123,29 @@ def run_bench(opts: BenchOptions) -> int:
 
 
 def absorption_entry(model_sae, letters: FirstLetterData | str) -> dict:
-    """The absorption result as a dict, or {"skipped": why}."""
+    """The absorption result as a dict, or {"not_computed": why}."""
     from sae.analysis.absorption import NotComputable, absorption
 
     if isinstance(letters, str):
-        return {"skipped": letters}
+        return {"not_computed": letters}
     if model_sae.cfg.transcoder:
-        return {"skipped": "a transcoder: its decoder writes to another site than the probe reads"}
+        return {"not_computed": "a transcoder: its decoder writes to another site than the probe reads"}
     try:
         return absorption(letters, model_sae.encode, model_sae.W_dec).to_dict()
     except NotComputable as why:
-        return {"skipped": str(why)}
+        return {"not_computed": str(why)}
 
 
 def autointerp_entry(path: str, model_sae, opts: BenchOptions) -> dict:
     """The embedding score (real and shuffled control) of `autointerp_latents` latents drawn with seed 0
-    among those firing at least 10 times in the explainer's tokens, or {"skipped": why}."""
+    among those firing at least 10 times in the explainer's tokens, or {"not_computed": why}."""
     import asyncio
 
     from sae.analysis.features import cache_batches
     from sae.cli.autointerp import AutointerpOptions, autointerp_from_cache
 
     if opts.autointerp_cache is None:
-        return {"skipped": "no --autointerp-cache"}
+        return {"not_computed": "no --autointerp-cache"}
     batches = cache_batches(opts.autointerp_cache, model_sae, max_tokens=opts.autointerp_tokens)
     with torch.no_grad():
         firings = sum((model_sae.encode(x[valid].to(opts.device)) > 0).sum(0) for _, x, valid in batches)
@@ -153,7 +153,7 @@ def autointerp_entry(path: str, model_sae, opts: BenchOptions) -> dict:
     drawn = live[torch.randperm(len(live), generator=torch.Generator().manual_seed(0))]
     latents = sorted(drawn[: opts.autointerp_latents].tolist())
     if not latents:
-        return {"skipped": f"no latent fires 10 times in {opts.autointerp_tokens:,} tokens"}
+        return {"not_computed": f"no latent fires 10 times in {opts.autointerp_tokens:,} tokens"}
     autointerp_opts = AutointerpOptions(
         sae=path,
         cache=opts.autointerp_cache,
@@ -250,8 +250,8 @@ def absorption_lines(report: dict) -> list[str]:
     ]
     for path, entry in report["dictionaries"].items():
         result = entry["absorption"]
-        if "skipped" in result:
-            lines.append(f"| {path} | not computed: {result['skipped']} | | | | |")
+        if "not_computed" in result:
+            lines.append(f"| {path} | not computed: {result['not_computed']} | | | | |")
             continue
         fraction, full = result["fraction_ci95"], result["full_ci95"]
         lines.append(
@@ -274,8 +274,8 @@ def autointerp_lines(report: dict) -> list[str]:
     ]
     for path, entry in report["dictionaries"].items():
         score = entry["autointerp"]
-        if "skipped" in score:
-            lines.append(f"| {path} | not run: {score['skipped']} | | | | |")
+        if "not_computed" in score:
+            lines.append(f"| {path} | not run: {score['not_computed']} | | | | |")
             continue
         low, high = score["real_minus_control_ci95"]
         lines.append(
