@@ -248,7 +248,8 @@ def _letter_probe(
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    with torch.enable_grad():  # callers may hold no_grad for the encoder; the fit needs gradients
+        optimizer.step(closure)
     weight = weight.detach() / scale
     return _LetterProbe(
         weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12), weight, bias.detach(), classes

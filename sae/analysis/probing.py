@@ -191,7 +191,8 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    optimizer.step(closure)
+    with torch.enable_grad():  # callers may hold no_grad for the encoder; the fit needs gradients
+        optimizer.step(closure)
     weight, bias = weight.detach(), bias.detach()
     return lambda x: ((x - mean) / std) @ weight + bias > 0
 
@@ -200,8 +201,7 @@ def logistic_probe_accuracy(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, l2: float = 1e-3, steps: int = 100
 ) -> float:
     """Test accuracy of `fit_logistic` fitted on (train_x [n, k], train_y [n])."""
-    with torch.enable_grad():
-        predict = fit_logistic(train_x, train_y, l2, steps)
+    predict = fit_logistic(train_x, train_y, l2, steps)
     return (predict(test_x) == test_y).float().mean().item()
 
 
